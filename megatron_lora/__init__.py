@@ -1,0 +1,33 @@
+"""megatron-lora: exact tensor-parallel LoRA and X-LoRA for megatron-core models."""
+
+from megatron_lora.adapters import adapter_state_dict, load_adapter, save_adapter
+from megatron_lora.config import LoraConfig
+from megatron_lora.distributed import init_distributed
+from megatron_lora.model import (
+    apply_lora,
+    enable_adapters,
+    freeze_base,
+    lora_layer_spec,
+    merge_lora,
+    set_adapters,
+    trainable_parameters,
+    trainable_parameters_report,
+    unmerge_lora,
+)
+
+__all__ = [
+    "LoraConfig",
+    "init_distributed",
+    "apply_lora",
+    "merge_lora",
+    "unmerge_lora",
+    "set_adapters",
+    "enable_adapters",
+    "freeze_base",
+    "lora_layer_spec",
+    "trainable_parameters",
+    "trainable_parameters_report",
+    "adapter_state_dict",
+    "save_adapter",
+    "load_adapter",
+]

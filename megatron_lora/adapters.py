@@ -1,0 +1,164 @@
+"""Adapter state of a model <-> our Megatron adapter checkpoint (``checkpoint``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from torch import nn
+
+from megatron_lora.checkpoint import (
+    ShardReader,
+    begin_write,
+    checkpoint_config,
+    finish_write,
+    make_key,
+    parse_key,
+    write_shard,
+)
+from megatron_lora.config import LoraConfig
+from megatron_lora.layout import ModelFacts, hf_module_name, megatron_module_name
+from megatron_lora.model import freeze_base, iter_linear_modules
+from parallel.lora_layers import AdapterSpec, Segment, _LoraMixin, add_lora_support
+
+
+def _tp() -> tuple[int, int]:
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """This rank's tensors of ``adapter_name`` under checkpoint keys (global layer indices)."""
+    out = {}
+    for _, layer, kind, module in iter_linear_modules(model):
+        if isinstance(module, _LoraMixin) and adapter_name in module.lora_specs:
+            for factor in ("lora_A", "lora_B"):
+                for seg, p in getattr(module, factor)[adapter_name].items():
+                    out[make_key(layer, kind, factor, seg)] = p.detach()
+    return out
+
+
+def model_facts(model: nn.Module) -> ModelFacts:
+    return ModelFacts.from_transformer_config(model.config, getattr(model, "vocab_size", 0))
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    config: LoraConfig,
+    adapter_name: str = "default",
+    overwrite: bool = False,
+    kind: str = "lora",
+    extra: Optional[dict] = None,
+) -> None:
+    """Save ``adapter_name`` as a megatron-lora checkpoint; call on every rank.
+
+    Pipeline stages are merged into one file per TP rank; the first data-parallel replica
+    writes; the directory appears only when complete.
+    """
+    tp_rank, tp = _tp()
+    state = adapter_state_dict(model, adapter_name)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        parts = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(parts, state, group=ps.get_pipeline_model_parallel_group())
+        state = {k: v for part in parts for k, v in part.items()}
+    rank0 = dist.get_rank() == 0
+    box = [None]
+    if rank0:
+        box[0] = str(begin_write(directory, overwrite))
+    dist.broadcast_object_list(box, src=0)
+    tmp = Path(box[0])
+    ok = torch.tensor([1])
+    try:
+        if ps.get_data_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
+            write_shard(tmp, tp_rank, state)
+    except Exception:
+        ok.zero_()
+        raise
+    finally:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if rank0:
+            if ok.item():
+                cfg = checkpoint_config(kind, tp, model_facts(model), config.to_dict())
+                finish_write(tmp, directory, {**cfg, **(extra or {})})
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+
+
+def adapter_specs_from_keys(
+    keys: list[str], reader: ShardReader, config: LoraConfig, facts: ModelFacts, tp: int
+) -> dict[tuple[int, str], AdapterSpec]:
+    """Per (global layer, module): the segments present in a checkpoint's keys.
+
+    Ranks come from the tensors' shapes and scalings from the config (by the HF name of a
+    projection segment, the Megatron name of a shared one), never from re-matching targets.
+    """
+    segs: dict[tuple[int, str], list[Segment]] = {}
+    for key in keys:
+        layer, module, factor, seg = parse_key(key)
+        if factor != "lora_A":
+            continue
+        r = reader.shape(key)[0]
+        proj = None if seg == module else seg
+        if proj is not None and proj not in facts.projections(module):
+            raise ValueError(f"{key}: segment {seg!r} does not belong to {module}")
+        name = megatron_module_name(layer, module) if proj is None else hf_module_name(layer, proj)
+        geometry = facts.segment_geometry(module, proj, tp)
+        segs.setdefault((layer, module), []).append(
+            Segment(name=seg, r=r, scaling=config.scaling(name), **geometry)
+        )
+    return {
+        k: AdapterSpec(tuple(v), dropout=config.lora_dropout, init=config.init_lora_weights)
+        for k, v in segs.items()
+    }
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    adapter_name: str = "default",
+    freeze: bool = True,
+    config_key: str = "lora_config",
+) -> LoraConfig:
+    """Add ``adapter_name`` from a megatron-lora checkpoint saved at any TP size.
+
+    The checkpoint's model facts must match the model; each tensor's shape is checked and
+    a mismatch names the module and both shapes. Returns the adapter's LoraConfig.
+    """
+    reader = ShardReader(directory)
+    facts = model_facts(model)
+    saved = ModelFacts.from_dict({**reader.config["model"], "vocab_size": facts.vocab_size})
+    if saved != facts:
+        raise ValueError(f"{directory} was made for another model: {saved} vs this model's {facts}")
+    config = LoraConfig.from_dict(reader.config[config_key])
+    tp_rank, tp = _tp()
+    keys = reader.keys()
+    specs = adapter_specs_from_keys(keys, reader, config, facts, tp)
+    used = set()
+    for _, layer, kind, module in iter_linear_modules(model):
+        spec = specs.get((layer, kind))
+        if spec is None:
+            continue
+        lora = add_lora_support(module)
+        lora.add_adapter(adapter_name, spec)
+        for factor in ("lora_A", "lora_B"):
+            for seg, p in getattr(lora, factor)[adapter_name].items():
+                key = make_key(layer, kind, factor, seg)
+                t = reader.local(key, tp_rank, tp)
+                if t.shape != p.shape:
+                    raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(p.shape)}")
+                with torch.no_grad():
+                    p.copy_(t)
+                p.data = p.data.to(t.dtype)
+                used.add(key)
+    stage_layers = {layer for _, layer, _, _ in iter_linear_modules(model)}
+    missing = [k for k in keys if parse_key(k)[0] in stage_layers and k not in used]
+    if missing:
+        raise ValueError(f"{directory}: tensors for modules this model lacks: {missing[:4]}")
+    if freeze:
+        freeze_base(model)
+    return config

@@ -1,0 +1,161 @@
+"""LoRA configuration with PEFT's field names, defaults and matching rules."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from megatron_lora.layout import ALL_LINEAR, HF_PROJECTIONS, MEGATRON_MODULES
+
+#: PEFT's default targets for the LLaMA family when ``target_modules`` is None.
+DEFAULT_TARGETS = ["q_proj", "v_proj"]
+
+
+@dataclass
+class LoraConfig:
+    """LoRA options, named and defaulted as in ``peft.LoraConfig``."""
+
+    #: LoRA rank.
+    r: int = 8
+    #: Scaling numerator: scaling = lora_alpha / r (or / sqrt(r) with use_rslora).
+    lora_alpha: float = 8
+    #: Dropout on the LoRA input (training only).
+    lora_dropout: float = 0.0
+    #: HF projection names (``q_proj`` ... ``down_proj``: one LoRA per projection),
+    #: Megatron module names (``linear_qkv`` ... ``linear_fc2``: one shared-A LoRA per fused
+    #: module), ``"all-linear"``, or a regex string matched in full against HF names.
+    target_modules: Optional[Union[list[str], str]] = None
+    #: Modules to leave out (same matching as target_modules).
+    exclude_modules: Optional[Union[list[str], str]] = None
+    #: Rank-stabilised scaling lora_alpha / sqrt(r).
+    use_rslora: bool = False
+    #: True: A kaiming-uniform, B zero; "gaussian": A normal(0, 1/r), B zero; False: both random.
+    init_lora_weights: Union[bool, str] = True
+    #: Global layer indices to adapt (list targets only, as in PEFT).
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    #: Accepted for PEFT compatibility; only the default "layers" naming exists here.
+    layers_pattern: Optional[Union[list[str], str]] = None
+    #: Per-module rank overrides: key regex matched as ``(.*\.)?(key)$``, first match wins.
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    #: Per-module alpha overrides, matched like rank_pattern.
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    #: Unsupported PEFT options, accepted only at their defaults.
+    bias: str = "none"
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    modules_to_save: Optional[list[str]] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if self.target_modules is None:
+            self.target_modules = list(DEFAULT_TARGETS)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        _check_positive_rank("r", self.r)
+        for key, r in self.rank_pattern.items():
+            _check_positive_rank(f"rank_pattern[{key!r}]", r)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={self.lora_dropout}")
+        unsupported = {
+            "bias": (self.bias, "none"),
+            "use_dora": (self.use_dora, False),
+            "fan_in_fan_out": (self.fan_in_fan_out, False),
+            "modules_to_save": (self.modules_to_save or None, None),
+        }
+        for name, (value, default) in unsupported.items():
+            if value != default:
+                raise ValueError(f"{name}={value!r} is not supported (only {default!r})")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported (True, False, 'gaussian')"
+            )
+        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else (self.layers_pattern or [])
+        if any(p != "layers" for p in patterns):
+            raise ValueError(f"layers_pattern={self.layers_pattern!r} is not supported (only 'layers')")
+        if isinstance(self.target_modules, list):
+            known = set(HF_PROJECTIONS) | set(MEGATRON_MODULES)
+            for t in self.target_modules:
+                if t not in known:
+                    raise ValueError(
+                        f"target_modules contains unknown target {t!r}; known targets: "
+                        f"{sorted(known)} or 'all-linear' or a regex string"
+                    )
+
+    # -- resolution (PEFT's rules) ---------------------------------------------------------
+    def target_list(self) -> Optional[list[str]]:
+        """The list form of target_modules, or None for a regex string."""
+        if self.target_modules == ALL_LINEAR:
+            return list(HF_PROJECTIONS)
+        if isinstance(self.target_modules, str):
+            return None
+        return list(self.target_modules)
+
+    def matches(self, name: str, layer: int) -> bool:
+        """Whether the module ``name`` (HF or Megatron, global layer ``layer``) is adapted."""
+        if _matches(self.exclude_modules, name):
+            return False
+        targets = self.target_list()
+        if targets is None:
+            return re.fullmatch(self.target_modules, name) is not None
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            return False
+        return self.layers_to_transform is None or layer in self.layers_to_transform
+
+    def rank_alpha(self, name: str) -> tuple[int, float]:
+        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, name), self.r)
+        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, name), self.lora_alpha)
+        return r, alpha
+
+    def scaling(self, name: str) -> float:
+        r, alpha = self.rank_alpha(name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
+        """Build from a dict (ours or a PEFT adapter_config.json).
+
+        PEFT bookkeeping fields are ignored; any other unknown field set to a non-default
+        value (``lora_bias``, ``trainable_token_indices``, ...) is refused by name.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        for k, v in d.items():
+            if k not in names and k not in _BOOKKEEPING_FIELDS and v not in (None, False, [], {}, ""):
+                raise ValueError(f"unsupported LoRA config field {k}={v!r}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+#: PEFT config fields that never change the math of a LoRA.
+_BOOKKEEPING_FIELDS = {
+    "peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
+    "inference_mode", "peft_version", "megatron_config", "megatron_core", "loftq_config",
+    "eva_config", "corda_config", "runtime_config", "qalora_group_size", "ensure_weight_tying",
+    "arrow_config", "lora_ga_config", "bdlora_config",
+}
+
+
+def _check_positive_rank(field_name: str, r: Any) -> None:
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{field_name} must be a positive integer, got {r!r}")
+
+
+def _matches(spec: Optional[Union[list[str], str]], name: str) -> bool:
+    if not spec:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return name in spec or any(name.endswith("." + s) for s in spec)
+
+
+def _pattern_key(patterns: dict, name: str) -> Optional[str]:
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None

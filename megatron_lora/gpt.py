@@ -1,0 +1,87 @@
+"""Build megatron-core GPT models (local spec) that run on CPU or GPU."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+
+def gpt_config(
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    ffn_hidden_size: int,
+    num_query_groups: Optional[int] = None,
+    kv_channels: Optional[int] = None,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> TransformerConfig:
+    """A LLaMA-style TransformerConfig (RMSNorm, SwiGLU, no linear bias, no dropout).
+
+    Fusions that need CUDA kernels are off so the same config runs on CPU.
+    """
+    kwargs = dict(
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        num_query_groups=num_query_groups or num_attention_heads,
+        kv_channels=kv_channels,
+        ffn_hidden_size=ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-6,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt(
+    config: TransformerConfig,
+    vocab_size: int,
+    max_sequence_length: int = 4096,
+    rotary_base: float = 10000.0,
+    share_embeddings_and_output_weights: bool = False,
+    layer_spec=None,
+    **kwargs,
+) -> GPTModel:
+    """A GPTModel with RoPE on megatron-core's local (no Transformer Engine) spec."""
+    spec = layer_spec or get_gpt_layer_local_spec(
+        normalization=config.normalization, qk_layernorm=config.qk_layernorm
+    )
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        position_embedding_type="rope",
+        rotary_base=rotary_base,
+        share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+        **kwargs,
+    )
+
+
+def positions_for(ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)

@@ -1,0 +1,1 @@
+"""Tensor-parallel building blocks: LoRA layers, folded collectives, CPU execution."""

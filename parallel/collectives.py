@@ -1,0 +1,57 @@
+"""Every collective a LoRA layer performs, named for what it does to a region.
+
+These are megatron-core's own region mappings; LoRA adds no activation collective of its
+own. The base layer's single input-gradient reduction (column) or output reduction (row)
+carries the LoRA term too, and the only extra communication is the parameter-gradient sum
+of a replicated LoRA factor (size r x hidden per layer and backward pass, independent of
+the number of tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import mappings
+
+
+def column_input(x: torch.Tensor, sequence_parallel: bool, group) -> torch.Tensor:
+    """The one input both the base GEMM and LoRA read in a column-parallel layer.
+
+    Backward reduces (or reduce-scatters, with sequence parallelism) the sum of both
+    branches' input-gradient partials in a single collective.
+    """
+    if sequence_parallel:
+        return mappings.gather_from_sequence_parallel_region(
+            x, tensor_parallel_output_grad=True, group=group
+        )
+    return mappings.copy_to_tensor_model_parallel_region(x, group=group)
+
+
+def column_output(y: torch.Tensor, gather: bool, group) -> torch.Tensor:
+    return mappings.gather_from_tensor_model_parallel_region(y, group=group) if gather else y
+
+
+def row_input(x: torch.Tensor, input_is_parallel: bool, group) -> torch.Tensor:
+    return x if input_is_parallel else mappings.scatter_to_tensor_model_parallel_region(x, group=group)
+
+
+def row_output(partial: torch.Tensor, sequence_parallel: bool, group) -> torch.Tensor:
+    """Reduce the summed base + LoRA partial products once (reduce-scatter under SP)."""
+    if sequence_parallel:
+        return mappings.reduce_scatter_to_sequence_parallel_region(partial, group=group)
+    return mappings.reduce_from_tensor_model_parallel_region(partial, group=group)
+
+
+def replicated_factor(weight: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward; backward sums a replicated factor's partial gradient over TP.
+
+    Doing the sum in autograd (rather than in a training-loop hook) makes ``param.grad``
+    complete in any loop: a plain ``loss.backward()``, or megatron-core's DDP and
+    ``finalize_model_grads`` (which never sums these parameters, since they are not marked
+    ``sequence_parallel`` nor ``average_gradients_across_tp_domain``).
+    """
+    return mappings.copy_to_tensor_model_parallel_region(weight, group=group)
+
+
+def all_gather_rows(t: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate each rank's tensor along dim 0 (no autograd; for checkpoint I/O)."""
+    return mappings._gather_along_first_dim(t.contiguous(), group)

@@ -1,0 +1,69 @@
+"""Run megatron-core on CPU (gloo) by redirecting the few CUDA calls it makes.
+
+megatron-core 0.16 allocates parameters on ``torch.cuda.current_device()``, keeps its
+model-parallel RNG streams as CUDA generator states, and synchronizes CUDA before
+checkpoint I/O. Without a GPU these are the only obstacles: we point the device at the
+CPU, keep the RNG streams as CPU generator states (the tracker swaps them in and out of
+the CPU default generator exactly as it does with the CUDA one), and make synchronize a
+no-op; the default causal mask, which megatron-core builds with ``device="cuda"``, is built
+on the CPU. Useful for debugging on a laptop and for CPU tests of real tensor-parallel code.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+_enabled = False
+
+
+class _DropRngWarning(logging.Filter):
+    # The tracker warns when the CPU RNG changes inside a fork; on CPU the forked stream
+    # *is* the CPU generator, so that change is the intended behaviour.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _get_rng_state(device: object = "cuda", clone: bool = False, graph_safe: bool = False):
+    return torch.get_rng_state()
+
+
+def _set_rng_state(new_state: torch.Tensor, device: object = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _manual_seed(seed: int) -> None:
+    # Not torch.manual_seed: that calls torch.cuda.manual_seed_all, which must stay untouched.
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _default_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def enable_cpu_execution() -> None:
+    """Make megatron-core place tensors and keep RNG streams on the CPU (idempotent)."""
+    global _enabled
+    if _enabled:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("CUDA is available: megatron-core should run on the GPU")
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.get_rng_state = _get_rng_state
+    torch.cuda.set_rng_state = _set_rng_state
+    torch.cuda.manual_seed = _manual_seed
+    torch.cuda.random.get_rng_state = _get_rng_state
+    mrandom._get_cuda_rng_state = _get_rng_state
+    mrandom._set_cuda_rng_state = _set_rng_state
+    fused_softmax.get_default_causal_mask = _default_causal_mask
+    logging.getLogger(mrandom.__name__).addFilter(_DropRngWarning())
+    _enabled = True
+
+
+def cpu_execution_enabled() -> bool:
+    return _enabled

@@ -1,0 +1,364 @@
+"""LoRA on megatron-core's ColumnParallelLinear and RowParallelLinear.
+
+A LoRA layer *is* its base layer (a subclass: parameters, state-dict keys, attributes and
+call signature unchanged) with adapters added. ``add_lora_support`` turns an existing
+layer into one in place; the layer-spec classes build one directly.
+
+Each adapter is a list of :class:`Segment` s. A segment owns one (A, B) pair, its scaling,
+and the rows of the TP-local output it writes. A plain layer has one segment over all
+rows; a fused layer (Megatron's ``linear_qkv`` or gated ``linear_fc1``) may carry one
+segment per original projection. Rows are described generically: the local output is
+viewed as ``[groups, period]`` and the segment writes ``[offset, offset + width)`` of every
+period. Which rows those are for a given model is decided by the caller (``megatron_lora``).
+
+Math (DESIGN 2): column layers hold A replicated and B split like W; row layers hold A
+split like W and B replicated. The LoRA term joins the base layer's own collective, so no
+activation collective is added.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from torch import nn
+
+from parallel import collectives
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One LoRA (A, B) pair and the TP-local output rows it writes.
+
+    ``width`` rows at ``offset`` in each of ``groups`` periods of ``period`` rows (B has
+    ``groups * width`` local rows, group-major). ``blocks`` is how the full (TP=1) B splits
+    over ranks: 1 = contiguous row chunks; 2 = a ``[gate; up]`` B whose halves are each
+    chunked (rank j holds ``[gate_j; up_j]``, megatron-core's gated-unit layout).
+    """
+
+    name: str
+    r: int
+    scaling: float
+    width: int
+    groups: int = 1
+    period: int = 0
+    offset: int = 0
+    blocks: int = 1
+
+    @property
+    def local_rows(self) -> int:
+        return self.groups * self.width
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Options of one named adapter on one layer (PEFT's semantics)."""
+
+    segments: tuple[Segment, ...]
+    dropout: float = 0.0
+    init: bool | str = True  # True: A kaiming-uniform, B zero; "gaussian"; False: both random
+
+
+def shard_rows(full: torch.Tensor, blocks: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows of a full tensor split over TP (``blocks`` as in :class:`Segment`)."""
+    return torch.cat([b.chunk(world, 0)[rank] for b in full.chunk(blocks, 0)], 0)
+
+
+def unshard_rows(shards: Sequence[torch.Tensor], blocks: int) -> torch.Tensor:
+    """Inverse of :func:`shard_rows` over all ranks' shards."""
+    parts = [s.chunk(blocks, 0) for s in shards]
+    return torch.cat([p[b] for b in range(blocks) for p in parts], 0)
+
+
+def _kaiming_uniform(rows: int, fan_in: int, dtype: torch.dtype) -> torch.Tensor:
+    # nn.Linear's default (kaiming_uniform with a=sqrt(5)): bound = 1/sqrt(fan_in).
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.empty(rows, fan_in, dtype=dtype).uniform_(-bound, bound)
+
+
+def _initial_factors(seg: Segment, full_in: int, full_out: int, init: bool | str, dtype):
+    """Full-shape (TP=1) A [r, in] and B [out, r], drawn from the default RNG as PEFT does."""
+    if init == "gaussian":
+        a = torch.empty(seg.r, full_in, dtype=dtype).normal_(0.0, 1.0 / seg.r)
+    elif init is True or init is False:
+        a = _kaiming_uniform(seg.r, full_in, dtype)
+    else:
+        raise ValueError(f"init_lora_weights={init!r} is not supported (True, False, 'gaussian')")
+    b = _kaiming_uniform(full_out, seg.r, dtype) if init is False else torch.zeros(full_out, seg.r, dtype=dtype)
+    return a, b
+
+
+class _LoraMixin:
+    """Adapter bookkeeping and math shared by the column and row LoRA layers."""
+
+    #: "column": A replicated, B split; "row": A split, B replicated.
+    parallel_mode: str
+
+    def init_lora(self) -> None:
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_specs: dict[str, AdapterSpec] = {}
+        self.active_adapters: list[str] = []
+        self.lora_disabled = False
+        self.merged_adapters: list[str] = []
+        self._merge_fixups: dict[str, list] = {}
+
+    # -- adapters ---------------------------------------------------------------------
+    def add_adapter(self, name: str, spec: AdapterSpec, dtype: torch.dtype | None = None) -> None:
+        """Add adapter ``name`` (active), its split factors slices of a full-shape init."""
+        if name in self.lora_specs:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        tp, world = self._tp_rank_world()
+        dtype = dtype or torch.float32
+        device = self.weight.device
+        a_dict, b_dict = nn.ParameterDict(), nn.ParameterDict()
+        for seg in spec.segments:
+            self._check_segment(seg, world)
+            full_in = self.input_size
+            full_out = seg.local_rows * (world if self.parallel_mode == "column" else 1)
+            a, b = _initial_factors(seg, full_in, full_out, spec.init, dtype)
+            if self.parallel_mode == "column":
+                b = shard_rows(b, seg.blocks, tp, world)
+            else:
+                a = a.chunk(world, 1)[tp]
+            a_dict[seg.name] = nn.Parameter(a.to(device).contiguous())
+            b_dict[seg.name] = nn.Parameter(b.to(device).contiguous())
+            split, dim = (b_dict, 0) if self.parallel_mode == "column" else (a_dict, 1)
+            set_tensor_model_parallel_attributes(split[seg.name], True, dim, 1)
+        self.lora_A[name] = a_dict
+        self.lora_B[name] = b_dict
+        self.lora_specs[name] = spec
+        self.active_adapters.append(name)
+
+    def set_active_adapters(self, names: Iterable[str]) -> None:
+        names = list(names)
+        for n in names:
+            if n not in self.lora_specs:
+                raise ValueError(f"unknown adapter {n!r}; this layer has {sorted(self.lora_specs)}")
+        self.active_adapters = names
+
+    def _check_segment(self, seg: Segment, world: int) -> None:
+        out_local = self.weight.shape[0]
+        period = seg.period or out_local
+        if seg.r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got r={seg.r} for segment {seg.name!r}")
+        if seg.groups * period != out_local or seg.offset + seg.width > period:
+            raise ValueError(
+                f"segment {seg.name!r} (groups={seg.groups}, period={period}, offset={seg.offset}, "
+                f"width={seg.width}) does not fit the local output of {out_local} rows"
+            )
+        if self.parallel_mode == "row" and (seg.groups != 1 or seg.width != out_local):
+            raise ValueError("a row-parallel LoRA segment must cover the whole output")
+
+    def _tp_rank_world(self) -> tuple[int, int]:
+        group = self.tp_group
+        return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+
+    # -- forward ------------------------------------------------------------------------
+    def _lora_input(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        if not self.training or p == 0.0:
+            return x
+        if self.parallel_mode == "column":
+            # x is replicated: the default RNG draws the same mask on every TP rank.
+            return F.dropout(x, p, True)
+        with get_cuda_rng_tracker().fork():
+            return F.dropout(x, p, True)
+
+    def _factors(self, adapter: str, seg: Segment) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.lora_A[adapter][seg.name], self.lora_B[adapter][seg.name]
+        if self.parallel_mode == "column":
+            return collectives.replicated_factor(a, self.tp_group), b
+        return a, collectives.replicated_factor(b, self.tp_group)
+
+    def _add_lora(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out += sum over active adapters and segments of s * (x A^T) B^T, into its rows."""
+        if self.lora_disabled:
+            return out
+        out2 = out.reshape(-1, out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            spec = self.lora_specs[name]
+            xin = self._lora_input(x2, spec.dropout)
+            for seg in spec.segments:
+                a, b = self._factors(name, seg)
+                h = F.linear(xin.to(a.dtype), a)
+                _add_rows(out2, seg, h, b)
+        return out2.view(out.shape)
+
+    # -- merge --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _delta_weight(self, adapter: str, seg: Segment) -> torch.Tensor:
+        a, b = self.lora_A[adapter][seg.name], self.lora_B[adapter][seg.name]
+        return (b.float() @ a.float()) * seg.scaling
+
+    def _weight_rows(self, seg: Segment) -> torch.Tensor:
+        w = self.weight
+        period = seg.period or w.shape[0]
+        return w.view(seg.groups, period, w.shape[1])[:, seg.offset : seg.offset + seg.width]
+
+    @torch.no_grad()
+    def merge(self, adapters: Iterable[str] | None = None) -> None:
+        """Add the adapters' deltas into the TP-local base weight (no communication).
+
+        On an fp32 base the unmerge round trip is bit-exact: the few elements where
+        ``(W + d) - d`` does not round back to W are remembered and restored.
+        """
+        for name in list(adapters or self.active_adapters):
+            if name in self.merged_adapters:
+                continue
+            fixups = []
+            for seg in self.lora_specs[name].segments:
+                rows = self._weight_rows(seg)
+                delta = self._delta_weight(name, seg).view(rows.shape)
+                before = rows.clone() if rows.dtype == torch.float32 else None
+                rows.add_(delta.to(rows.dtype))
+                if before is not None:
+                    bad = (rows - delta) != before
+                    fixups.append((bad.nonzero(as_tuple=True), before[bad]))
+            self._merge_fixups[name] = fixups
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, adapters: Iterable[str] | None = None) -> None:
+        for name in list(adapters or self.merged_adapters)[::-1]:
+            if name not in self.merged_adapters:
+                continue
+            fixups = self._merge_fixups.pop(name)
+            for i, seg in enumerate(self.lora_specs[name].segments):
+                rows = self._weight_rows(seg)
+                rows.sub_(self._delta_weight(name, seg).view(rows.shape).to(rows.dtype))
+                if fixups:
+                    index, values = fixups[i]
+                    rows[index] = values
+            self.merged_adapters.remove(name)
+
+    # -- checkpointing ------------------------------------------------------------------
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """Base keys as megatron-core writes them; LoRA split factors sharded like W.
+
+        A gated-unit B (``blocks == 2``) gets megatron-core's SwiGLU factory, as
+        ``MLP.sharded_state_dict`` gives ``linear_fc1.weight``.
+        """
+        split = "lora_B" if self.parallel_mode == "column" else "lora_A"
+        axis = 0 if self.parallel_mode == "column" else 1
+        axis_map = dict(self._base_axis_map)
+        gated = []
+        for name, spec in self.lora_specs.items():
+            for seg in spec.segments:
+                axis_map[f"{split}.{name}.{seg.name}"] = axis
+                if seg.blocks == 2:
+                    gated.append(f"{prefix}{split}.{name}.{seg.name}")
+        sd = make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True),
+            prefix,
+            axis_map,
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
+        singleton = (metadata or {}).get("singleton_local_shards", False)
+        for key in gated:
+            sd[key] = apply_swiglu_sharded_factory(sd[key], sharded_offsets, singleton)
+        return sd
+
+
+def _add_rows(out2: torch.Tensor, seg: Segment, h: torch.Tensor, b: torch.Tensor) -> None:
+    """out2[:, rows of seg] += scaling * h @ b^T, in place (out2 is [tokens, out_local])."""
+    whole = seg.groups == 1 and seg.width == out2.shape[1]
+    if whole and out2.dtype == h.dtype:
+        out2.addmm_(h, b.t(), alpha=seg.scaling)
+        return
+    delta = F.linear(h, b)
+    if whole:
+        out2.add_(delta.to(out2.dtype), alpha=seg.scaling)
+        return
+    period = seg.period or out2.shape[1]
+    rows = out2.view(out2.shape[0], seg.groups, period)[:, :, seg.offset : seg.offset + seg.width]
+    rows.add_(delta.view(rows.shape).to(out2.dtype), alpha=seg.scaling)
+
+
+class LoraColumnParallelLinear(_LoraMixin, ColumnParallelLinear):
+    """ColumnParallelLinear with LoRA adapters: A replicated, B split like W."""
+
+    parallel_mode = "column"
+    _base_axis_map = {"weight": 0, "bias": 0}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_lora()
+
+    def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: bool | None = None):
+        if weight is not None or self.explicit_expert_comm:
+            raise NotImplementedError("LoRA on a column layer with an external weight or expert comm")
+        x = collectives.column_input(input_, self.sequence_parallel, self.tp_group)
+        bias = self.bias if not self.skip_bias_add else None
+        out = self._add_lora(F.linear(x, self.weight, bias), x)
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        out = collectives.column_output(out, gather, self.tp_group)
+        return out, (self.bias if self.skip_bias_add else None)
+
+
+class LoraRowParallelLinear(_LoraMixin, RowParallelLinear):
+    """RowParallelLinear with LoRA adapters: A split like W, B replicated."""
+
+    parallel_mode = "row"
+    _base_axis_map = {"weight": 1}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_lora()
+
+    def forward(self, input_: torch.Tensor):
+        if self.explicit_expert_comm:
+            raise NotImplementedError("LoRA on a row layer with expert comm")
+        x = collectives.row_input(input_, self.input_is_parallel, self.tp_group)
+        partial = self._add_lora(F.linear(x, self.weight), x)
+        out = collectives.row_output(partial, self.sequence_parallel, self.tp_group)
+        if self.skip_bias_add or self.bias is None:
+            return out, (self.bias if self.skip_bias_add else None)
+        return out + self.bias, None
+
+
+LORA_CLASSES: dict[type, type] = {
+    ColumnParallelLinear: LoraColumnParallelLinear,
+    RowParallelLinear: LoraRowParallelLinear,
+    LoraColumnParallelLinear: LoraColumnParallelLinear,
+    LoraRowParallelLinear: LoraRowParallelLinear,
+}
+
+
+def add_lora_support(module: nn.Module) -> _LoraMixin:
+    """Turn a ColumnParallelLinear / RowParallelLinear into its LoRA subclass, in place.
+
+    Parameters, buffers, hooks and state-dict keys stay as they are; the instance only
+    gains the adapter containers. Any other class is refused by name.
+    """
+    cls = LORA_CLASSES.get(type(module))
+    if cls is None:
+        raise TypeError(
+            f"cannot add LoRA to {type(module).__module__}.{type(module).__qualname__}: "
+            f"supported classes are {sorted(c.__name__ for c in LORA_CLASSES)}"
+        )
+    if type(module) is not cls:
+        module.__class__ = cls
+        module.init_lora()
+    return module
+
+
+def lora_layers(model: nn.Module) -> Iterable[tuple[str, _LoraMixin]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, _LoraMixin))
+
+
+def tp_world() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
