@@ -18,6 +18,7 @@ activation collective is added.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -111,6 +112,11 @@ class _LoraMixin:
         self.lora_disabled = False
         self.merged_adapters: list[str] = []
         self._merge_fixups: dict[str, list] = {}
+        #: X-LoRA: an object with ``experts`` (adapter names, expert order) and
+        #: ``for_layer(index)`` -> per-token scalings [tokens, n_experts]; None for plain LoRA.
+        self.xlora_source = None
+        #: X-LoRA layer index of each segment name (each fused segment has its own).
+        self.xlora_layer_index: dict[str, int] = {}
 
     # -- adapters ---------------------------------------------------------------------
     def add_adapter(self, name: str, spec: AdapterSpec, dtype: torch.dtype | None = None) -> None:
@@ -183,6 +189,8 @@ class _LoraMixin:
         """out += sum over active adapters and segments of s * (x A^T) B^T, into its rows."""
         if self.lora_disabled:
             return out
+        if self.xlora_source is not None:
+            return self._add_xlora(out, x)
         out2 = out.reshape(-1, out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         for name in self.active_adapters:
@@ -194,6 +202,45 @@ class _LoraMixin:
                 a, b = self._factors(name, seg)
                 h = F.linear(xin.to(a.dtype), a)
                 _add_rows(out2, seg, h, b)
+        return out2.view(out.shape)
+
+    def _add_xlora(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out += sum_i s_i S_i(token, layer) (x A_i^T) B_i^T per segment (DESIGN 5).
+
+        Without active dropout the experts of a segment are stacked: one GEMM with the
+        [sum r, in] stacked A, per-token scaling of each expert's r columns, one GEMM with
+        the [out, sum r] stacked B. With active dropout each expert draws its own mask.
+        """
+        if self.merged_adapters:
+            raise ValueError("X-LoRA cannot run with merged adapters: call unmerge_lora first")
+        source = self.xlora_source
+        out2 = out.reshape(-1, out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        for seg_name, index in self.xlora_layer_index.items():
+            experts = [
+                (i, name, seg)
+                for i, name in enumerate(source.experts)
+                if name in self.lora_specs
+                for seg in self.lora_specs[name].segments
+                if seg.name == seg_name
+            ]
+            if not experts:
+                continue
+            scalings = source.for_layer(index)  # [tokens, n_experts]
+            seg0 = dataclasses.replace(experts[0][2], scaling=1.0)
+            factors = [self._factors(name, seg) for _, name, seg in experts]
+            coef = [scalings[:, i : i + 1] * seg.scaling for i, _, seg in experts]
+            dropouts = [self.lora_specs[name].dropout for _, name, _ in experts]
+            if self.training and any(p > 0.0 for p in dropouts):
+                for (a, b), c, p in zip(factors, coef, dropouts):
+                    h = F.linear(self._lora_input(x2, p).to(a.dtype), a) * c.to(a.dtype)
+                    _add_rows(out2, seg0, h, b)
+                continue
+            a = torch.cat([a for a, _ in factors], 0)
+            b = torch.cat([b for _, b in factors], 1)
+            ranks = torch.tensor([f[0].shape[0] for f in factors], device=x2.device)
+            h = F.linear(x2.to(a.dtype), a) * torch.cat(coef, 1).to(a.dtype).repeat_interleave(ranks, 1)
+            _add_rows(out2, seg0, h, b)
         return out2.view(out.shape)
 
     # -- merge --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 import socket
 import tempfile
 import traceback
+import warnings
 
 import torch
 import torch.multiprocessing as mp
@@ -21,6 +22,7 @@ def _entry(rank, world, port, fn, args, outdir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
     try:
         result = fn(rank, world, *args)
         torch.save({"ok": True, "result": result}, os.path.join(outdir, f"{rank}.pt"))

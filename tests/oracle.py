@@ -1,0 +1,117 @@
+"""Single-device oracle: the same network as a Megatron GPTModel, as HF Llama + PEFT.
+
+Runs inside a spawned rank: gathers the TP-sharded Megatron weights into full tensors,
+maps them to HF names, and builds ``LlamaForCausalLM`` + PEFT LoRA with the same values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_lora.layout import ModelFacts, hf_module_name, megatron_full_to_hf
+from megatron_lora.model import iter_linear_modules
+from parallel.lora_layers import _LoraMixin, unshard_rows
+
+TOL = 1e-5  # max |diff| <= TOL * max |logit| (fp32)
+
+
+def gather_rows(t: torch.Tensor, dim: int, blocks: int = 1) -> torch.Tensor:
+    world = ps.get_tensor_model_parallel_world_size()
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    if dim == 0:
+        return unshard_rows(parts, blocks)
+    return torch.cat(parts, dim)
+
+
+def full_param(name: str, p: torch.Tensor, gated: bool) -> torch.Tensor:
+    if not getattr(p, "tensor_model_parallel", False):
+        return p.detach().clone()
+    blocks = 2 if gated and name.endswith("mlp.linear_fc1.weight") else 1
+    return gather_rows(p.detach(), p.partition_dim, blocks)
+
+
+def full_base_state(model) -> dict[str, torch.Tensor]:
+    """TP=1 Megatron state dict (base weights only) gathered from every TP rank."""
+    gated = model.config.gated_linear_unit
+    return {
+        n: full_param(n, p, gated)
+        for n, p in model.named_parameters()
+        if ".lora_A." not in n and ".lora_B." not in n
+    }
+
+
+def hf_llama(model, facts: ModelFacts):
+    """LlamaForCausalLM holding the gathered base weights of ``model``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = model.config
+    hf_cfg = LlamaConfig(
+        vocab_size=facts.vocab_size,
+        hidden_size=facts.hidden_size,
+        intermediate_size=facts.ffn_hidden_size,
+        num_hidden_layers=facts.num_layers,
+        num_attention_heads=facts.num_attention_heads,
+        num_key_value_heads=facts.num_query_groups,
+        head_dim=facts.head_dim,
+        rms_norm_eps=cfg.layernorm_epsilon,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    hf = LlamaForCausalLM(hf_cfg).float().eval()
+    hf.load_state_dict(megatron_full_to_hf(full_base_state(model), facts), strict=True)
+    return hf
+
+
+def peft_lora_tensors(model, adapter: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """HF module name -> full (A, B) of every per-projection segment of ``adapter``."""
+    out = {}
+    for _, layer, kind, module in iter_linear_modules(model):
+        if not isinstance(module, _LoraMixin) or adapter not in module.lora_specs:
+            continue
+        for seg in module.lora_specs[adapter].segments:
+            a = module.lora_A[adapter][seg.name].detach()
+            b = module.lora_B[adapter][seg.name].detach()
+            if module.parallel_mode == "column":
+                b = gather_rows(b, 0)
+            else:
+                a = gather_rows(a, 1)
+            out[hf_module_name(layer, seg.name)] = (a, b)
+    return out
+
+
+def lora_grads(model, adapter: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Like :func:`peft_lora_tensors` but for the gradients."""
+    out = {}
+    for _, layer, kind, module in iter_linear_modules(model):
+        if not isinstance(module, _LoraMixin) or adapter not in module.lora_specs:
+            continue
+        for seg in module.lora_specs[adapter].segments:
+            ga = module.lora_A[adapter][seg.name].grad
+            gb = module.lora_B[adapter][seg.name].grad
+            if module.parallel_mode == "column":
+                gb = gather_rows(gb, 0)
+            else:
+                ga = gather_rows(ga, 1)
+            out[hf_module_name(layer, seg.name)] = (ga, gb)
+    return out
+
+
+def peft_model(hf, tensors: dict, r: int, alpha: float, targets: list[str]):
+    """PEFT LoRA on ``hf`` with the given full factors (keys: HF module names)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    pm = get_peft_model(hf, PeftLoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False))
+    modules = dict(pm.base_model.model.named_modules())
+    with torch.no_grad():
+        for name, (a, b) in tensors.items():
+            m = modules[name]
+            m.lora_A["default"].weight.copy_(a)
+            m.lora_B["default"].weight.copy_(b)
+    return pm.eval()

@@ -1,0 +1,185 @@
+"""X-LoRA at TP=1 and TP=2 on real megatron-core (gloo, CPU) against PEFT's XLoraModel.
+
+The oracle is PEFT 0.21.2's XLoraModel on a tiny random HF Llama (hidden 64, 2 layers,
+8 heads / 2 kv heads) with three PEFT LoRA experts named "0".."2" that target different
+modules with different ranks. Our side loads the same HF directory with ``load_hf_base``
+and the same expert directories with ``apply_xlora``; the classifier weights are copied
+from PEFT's. One spawned group per TP size runs every case.
+Tolerance: max |diff| <= 1e-5 x max |logit| (fp32); scalings and gradients likewise
+relative to their own scale.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dist import run_ranks
+from oracle import TOL
+
+IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 127, 8, 0, 31, 77, 12], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+
+#: (r, lora_alpha, target_modules, extra LoraConfig fields) of each expert.
+EXPERTS = [
+    (4, 8, ["q_proj", "v_proj", "down_proj"], {}),
+    (2, 4, ["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"], {"use_rslora": True}),
+    (3, 6, ["v_proj", "up_proj", "down_proj"], {"rank_pattern": {"down_proj": 5}, "layers_to_transform": [1]}),
+]
+#: X-LoRA layers: per block the projections any expert targets (block 0 lacks none of
+#: q,k,v,o,gate,up,down except via layers_to_transform of expert 2, which only adds).
+N_LAYERS = 2 * 7
+
+CASES = {
+    "depth1": dict(xlora_depth=1),
+    "depth1_layerwise_nosoftmax_spv05": dict(xlora_depth=1, layerwise_scalings=True, enable_softmax=False, scaling_pass_value=0.5),
+    "depth2_layerwise_temp_topk": dict(xlora_depth=2, xlora_size=32, xlora_dropout_p=0.2, layerwise_scalings=True,
+                                       softmax_temperature=0.5, top_k_lora=2),
+    "depth3_softmax_topk_global_spvNone": dict(xlora_depth=3, xlora_size=16, xlora_dropout_p=0.0, enable_softmax=False,
+                                               top_k_lora=2, enable_softmax_topk=True, global_scaling_weight=0.7,
+                                               scaling_pass_value=None),
+    "depth2_spv05_topk1": dict(xlora_depth=2, xlora_size=16, scaling_pass_value=0.5, top_k_lora=1, global_scaling_weight=1.3),
+}
+GRAD_CASE = "depth2_layerwise_temp_topk"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A tiny HF Llama directory and three PEFT LoRA expert directories (non-zero B)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("xlora")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
+                      max_position_embeddings=64, tie_word_embeddings=False, use_cache=False)
+    base = LlamaForCausalLM(cfg).float().eval()
+    base.save_pretrained(root / "base")
+    experts = {}
+    for i, (r, alpha, targets, extra) in enumerate(EXPERTS):
+        torch.manual_seed(10 + i)
+        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                            init_lora_weights=False, **extra))
+        pm.save_pretrained(root / f"expert{i}")
+        experts[str(i)] = str(root / f"expert{i}")
+    return {"base": str(root / "base"), "experts": experts}
+
+
+def _peft_case(dirs, case: dict, seed: int):
+    """PEFT's logits, scalings and classifier (weight, bias) list (and grads) for one case."""
+    from peft import XLoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(dirs["base"]).float().eval()
+    spv = case.get("scaling_pass_value", 0.0)
+    kwargs = {**case, "scaling_pass_value": 0.0 if spv is None else spv}
+    pm = get_peft_model(base, XLoraConfig(task_type="CAUSAL_LM", hidden_size=64, adapters=dirs["experts"], **kwargs))
+    if spv is None:
+        pm.set_scaling_pass_value(None)
+    pm.eval()
+    classifier = pm.base_model.internal_xlora_classifier
+    gen = torch.Generator().manual_seed(seed)
+    linears = [m for m in classifier.layers if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for m in linears:
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.5)
+    logits = pm(input_ids=IDS).logits
+    out = {
+        "logits": logits.detach(),
+        "scalings": pm.get_latest_scalings().detach(),
+        "classifier": [(m.weight.detach().clone(), m.bias.detach().clone()) for m in linears],
+    }
+    weight = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+    (logits * weight).sum().backward()
+    out["grads"] = [(m.weight.grad.clone(), m.bias.grad.clone()) for m in linears]
+    return out
+
+
+def _ours(rank: int, world: int, base_dir: str, experts: dict, cases: dict, classifiers: dict) -> dict:
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_lora import init_distributed
+    from megatron_lora.gpt import positions_for
+    from megatron_lora.hf_import import load_hf_base
+    from megatron_lora.xlora import XLoraConfig, apply_xlora
+
+    init_distributed(world, seed=3)
+    results = {}
+    for name, case in cases.items():
+        model, _ = load_hf_base(base_dir)
+        xm = apply_xlora(model, XLoraConfig(**case), adapters=experts)
+        xm.eval()
+        xm.xlora_classifier.load_full_state(classifiers[name])
+        logits = gather_from_tensor_model_parallel_region(xm(IDS, positions_for(IDS), None))
+        res = {"logits": logits.detach(), "scalings": xm.get_latest_scalings().detach(), "n_layers": xm.n_layers,
+               "classifier_numel": sum(p.numel() for p in xm.xlora_classifier.parameters()),
+               "classifier_weight_numel": sum(lin.weight.numel() for lin in xm.xlora_classifier.linears),
+               "trainable": sorted(n for n, p in xm.named_parameters() if p.requires_grad)}
+        weight = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+        (logits * weight).sum().backward()
+        if name == GRAD_CASE:
+            res["grads"] = [(lin.weight.grad.clone(), lin.bias.grad.clone()) for lin in xm.xlora_classifier.linears]
+        results[name] = res
+    results["api"] = _api_checks(xm)
+    return results
+
+
+def _api_checks(xm) -> dict:
+    """The scalings-log API and the setters, on the last case's model."""
+    from megatron_lora.gpt import positions_for
+
+    out = {}
+    xm.enable_scalings_logging()
+    for ids in (IDS, IDS[:, :5], IDS[:, :7], IDS[:, :5]):
+        xm(ids, positions_for(ids), None)
+    xm.disable_scalings_logging()
+    xm(IDS, positions_for(IDS), None)
+    out["log_shapes"] = [tuple(s.shape) for s in xm.get_scalings_log()]
+    out["buckets"] = {k: v[0] for k, v in xm.get_bucketed_scalings_log().items()}
+    xm.clear_scalings_log()
+    out["log_after_clear"] = len(xm.get_scalings_log())
+    xm.set_global_scaling_weight(0.0)
+    out["global_weight"] = xm.get_global_scaling_weight()
+    zero = xm(IDS, positions_for(IDS), None)
+    xm.disable_adapter_layers()
+    base = xm(IDS, positions_for(IDS), None)
+    xm.enable_adapter_layers()
+    xm.set_scaling_pass_value(None)
+    out["spv_none"] = xm.config.scaling_pass_value
+    out["zero_weight_is_base"] = torch.equal(zero, base)
+    return out
+
+
+def test_xlora_matches_peft(dirs):
+    oracle = {name: _peft_case(dirs, case, seed=100 + i) for i, (name, case) in enumerate(CASES.items())}
+    classifiers = {name: o["classifier"] for name, o in oracle.items()}
+    tp1 = run_ranks(_ours, 1, dirs["base"], dirs["experts"], CASES, classifiers)[0]
+    tp2 = run_ranks(_ours, 2, dirs["base"], dirs["experts"], CASES, classifiers)
+    for name, ref in oracle.items():
+        for tag, res in (("tp1", tp1), ("tp2 rank0", tp2[0]), ("tp2 rank1", tp2[1])):
+            r = res[name]
+            assert r["n_layers"] == N_LAYERS
+            assert r["scalings"].shape == ref["scalings"].shape == (2, 12, N_LAYERS, 3)
+            assert _rel(r["scalings"], ref["scalings"]) <= TOL, (name, tag, _rel(r["scalings"], ref["scalings"]))
+            assert _rel(r["logits"], ref["logits"]) <= TOL, (name, tag, _rel(r["logits"], ref["logits"]))
+        # The sharded classifier: each TP=2 rank holds half of every weight.
+        assert tp2[0][name]["classifier_weight_numel"] * 2 == tp1[name]["classifier_weight_numel"]
+        assert tp2[0][name]["classifier_numel"] < 0.6 * tp1[name]["classifier_numel"]
+        assert all(n.startswith("xlora_classifier.") for n in tp1[name]["trainable"])
+    # The experts change the output: a model without them is far from PEFT's.
+    assert _rel(oracle["depth1"]["logits"], oracle["depth1_layerwise_nosoftmax_spv05"]["logits"]) > 1e-2
+    for (gw, gb), (rw, rb) in zip(tp1[GRAD_CASE]["grads"], oracle[GRAD_CASE]["grads"]):
+        assert _rel(gw, rw) <= TOL and _rel(gb, rb) <= TOL
+    api = tp1["api"]
+    assert api["log_shapes"] == [(2, 12, N_LAYERS, 3), (2, 5, N_LAYERS, 3), (2, 7, N_LAYERS, 3), (2, 5, N_LAYERS, 3)]
+    assert api["buckets"] == {12: [0], 5: [1, 3], 7: [2]}
+    assert api["log_after_clear"] == 0 and api["global_weight"] == 0.0
+    assert api["zero_weight_is_base"]
+    assert api["spv_none"] == pytest.approx(1 / 3)
