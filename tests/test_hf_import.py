@@ -38,7 +38,7 @@ def _save(model, path: Path, **kw) -> str:
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # HF inits biases to 0 and norms to 1: perturb everything
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
     model.eval().save_pretrained(path, **kw)
     return str(path)
 
@@ -81,7 +81,7 @@ def _ranks_body(rank, world, dirs, eos):
     """All multi-rank checks in one spawned group: TP=1 (two replicas), then TP=2."""
     from megatron_lora import init_distributed
     from megatron_lora.generation import forward_logits, generate
-    from megatron_lora.hf_import import load_hf_base
+    from megatron_lora.hf_import import hf_biases, load_hf_base, read_hf_config
     from megatron_lora.layout import megatron_full_to_hf
 
     ids = torch.tensor([PROMPT])
@@ -102,7 +102,7 @@ def _ranks_body(rank, world, dirs, eos):
             r["random_seed"] = generate(model, PROMPT, NEW, temperature=5.0)
             if tp == 1:
                 state = {k: v for k, v in model.state_dict().items() if "_extra_state" not in k}
-                r["hf_state"] = megatron_full_to_hf(state, facts)
+                r["hf_state"] = megatron_full_to_hf(state, facts, hf_biases(read_hf_config(d)))
             del model
     return out
 
@@ -123,8 +123,9 @@ def test_import_and_generate_match_hf(models):
             assert r0["tokens"] == ref["tokens"], (name, tp)
             assert r0["eos_tokens"] == ref["eos_tokens"] == ref["tokens"][:3]
             assert r0["tiny_top_p"] == ref["tokens"]  # top-p keeps only the argmax
-            for key in ("sampled", "random_seed"):  # every rank samples the same tokens
-                assert r0[key] == r1[key], (name, tp, key)
+            assert r0["sampled"] == r1["sampled"]
+            if tp == 2:  # without a seed, the ranks of one TP group still sample alike
+                assert r0["random_seed"] == r1["random_seed"], name
             assert r0["sampled"] == r0["sampled_again"]
         # The Megatron -> HF name map (the oracle mapping of other tests) is exact.
         back = ranks[0][(name, 1)]["hf_state"]

@@ -49,6 +49,24 @@ def _full(t, dim):
     return gather_rows(t.detach(), dim)
 
 
+def _gather_and_scatter_paths(rank, world):
+    """gather_output + skip_bias_add on a column layer; input_is_parallel=False on a row."""
+    col, row = _layers(world, False)
+    col.gather_output, col.skip_bias_add = True, True
+    row.input_is_parallel = False
+    x = torch.randn(5, IN, generator=torch.Generator().manual_seed(6))
+    h, h_bias = col(x)
+    y, y_bias = row(h)
+    W1, B1 = _full(col.weight, 0), _full(col.lora_B["default"]["x"], 0)
+    A1 = col.lora_A["default"]["x"].detach()
+    W2, A2 = _full(row.weight, 1), _full(row.lora_A["default"]["x"], 1)
+    B2 = row.lora_B["default"]["x"].detach()
+    hr = F.linear(x, W1) + SCALE * F.linear(F.linear(x, A1), B1)
+    yr = F.linear(hr, W2, row.bias) + SCALE * F.linear(F.linear(hr, A2), B2)
+    return {"h": _rel(h.detach(), hr), "y": _rel(y.detach(), yr.detach()),
+            "bias_returned": torch.equal(h_bias.detach(), col.bias.detach()) and y_bias is None}
+
+
 def _sp_and_grads(rank, world, sequence_parallel):
     """Column then row layer (an MLP without activation) vs the full-weight math."""
     col, row = _layers(world, sequence_parallel)
@@ -173,7 +191,8 @@ def _checks(rank, world):
     from megatron_lora import init_distributed
 
     init_distributed(world, seed=3)
-    out = {"plain": _sp_and_grads(rank, world, False), "sp": _sp_and_grads(rank, world, True)}
+    out = {"plain": _sp_and_grads(rank, world, False), "sp": _sp_and_grads(rank, world, True),
+           "paths": _gather_and_scatter_paths(rank, world)}
     out["comm_model"] = {(t, l): _model_comm(world, t, l) for t in (8, 16) for l in (False, True)}
     out["comm_layer_sp"] = {(t, l): _layer_comm(world, t, l) for t in (8, 16) for l in (False, True)}
 
@@ -220,6 +239,12 @@ def test_column_row_pair_matches_full_math(results, mode):
     # Replicated factors: identical on both ranks.
     assert torch.equal(results[0][mode]["A1"], results[1][mode]["A1"])
     assert torch.equal(results[0][mode]["B2"], results[1][mode]["B2"])
+
+
+def test_gather_output_skip_bias_and_unsplit_row_input(results):
+    for r in results:
+        assert r["paths"]["h"] <= TOL and r["paths"]["y"] <= TOL
+        assert r["paths"]["bias_returned"]
 
 
 @pytest.mark.parametrize("which", ["comm_model", "comm_layer_sp"])

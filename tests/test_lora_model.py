@@ -48,7 +48,10 @@ def _oracle_checks(world: int) -> dict:
     from megatron_lora.adapters import model_facts
     from oracle import hf_llama, lora_grads, peft_lora_tensors, peft_model
 
+    from megatron_lora import trainable_parameters
+
     model = apply_lora(_build(world), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    counts = trainable_parameters(model)
     logits = _logits(model, IDS)
     weight = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
     (logits * weight).sum().backward()
@@ -63,7 +66,9 @@ def _oracle_checks(world: int) -> dict:
     for name, (ga, gb) in ours.items():
         m = modules[name]
         grad_err = max(grad_err, _rel(ga, m.lora_A["default"].weight.grad), _rel(gb, m.lora_B["default"].weight.grad))
-    return {"logit_err": _rel(logits.detach(), ref.detach()), "grad_err": grad_err}
+    peft_trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    return {"logit_err": _rel(logits.detach(), ref.detach()), "grad_err": grad_err,
+            "trainable": counts["trainable"], "peft_trainable": peft_trainable}
 
 
 def _checks(rank: int, world: int, tmp: str) -> dict:
@@ -186,6 +191,7 @@ def test_matches_hf_peft_logits_and_grads(results, tp):
     for r in results[tp]:
         assert r["oracle"]["logit_err"] <= TOL, r["oracle"]
         assert r["oracle"]["grad_err"] <= 1e-4, r["oracle"]
+        assert r["oracle"]["trainable"] == r["oracle"]["peft_trainable"] == 2 * 4 * (128 + 80 + 80 + 128 + 160 + 160 + 160)
 
 
 def test_default_init_is_a_no_op_and_tp_slices_one_init(results):

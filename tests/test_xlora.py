@@ -61,14 +61,19 @@ def dirs(tmp_path_factory):
                       max_position_embeddings=64, tie_word_embeddings=False, use_cache=False)
     base = LlamaForCausalLM(cfg).float().eval()
     base.save_pretrained(root / "base")
+    base_logits = base(IDS).logits.detach()
     experts = {}
     for i, (r, alpha, targets, extra) in enumerate(EXPERTS):
         torch.manual_seed(10 + i)
         pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
                                                             init_lora_weights=False, **extra))
+        with torch.no_grad():  # moderate deltas keep the fp32 comparison well conditioned
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(0.1)
         pm.save_pretrained(root / f"expert{i}")
         experts[str(i)] = str(root / f"expert{i}")
-    return {"base": str(root / "base"), "experts": experts}
+    return {"base": str(root / "base"), "experts": experts, "base_logits": base_logits}
 
 
 def _peft_case(dirs, case: dict, seed: int):
@@ -88,8 +93,8 @@ def _peft_case(dirs, case: dict, seed: int):
     linears = [m for m in classifier.layers if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         for m in linears:
-            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.5)
-            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.5)
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.2)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.2)
     logits = pm(input_ids=IDS).logits
     out = {
         "logits": logits.detach(),
@@ -110,7 +115,8 @@ def _ours(rank: int, world: int, base_dir: str, experts: dict, cases: dict, clas
     from megatron_lora.hf_import import load_hf_base
     from megatron_lora.xlora import XLoraConfig, apply_xlora
 
-    init_distributed(world, seed=3)
+    if world > 1 or not __import__("torch").distributed.is_initialized():
+        init_distributed(world, seed=3)
     results = {}
     for name, case in cases.items():
         model, _ = load_hf_base(base_dir)
@@ -173,8 +179,8 @@ def test_xlora_matches_peft(dirs):
         assert tp2[0][name]["classifier_weight_numel"] * 2 == tp1[name]["classifier_weight_numel"]
         assert tp2[0][name]["classifier_numel"] < 0.6 * tp1[name]["classifier_numel"]
         assert all(n.startswith("xlora_classifier.") for n in tp1[name]["trainable"])
-    # The experts change the output: a model without them is far from PEFT's.
-    assert _rel(oracle["depth1"]["logits"], oracle["depth1_layerwise_nosoftmax_spv05"]["logits"]) > 1e-2
+        # The experts change the output: the base model alone is far from PEFT's X-LoRA.
+        assert _rel(dirs["base_logits"], ref["logits"]) > 1e-2
     for (gw, gb), (rw, rb) in zip(tp1[GRAD_CASE]["grads"], oracle[GRAD_CASE]["grads"]):
         assert _rel(gw, rw) <= TOL and _rel(gb, rb) <= TOL
     api = tp1["api"]
