@@ -135,6 +135,19 @@ def load_adapter(
     if saved != facts:
         raise ValueError(f"{directory} was made for another model: {saved} vs this model's {facts}")
     config = LoraConfig.from_dict(reader.config[config_key])
+    add_adapter_from_reader(model, reader, config, adapter_name, str(directory))
+    if freeze:
+        freeze_base(model)
+    return config
+
+
+def add_adapter_from_reader(model: nn.Module, reader, config: LoraConfig, adapter_name: str, source: str) -> None:
+    """Add ``adapter_name`` with the segments of ``reader``'s keys and copy this rank's tensors.
+
+    ``reader`` has ``keys()``, ``shape(key)`` and ``local(key, tp_rank, tp_size)`` over
+    checkpoint keys (:class:`ShardReader`, or ``peft_format.PeftReader`` for PEFT files).
+    """
+    facts = model_facts(model)
     tp_rank, tp = _tp()
     keys = reader.keys()
     specs = adapter_specs_from_keys(keys, reader, config, facts, tp)
@@ -158,7 +171,4 @@ def load_adapter(
     stage_layers = {layer for _, layer, _, _ in iter_linear_modules(model)}
     missing = [k for k in keys if parse_key(k)[0] in stage_layers and k not in used]
     if missing:
-        raise ValueError(f"{directory}: tensors for modules this model lacks: {missing[:4]}")
-    if freeze:
-        freeze_base(model)
-    return config
+        raise ValueError(f"{source}: tensors for modules this model lacks: {missing[:4]}")

@@ -109,6 +109,19 @@ class ShardReader:
         except Exception as e:
             raise ValueError(f"{shard_file(self.directory, 0)}: cannot read {key!r}: {e}") from None
 
+    def dtype(self, key: str) -> str:
+        """safetensors dtype name (``F32``, ``BF16`` ...) of ``key``."""
+        return self._files[0].get_slice(key).get_dtype()
+
+    def full_shape(self, key: str) -> list[int]:
+        """The TP=1 shape of ``key``, from the file headers only."""
+        _, module, factor, segment = parse_key(key)
+        dim, _ = factor_split(module, factor, segment, self.facts)
+        shape = list(self.shape(key))
+        if dim is not None:
+            shape[dim] *= self.saved_tp
+        return shape
+
     def full(self, key: str) -> torch.Tensor:
         """The TP=1 tensor of ``key``."""
         _, module, factor, segment = parse_key(key)

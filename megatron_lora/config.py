@@ -79,7 +79,8 @@ class LoraConfig:
         if isinstance(self.target_modules, list):
             known = set(HF_PROJECTIONS) | set(MEGATRON_MODULES)
             for t in self.target_modules:
-                if t not in known:
+                # PEFT also writes full module names (``model.layers.0.self_attn.q_proj``).
+                if t.rsplit(".", 1)[-1] not in known:
                     raise ValueError(
                         f"target_modules contains unknown target {t!r}; known targets: "
                         f"{sorted(known)} or 'all-linear' or a regex string"

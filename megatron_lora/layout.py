@@ -172,3 +172,152 @@ def split_qkv(w: torch.Tensor, facts: ModelFacts) -> tuple[torch.Tensor, torch.T
     per_group = w.reshape(facts.num_query_groups, (p + 2) * d, *w.shape[1:])
     q, k, v = per_group.split([p * d, d, d], 1)
     return tuple(t.reshape(-1, *w.shape[1:]) for t in (q, k, v))
+
+
+# --- Base weights (HF checkpoint <-> Megatron GPTModel, local spec) ---------------------------
+
+#: Megatron parameter inside ``decoder.layers.{i}`` -> the HF tensors inside
+#: ``model.layers.{i}`` it is made of (several = fused, in Megatron's order).
+BASE_LAYER_WEIGHTS = {
+    "input_layernorm.weight": ("input_layernorm.weight",),
+    "self_attention.linear_qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "self_attention.linear_qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "self_attention.q_layernorm.weight": ("self_attn.q_norm.weight",),
+    "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight",),
+    "self_attention.linear_proj.weight": ("self_attn.o_proj.weight",),
+    "self_attention.linear_proj.bias": ("self_attn.o_proj.bias",),
+    "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight",),
+    "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.linear_fc1.bias": ("mlp.gate_proj.bias", "mlp.up_proj.bias"),
+    "mlp.linear_fc2.weight": ("mlp.down_proj.weight",),
+    "mlp.linear_fc2.bias": ("mlp.down_proj.bias",),
+}
+#: Megatron parameters outside the layers -> HF tensor.
+BASE_GLOBAL_WEIGHTS = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+#: Parameters split over TP and along which dim; the rest (norms, row-parallel biases) are
+#: replicated. Embedding and output layer are split by (padded) vocabulary rows.
+_BASE_SPLIT_DIM = {
+    "self_attention.linear_qkv.weight": 0,
+    "self_attention.linear_qkv.bias": 0,
+    "self_attention.linear_proj.weight": 1,
+    "mlp.linear_fc1.weight": 0,
+    "mlp.linear_fc1.bias": 0,
+    "mlp.linear_fc2.weight": 1,
+    "embedding.word_embeddings.weight": 0,
+    "output_layer.weight": 0,
+}
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocabulary rows Megatron holds: the smallest multiple of ``tp`` (VocabParallelEmbedding
+    splits rows evenly); the extra rows are zeros and are cut from every logit."""
+    return -(-vocab_size // tp) * tp
+
+
+def base_weight_sources(name: str, tied: bool = False) -> tuple[tuple[str, ...], Optional[int]]:
+    """(HF tensor names, TP split dim or None) of a Megatron base parameter name.
+
+    ``name`` uses GLOBAL layer indices. With ``tied`` embeddings the output layer (present on
+    the last pipeline stage only) reads the HF embedding.
+    """
+    if name in BASE_GLOBAL_WEIGHTS:
+        source = BASE_GLOBAL_WEIGHTS[name]
+        if name == "output_layer.weight" and tied:
+            source = BASE_GLOBAL_WEIGHTS["embedding.word_embeddings.weight"]
+        return (source,), _BASE_SPLIT_DIM.get(name)
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["decoder", "layers"] and parts[3] in BASE_LAYER_WEIGHTS:
+        prefix = f"model.layers.{parts[2]}."
+        return tuple(prefix + s for s in BASE_LAYER_WEIGHTS[parts[3]]), _BASE_SPLIT_DIM.get(parts[3])
+    raise ValueError(f"no HF tensor maps to the Megatron parameter {name!r}")
+
+
+def fuse_base(name: str, parts: list[torch.Tensor], groups: int) -> torch.Tensor:
+    """Megatron parameter from its HF parts (each already this rank's slice).
+
+    ``groups`` is the number of query groups the slices hold (for linear_qkv). Gated fc1
+    is ``[gate_j; up_j]`` on rank j, which is the concatenation of the two row slices.
+    """
+    if ".linear_qkv." in name:
+        return fuse_qkv(*parts, groups=groups)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+def megatron_full_to_hf(full_state_dict: dict, facts: ModelFacts, biases: Optional[tuple[str, ...]] = None) -> dict:
+    """A TP=1 (gathered) Megatron GPTModel state dict -> HF Llama-family tensor names.
+
+    Vocabulary padding rows are dropped; ``output_layer.weight`` is absent with tied
+    embeddings, so ``lm_head.weight`` is then absent too (HF ties it on load). Megatron's
+    ``_extra_state`` entries are skipped. ``biases`` (HF projections that have one, e.g.
+    ``hf_import.hf_biases``) drops the zero biases Megatron has and the HF model lacks.
+    """
+    out = {}
+    for name, t in full_state_dict.items():
+        if name.endswith("_extra_state"):
+            continue
+        sources, _ = base_weight_sources(name)
+        if biases is not None and name.endswith(".bias") and sources[0].split(".")[-2] not in biases:
+            continue
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            t = t[: facts.vocab_size]
+        if ".linear_qkv." in name:
+            pieces = split_qkv(t, facts)
+        elif len(sources) == 2:  # gated fc1 at TP=1: [gate; up]
+            pieces = t.chunk(2, 0)
+        else:
+            pieces = (t,)
+        out.update(zip(sources, pieces))
+    return out
+
+
+# --- LoRA factors: HF PEFT module names <-> Megatron segments ------------------------------
+
+
+def parse_hf_module_name(name: str) -> tuple[int, str]:
+    """(global layer, projection) of ``model.layers.{i}.<parent>.<proj>``; ValueError otherwise."""
+    parts = name.split(".")
+    if len(parts) == 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        layer, parent, proj = int(parts[2]), parts[3], parts[4]
+        if proj in PROJECTION and PROJECTION[proj][0] == parent:
+            return layer, proj
+    raise ValueError(
+        f"{name!r} is not a linear projection of a LLaMA-family layer "
+        f"(model.layers.N.self_attn|mlp.{{{','.join(HF_PROJECTIONS)}}})"
+    )
+
+
+def split_shared_b(module: str, b: torch.Tensor, facts: ModelFacts) -> dict[str, torch.Tensor]:
+    """A shared-A segment's full (TP=1) B -> the B of each HF projection it covers.
+
+    With A duplicated, these per-projection LoRAs compute exactly the shared one: the rows
+    of linear_qkv de-interleave with :func:`split_qkv`, gated fc1's ``[gate; up]`` halves.
+    """
+    projections = facts.projections(module)
+    if module == "linear_qkv":
+        pieces = split_qkv(b, facts)
+    elif len(projections) == 2:
+        pieces = b.chunk(2, 0)
+    else:
+        pieces = (b,)
+    return dict(zip(projections, pieces))
+
+
+def segment_projection(module: str, segment: str, facts: ModelFacts) -> str:
+    """The HF projection a LoRA segment adapts (X-LoRA gives each one its own layer index).
+
+    A per-projection segment is named for it; a shared-A segment (named for its Megatron
+    module) qualifies only when the module fuses a single projection.
+    """
+    if segment in HF_PROJECTIONS:
+        return segment
+    projections = facts.projections(module)
+    if segment != module or len(projections) != 1:
+        raise ValueError(
+            f"segment {segment!r} of {module} spans projections {list(projections)}: X-LoRA needs "
+            f"one LoRA per HF projection (convert the shared-A adapter to per-projection segments)"
+        )
+    return projections[0]

@@ -185,14 +185,19 @@ class _LoraMixin:
             return collectives.replicated_factor(a, self.tp_group), b
         return a, collectives.replicated_factor(b, self.tp_group)
 
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x W^T (+ bias) with the LoRA terms added, computed on [tokens, features]."""
+        x2 = _flat(x)
+        out = self._add_lora(F.linear(x2, self.weight, bias), x2)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
     def _add_lora(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out += sum over active adapters and segments of s * (x A^T) B^T, into its rows."""
         if self.lora_disabled:
             return out
         if self.xlora_source is not None:
             return self._add_xlora(out, x)
-        out2 = out.reshape(-1, out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
+        out2, x2 = _flat(out), _flat(x)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
@@ -214,8 +219,7 @@ class _LoraMixin:
         if self.merged_adapters:
             raise ValueError("X-LoRA cannot run with merged adapters: call unmerge_lora first")
         source = self.xlora_source
-        out2 = out.reshape(-1, out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
+        out2, x2 = _flat(out), _flat(x)
         for seg_name, index in self.xlora_layer_index.items():
             experts = [
                 (i, name, seg)
@@ -320,6 +324,12 @@ class _LoraMixin:
         return sd
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as [tokens, features]; a 2-D tensor is returned as is, not as a view of itself,
+    so the in-place LoRA update of a base output costs autograd no copies (CopySlices)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
 def _add_rows(out2: torch.Tensor, seg: Segment, h: torch.Tensor, b: torch.Tensor) -> None:
     """out2[:, rows of seg] += scaling * h @ b^T, in place (out2 is [tokens, out_local])."""
     whole = seg.groups == 1 and seg.width == out2.shape[1]
@@ -350,7 +360,7 @@ class LoraColumnParallelLinear(_LoraMixin, ColumnParallelLinear):
             raise NotImplementedError("LoRA on a column layer with an external weight or expert comm")
         x = collectives.column_input(input_, self.sequence_parallel, self.tp_group)
         bias = self.bias if not self.skip_bias_add else None
-        out = self._add_lora(F.linear(x, self.weight, bias), x)
+        out = self._linear(x, bias)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         out = collectives.column_output(out, gather, self.tp_group)
         return out, (self.bias if self.skip_bias_add else None)
@@ -370,7 +380,7 @@ class LoraRowParallelLinear(_LoraMixin, RowParallelLinear):
         if self.explicit_expert_comm:
             raise NotImplementedError("LoRA on a row layer with expert comm")
         x = collectives.row_input(input_, self.input_is_parallel, self.tp_group)
-        partial = self._add_lora(F.linear(x, self.weight), x)
+        partial = self._linear(x, None)
         out = collectives.row_output(partial, self.sequence_parallel, self.tp_group)
         if self.skip_bias_add or self.bias is None:
             return out, (self.bias if self.skip_bias_add else None)

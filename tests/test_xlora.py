@@ -12,6 +12,7 @@ relative to their own scale.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -76,8 +77,11 @@ def dirs(tmp_path_factory):
     return {"base": str(root / "base"), "experts": experts, "base_logits": base_logits}
 
 
-def _peft_case(dirs, case: dict, seed: int):
-    """PEFT's logits, scalings and classifier (weight, bias) list (and grads) for one case."""
+def _peft_case(dirs, case: dict, seed: int, save_to=None):
+    """PEFT's logits, scalings and classifier (weight, bias) list (and grads) for one case.
+
+    With ``save_to``, PEFT's own ``save_pretrained`` writes the X-LoRA model there.
+    """
     from peft import XLoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -95,6 +99,8 @@ def _peft_case(dirs, case: dict, seed: int):
         for m in linears:
             m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.2)
             m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.2)
+    if save_to is not None:
+        pm.save_pretrained(save_to)
     logits = pm(input_ids=IDS).logits
     out = {
         "logits": logits.detach(),
@@ -107,7 +113,7 @@ def _peft_case(dirs, case: dict, seed: int):
     return out
 
 
-def _ours(rank: int, world: int, base_dir: str, experts: dict, cases: dict, classifiers: dict) -> dict:
+def _ours(rank: int, world: int, base_dir: str, experts: dict, cases: dict, classifiers: dict, formats: dict) -> dict:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_lora import init_distributed
@@ -134,7 +140,25 @@ def _ours(rank: int, world: int, base_dir: str, experts: dict, cases: dict, clas
             res["grads"] = [(lin.weight.grad.clone(), lin.bias.grad.clone()) for lin in xm.xlora_classifier.linears]
         results[name] = res
     results["api"] = _api_checks(xm)
+    results["formats"] = _format_checks(world, base_dir, formats)
     return results
+
+
+def _format_checks(world: int, base_dir: str, formats: dict) -> dict:
+    """load_xlora of each written directory; save_xlora at this TP size."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_lora.gpt import positions_for
+    from megatron_lora.hf_import import load_hf_base
+    from megatron_lora.xlora_format import load_xlora, save_xlora
+
+    out = {}
+    for tag, directory in formats["load"].items():
+        model, _ = load_hf_base(base_dir)
+        xm = load_xlora(model, directory).eval()
+        out[tag] = gather_from_tensor_model_parallel_region(xm(IDS, positions_for(IDS), None)).detach()
+    save_xlora(xm, f"{formats['save']}_tp{world}")
+    return out
 
 
 def _api_checks(xm) -> dict:
@@ -163,11 +187,39 @@ def _api_checks(xm) -> dict:
     return out
 
 
-def test_xlora_matches_peft(dirs):
-    oracle = {name: _peft_case(dirs, case, seed=100 + i) for i, (name, case) in enumerate(CASES.items())}
+FORMAT_CASES = ("depth1", GRAD_CASE)  # classifier entries misplaced by PEFT's save: all / some
+
+
+@pytest.fixture(scope="module")
+def runs(dirs, tmp_path_factory):
+    """PEFT's results per case, the converted directories, and our TP=1 / TP=2 results."""
+    from megatron_lora.convert import base_facts
+    from megatron_lora.xlora_format import read_xlora, write_megatron_xlora, write_peft_xlora
+
+    root = tmp_path_factory.mktemp("formats")
+    oracle = {
+        name: _peft_case(dirs, case, seed=100 + i, save_to=root / f"peft_saved_{name}" if name in FORMAT_CASES else None)
+        for i, (name, case) in enumerate(CASES.items())
+    }
+    facts = base_facts(dirs["base"])
+    load = {}
+    for name in FORMAT_CASES:
+        bundle = read_xlora(root / f"peft_saved_{name}")
+        write_peft_xlora(bundle, root / f"intended_{name}")
+        write_megatron_xlora(bundle, root / f"megatron_tp2_{name}", tp=2, facts=facts)
+        write_megatron_xlora(read_xlora(root / f"megatron_tp2_{name}"), root / f"megatron_tp1_{name}", tp=1)
+        load.update({f"{name}/peft_saved": str(root / f"peft_saved_{name}"),
+                     f"{name}/megatron_tp2": str(root / f"megatron_tp2_{name}")})
+    formats = {"load": load, "save": str(root / "saved")}
     classifiers = {name: o["classifier"] for name, o in oracle.items()}
-    tp1 = run_ranks(_ours, 1, dirs["base"], dirs["experts"], CASES, classifiers)[0]
-    tp2 = run_ranks(_ours, 2, dirs["base"], dirs["experts"], CASES, classifiers)
+    args = (dirs["base"], dirs["experts"], CASES, classifiers, formats)
+    tp1 = run_ranks(_ours, 1, *args)[0]
+    tp2 = run_ranks(_ours, 2, *args)
+    return {"oracle": oracle, "tp1": tp1, "tp2": tp2, "root": root, "facts": facts}
+
+
+def test_xlora_matches_peft(runs, dirs):
+    oracle, tp1, tp2 = runs["oracle"], runs["tp1"], runs["tp2"]
     for name, ref in oracle.items():
         for tag, res in (("tp1", tp1), ("tp2 rank0", tp2[0]), ("tp2 rank1", tp2[1])):
             r = res[name]
@@ -183,9 +235,99 @@ def test_xlora_matches_peft(dirs):
         assert _rel(dirs["base_logits"], ref["logits"]) > 1e-2
     for (gw, gb), (rw, rb) in zip(tp1[GRAD_CASE]["grads"], oracle[GRAD_CASE]["grads"]):
         assert _rel(gw, rw) <= TOL and _rel(gb, rb) <= TOL
-    api = tp1["api"]
+
+
+def test_scalings_log_api(runs):
+    api = runs["tp1"]["api"]
     assert api["log_shapes"] == [(2, 12, N_LAYERS, 3), (2, 5, N_LAYERS, 3), (2, 7, N_LAYERS, 3), (2, 5, N_LAYERS, 3)]
     assert api["buckets"] == {12: [0], 5: [1, 3], 7: [2]}
     assert api["log_after_clear"] == 0 and api["global_weight"] == 0.0
     assert api["zero_weight_is_base"]
     assert api["spv_none"] == pytest.approx(1 / 3)
+
+
+def _same_classifier(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for p, q in zip(a, b) for x, y in zip(p, q))
+
+
+def _file_tensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_formats_round_trip(runs, dirs):
+    """PEFT's own save is read correctly; every conversion keeps every tensor bit for bit."""
+    from megatron_lora.xlora_format import read_xlora, write_peft_xlora
+
+    root = runs["root"]
+    for name in FORMAT_CASES:
+        ref = runs["oracle"][name]["classifier"]
+        saved = read_xlora(root / f"peft_saved_{name}")
+        assert _same_classifier(saved.classifier, ref)
+        # PEFT's expert subfolders are not the experts: the originals are used.
+        assert [str(p) for p in saved.experts.values()] == list(dirs["experts"].values())
+        for layout in ("intended", "megatron_tp2", "megatron_tp1"):
+            assert _same_classifier(read_xlora(root / f"{layout}_{name}").classifier, ref), (name, layout)
+        back = root / f"back_{name}"
+        write_peft_xlora(read_xlora(root / f"megatron_tp1_{name}"), back)
+        for i, src in enumerate(dirs["experts"].values()):
+            orig = _file_tensors(f"{src}/adapter_model.safetensors")
+            for layout in ("intended", "back"):
+                new = _file_tensors(root / f"{layout}_{name}" / str(i) / "adapter_model.safetensors")
+                assert orig.keys() == new.keys() and all(torch.equal(orig[k], new[k]) for k in orig)
+        for world in (1, 2):
+            assert _same_classifier(read_xlora(root / f"saved_tp{world}").classifier, runs["oracle"][FORMAT_CASES[-1]]["classifier"])
+        # Loaded on a model, every layout gives PEFT's logits (at TP=1 and TP=2).
+        for res in (runs["tp1"], runs["tp2"][0]):
+            for layout in ("peft_saved", "megatron_tp2"):
+                got = res["formats"][f"{name}/{layout}"]
+                assert _rel(got, runs["oracle"][name]["logits"]) <= TOL, (name, layout)
+
+
+def test_intended_layout_loads_in_peft(runs, dirs, monkeypatch):
+    """PeftModel.from_pretrained (run from inside the directory) gives the original logits."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    for name in FORMAT_CASES:
+        directory = runs["root"] / f"intended_{name}"
+        monkeypatch.chdir(directory)  # PEFT resolves expert paths against the working directory
+        pm = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(dirs["base"]).float(), str(directory)).eval()
+        assert _rel(pm(input_ids=IDS).logits.detach(), runs["oracle"][name]["logits"]) <= TOL
+
+
+def test_original_xlora_package_layout(runs, dirs, tmp_path):
+    from safetensors.torch import save_file
+
+    from megatron_lora.xlora_format import read_xlora
+
+    ref = runs["oracle"][GRAD_CASE]["classifier"]
+    case = CASES[GRAD_CASE]
+    config = {"hidden_size": 64, "device": "cpu", "use_bias": True, "enable_relu_and_dropout": True,
+              "stop_token_id": None, "adapters": dirs["experts"], **case}
+    (tmp_path / "xlora_config.json").write_text(json.dumps(config))
+    save_file({"inner.0.weight": ref[0][0], "inner.0.bias": ref[0][1], "last.weight": ref[1][0], "last.bias": ref[1][1]},
+              str(tmp_path / "xlora_classifier.safetensors"))
+    assert _same_classifier(read_xlora(tmp_path).classifier, ref)
+    (tmp_path / "xlora_config.json").write_text(json.dumps({**config, "enable_relu_and_dropout": False}))
+    with pytest.raises(ValueError, match="enable_relu_and_dropout"):
+        read_xlora(tmp_path)
+
+
+def test_bad_input(runs, dirs, tmp_path):
+    import dataclasses
+
+    from megatron_lora.xlora_format import check_bundle, read_xlora, write_megatron_xlora
+
+    bundle = read_xlora(runs["root"] / f"intended_{GRAD_CASE}")
+    two = dict(list(bundle.experts.items())[:2])
+    with pytest.raises(ValueError, match="disagree"):
+        check_bundle(dataclasses.replace(bundle, experts=two))
+    config = dataclasses.replace(bundle.config, adapters={k: bundle.config.adapters[k] for k in two})
+    with pytest.raises(ValueError, match="do not fit n_layers=14 x n_experts=2"):
+        check_bundle(dataclasses.replace(bundle, config=config, experts=two))
+    other = dataclasses.replace(runs["facts"], ffn_hidden_size=128)
+    with pytest.raises(ValueError, match="expert|shape|another"):
+        write_megatron_xlora(bundle, tmp_path / "out", tp=1, facts=other)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,138 @@
+"""The ``megatron-lora`` command.
+
+Each subcommand is one ``add_<name>(subparsers)`` function registered in :data:`COMMANDS`;
+it sets ``func`` (called with the parsed arguments, returns the exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+#: Errors from bad input: reported in one line, exit status 1.
+_INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from megatron_lora.convert import VERIFY_TOL, base_facts, convert, verify
+    from megatron_lora.peft_format import detect_format
+
+    facts = base_facts(args.base) if args.base else None
+    source_format = detect_format(args.src)
+    convert(args.src, args.dst, args.to, facts=facts, tp=args.tp, overwrite=args.overwrite)
+    print(f"wrote {args.dst}", file=sys.stderr)
+    if not args.verify:
+        return 0
+    if args.base is None:
+        raise ValueError("--verify needs --base (the HF model to run)")
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.to == "peft":
+            peft_dir, megatron_dir = args.dst, args.src
+        elif source_format == "peft":
+            peft_dir, megatron_dir = args.src, args.dst
+        else:  # megatron -> megatron: compare against the new checkpoint exported to PEFT
+            peft_dir, megatron_dir = convert(args.dst, Path(scratch) / "peft", "peft", progress=False), args.dst
+        diff, scale = verify(args.base, peft_dir, megatron_dir)
+    print(f"verify: max |logit diff| = {diff:.3e} (max |logit| = {scale:.3e}, tolerance {VERIFY_TOL:g} x that)")
+    if diff > VERIFY_TOL * scale:
+        shutil.rmtree(args.dst, ignore_errors=True)
+        print(f"megatron-lora: error: verification failed: {diff:.3e} > {VERIFY_TOL:g} x {scale:.3e}; "
+              f"removed {args.dst}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a LoRA adapter between PEFT and megatron-lora formats",
+        description="Convert SRC (a PEFT LoRA directory or a megatron-lora checkpoint, detected) into DST. "
+        "megatron -> megatron at another --tp reshards. Written tensor by tensor into a temporary "
+        "directory that is renamed to DST at the end.",
+    )
+    p.add_argument("src", metavar="SRC", help="adapter directory to read")
+    p.add_argument("dst", metavar="DST", help="directory to write (must not exist unless --overwrite)")
+    p.add_argument("--to", required=True, choices=("peft", "megatron"), help="output format")
+    p.add_argument("--base", metavar="HF_DIR",
+                   help="HF base model directory (its config.json; weights only with --verify); "
+                   "required for a PEFT source, checked against a megatron-lora source")
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="tensor-parallel size of a megatron-lora output (default: the source's, 1 for PEFT)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--verify", action="store_true",
+                   help="run HF + PEFT and the megatron-lora model (TP=1, fp32) on one prompt and fail "
+                   "if the logits differ by more than 1e-5 x the logit scale (needs peft)")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from megatron_lora.convert import describe
+
+    info = describe(args.dir)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"format:       {info['format']}")
+    print(f"tp size:      {info['tp_size']}")
+    print(f"targets:      {info['target_modules']}")
+    print(f"use_rslora:   {info['use_rslora']}")
+    print(f"parameters:   {info['parameters']:,}")
+    for seg, v in info["segments"].items():
+        print(f"  {seg:<12} layers {_ranges(v['layers'])}  r {v['r']}  lora_alpha {v['lora_alpha']}")
+    return 0
+
+
+def add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="describe a LoRA adapter directory",
+        description="Print the format, TP size, targets, ranks, alphas and parameter count of DIR "
+        "(a PEFT LoRA directory or a megatron-lora checkpoint).",
+    )
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.set_defaults(func=_run_inspect)
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(v) if v == start else f"{start}-{v}")
+            start = None
+    return ",".join(out)
+
+
+#: Subcommands, in --help order. Add a command by appending its ``add_*`` function.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_inspect]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-lora",
+        description="Tensor-parallel LoRA for megatron-core: adapter conversion and inspection.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _INPUT_ERRORS as e:
+        print(f"megatron-lora: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

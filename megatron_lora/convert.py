@@ -1,0 +1,174 @@
+"""Disk conversions between PEFT LoRA directories and megatron-lora checkpoints.
+
+Streaming: each output file is written tensor by tensor from a plan
+(``peft_format.TensorPlan``): the safetensors header is computed from the source headers
+first, then every tensor is read (only the slice the output needs), written and dropped, so
+peak memory is about one tensor, not the adapter. Output goes to a temporary sibling
+directory renamed into place at the end; on any error nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from megatron_lora.checkpoint import begin_write, finish_write, parse_key, replace_directory, shard_file
+from megatron_lora.hf_import import hf_model_facts, read_hf_config
+from megatron_lora.layout import HF_PROJECTIONS, ModelFacts, hf_module_name, megatron_module_name
+from megatron_lora.peft_format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    TensorPlan,
+    detect_format,
+    megatron_plan,
+    open_adapter,
+    load_any_adapter,
+    peft_plan,
+)
+
+#: --verify tolerance: max |logit diff| <= VERIFY_TOL x max |logit| (fp32).
+VERIFY_TOL = 1e-5
+#: safetensors dtype names of the float dtypes adapters are stored in.
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def base_facts(hf_dir: str | Path) -> ModelFacts:
+    """Model facts of an HF model directory (reads config.json only)."""
+    return hf_model_facts(read_hf_config(hf_dir))
+
+
+def write_safetensors(path: Path, plans: list[TensorPlan], bar: Optional[tqdm] = None) -> None:
+    """Write a safetensors file one tensor at a time (header first, from the plans)."""
+    for p in plans:
+        if p.dtype not in _DTYPES:
+            raise ValueError(f"{p.key}: dtype {p.dtype} is not a float dtype of an adapter ({sorted(_DTYPES)})")
+    # Larger element sizes first keeps every tensor aligned, as safetensors' own writer does.
+    plans = sorted(plans, key=lambda p: (-_DTYPES[p.dtype].itemsize, p.key))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for p in plans:
+        size = math.prod(p.shape) * _DTYPES[p.dtype].itemsize
+        header[p.key] = {"dtype": p.dtype, "shape": list(p.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for p in plans:
+            t = p.read()
+            if tuple(t.shape) != tuple(p.shape) or t.dtype != _DTYPES[p.dtype]:
+                raise ValueError(f"{p.key}: read {tuple(t.shape)} {t.dtype}, expected {p.shape} {p.dtype}")
+            f.write(t.contiguous().view(torch.uint8).numpy().data)
+            if bar is not None:
+                bar.update(1)
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    to: str,
+    facts: Optional[ModelFacts] = None,
+    tp: Optional[int] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert the adapter in ``src`` (PEFT or megatron-lora, detected) into ``dst``.
+
+    ``to="megatron"``: a checkpoint at TP=``tp`` (default: the source's TP, 1 for PEFT);
+    from a megatron-lora source this reshards. ``to="peft"``: a PEFT LoRA directory.
+    ``facts`` (the base model's, :func:`base_facts`) is required for a PEFT source and
+    checked against a megatron-lora source.
+    """
+    fmt = detect_format(src)
+    if fmt == "peft" and facts is None:
+        raise ValueError(f"{src} is a PEFT adapter: the base model's facts (--base) are needed")
+    if to not in ("peft", "megatron"):
+        raise ValueError(f"to={to!r}: expected 'peft' or 'megatron'")
+    if to == "peft" and fmt == "peft":
+        raise ValueError(f"{src} is already a PEFT LoRA directory")
+    if to == "megatron" and facts is not None and tp is not None:
+        facts.check_tp(tp)  # before reading anything
+    reader, config = open_adapter(src, facts)
+    facts = facts or reader.facts
+    if to == "megatron":
+        tp = tp or getattr(reader, "saved_tp", 1)
+        ckpt_config, ranks = megatron_plan(reader, config, facts, tp)
+        files = [(j, plans) for j, plans in enumerate(ranks)]
+    else:
+        peft_config, plans = peft_plan(reader, config)
+        files = [(None, plans)]
+    tmp = begin_write(dst, overwrite)
+    try:
+        with tqdm(total=sum(len(p) for _, p in files), desc=f"{Path(src).name} -> {to}", unit="tensor",
+                  file=sys.stderr, disable=not progress) as bar:
+            for j, plans in files:
+                write_safetensors(shard_file(tmp, j) if j is not None else tmp / WEIGHTS_NAME, plans, bar)
+        if to == "megatron":
+            finish_write(tmp, dst, ckpt_config)
+        else:
+            (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+            replace_directory(tmp, Path(dst))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Path(dst)
+
+
+def describe(directory: str | Path) -> dict:
+    """Format, TP size, targets, per-projection ranks and alphas, and parameter count."""
+    fmt = detect_format(directory)
+    reader, config = open_adapter(directory)
+    segments: dict[str, dict] = {}
+    params = 0
+    for key in reader.keys():
+        params += math.prod(reader.full_shape(key))
+        layer, module, factor, seg = parse_key(key)
+        if factor != "lora_A":
+            continue
+        name = megatron_module_name(layer, module) if seg == module else hf_module_name(layer, seg)
+        info = segments.setdefault(seg, {"layers": [], "r": set(), "lora_alpha": set()})
+        info["layers"].append(layer)
+        info["r"].add(reader.full_shape(key)[0])
+        info["lora_alpha"].add(config.rank_alpha(name)[1])
+    order = {s: i for i, s in enumerate(HF_PROJECTIONS)}
+    return {
+        "format": "peft-lora" if fmt == "peft" else "megatron-lora",
+        "tp_size": getattr(reader, "saved_tp", 1),
+        "target_modules": config.target_modules,
+        "use_rslora": config.use_rslora,
+        "segments": {
+            s: {"layers": sorted(v["layers"]), "r": sorted(v["r"]), "lora_alpha": sorted(v["lora_alpha"])}
+            for s, v in sorted(segments.items(), key=lambda kv: order.get(kv[0], len(order)))
+        },
+        "parameters": params,
+    }
+
+
+def verify(hf_dir: str | Path, peft_dir: str | Path, megatron_dir: str | Path, seq_len: int = 16) -> tuple[float, float]:
+    """(max |logit difference|, max |logit|) of HF + PEFT(``peft_dir``) vs our TP=1 model
+    with ``megatron_dir``, in fp32 on one fixed prompt. Runs in this single process."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from megatron_lora.distributed import init_distributed
+    from megatron_lora.generation import forward_logits
+    from megatron_lora.hf_import import load_hf_base
+
+    init_distributed(1)
+    model, facts = load_hf_base(hf_dir, torch.float32)
+    load_any_adapter(model, megatron_dir)
+    ids = torch.randint(0, facts.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    ours = forward_logits(model, ids)
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    hf = PeftModel.from_pretrained(hf, str(peft_dir)).eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=ids).logits.float()
+    return (ours - theirs).abs().max().item(), theirs.abs().max().item()

@@ -1,0 +1,287 @@
+"""Hugging Face base models (Llama, Mistral, Qwen2/2.5, Qwen3) -> megatron-core GPTModel at any TP.
+
+Every HF config field that changes the logits is carried into the TransformerConfig or
+refused by name. Weights are read with safetensors slicing, so each rank reads only the
+rows / columns it holds (memory per rank ~ model size / TP).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+from safetensors import SafetensorError, safe_open
+
+from megatron_lora.gpt import build_gpt, gpt_config
+from megatron_lora.layout import ModelFacts, base_weight_sources, fuse_base, padded_vocab_size
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Fields of no supported model type that would change the math if set.
+_REFUSED_FIELDS = ("quantization_config", "attn_logit_softcapping", "final_logit_softcapping")
+#: megatron-core's RotaryEmbedding applies llama3 scaling with these fixed parameters.
+_MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def read_hf_config(hf_dir: str | Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no HF config.json (is {hf_dir} an HF model directory?)")
+    return json.loads(path.read_text())
+
+
+def _model_type(hf_config: dict) -> str:
+    model_type = hf_config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return model_type
+
+
+def hf_model_facts(hf_config: dict) -> ModelFacts:
+    """The model facts of an HF config (real, unpadded vocabulary)."""
+    model_type = _model_type(hf_config)
+    heads = hf_config["num_attention_heads"]
+    # Qwen3's head_dim defaults to 128, the others' to hidden / heads.
+    default_head_dim = 128 if model_type == "qwen3" else hf_config["hidden_size"] // heads
+    return ModelFacts(
+        num_layers=hf_config["num_hidden_layers"],
+        hidden_size=hf_config["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf_config.get("num_key_value_heads") or heads,
+        head_dim=hf_config.get("head_dim") or default_head_dim,
+        ffn_hidden_size=hf_config["intermediate_size"],
+        gated_linear_unit=True,
+        vocab_size=hf_config["vocab_size"],
+    )
+
+
+def hf_biases(hf_config: dict) -> tuple[str, ...]:
+    """The HF projections that have a bias (as each model class builds them)."""
+    model_type = _model_type(hf_config)
+    if model_type == "qwen2":
+        return ("q_proj", "k_proj", "v_proj")
+    if model_type == "mistral":
+        return ()
+    attention = ("q_proj", "k_proj", "v_proj", "o_proj") if hf_config.get("attention_bias") else ()
+    mlp = ("gate_proj", "up_proj", "down_proj") if model_type == "llama" and hf_config.get("mlp_bias") else ()
+    return attention + mlp
+
+
+def _rope(hf_config: dict) -> dict:
+    """build_gpt's RoPE kwargs: theta, and llama3 scaling (the only scaling megatron-core has)."""
+    # transformers 5 writes ``rope_parameters`` (theta inside); older configs ``rope_theta`` +
+    # ``rope_scaling``.
+    params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    partial = params.get("partial_rotary_factor", hf_config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"partial_rotary_factor={partial} is not supported (rotary on the full head_dim only)")
+    kwargs = dict(rotary_base=float(theta))
+    if rope_type == "llama3":
+        for key, value in _MEGATRON_LLAMA3.items():
+            if params.get(key) != value:
+                raise ValueError(
+                    f"rope_scaling llama3 with {key}={params.get(key)} is not supported: "
+                    f"megatron-core's RotaryEmbedding fixes it to {value}"
+                )
+        kwargs.update(rope_scaling=True, rope_scaling_factor=float(params["factor"]))
+    elif rope_type != "default":
+        raise ValueError(f"rope_scaling rope_type={rope_type!r} is not supported (only 'default' and 'llama3')")
+    return kwargs
+
+
+def _max_sequence_length(hf_config: dict, model_type: str) -> int:
+    """Longest sequence we compute exactly: a sliding window caps it (below the window,
+    sliding-window attention is plain causal attention)."""
+    max_len = hf_config.get("max_position_embeddings", 4096)
+    window = hf_config.get("sliding_window")
+    if model_type in ("qwen2", "qwen3"):
+        layer_types = hf_config.get("layer_types") or []
+        sliding = hf_config.get("use_sliding_window") or "sliding_attention" in layer_types
+        window = window if sliding else None
+    if window is not None:
+        if not isinstance(window, int) or window <= 0:
+            raise ValueError(f"sliding_window={window!r} is not a positive integer")
+        max_len = min(max_len, window)
+    return max_len
+
+
+def transformer_config_from_hf(
+    hf_config: dict, tp: int, pp: int = 1, dtype: torch.dtype = torch.float32
+) -> tuple[TransformerConfig, dict]:
+    """(TransformerConfig, build_gpt kwargs) of an HF Llama / Mistral / Qwen2 / Qwen3 config.
+
+    The vocabulary is padded to a multiple of ``tp`` in the kwargs. Parameters are left
+    uninitialised (``perform_initialization=False``): they are about to be loaded.
+    """
+    model_type = _model_type(hf_config)
+    for field in _REFUSED_FIELDS:
+        if hf_config.get(field):
+            raise ValueError(f"config field {field}={hf_config[field]!r} is not supported")
+    if hf_config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf_config['hidden_act']!r} is not supported (only 'silu')")
+    facts = hf_model_facts(hf_config)
+    facts.check_tp(tp)
+    biases = hf_biases(hf_config)
+    qkv_bias = "q_proj" in biases
+    config = gpt_config(
+        num_layers=facts.num_layers,
+        hidden_size=facts.hidden_size,
+        num_attention_heads=facts.num_attention_heads,
+        ffn_hidden_size=facts.ffn_hidden_size,
+        num_query_groups=facts.num_query_groups,
+        kv_channels=facts.head_dim,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        layernorm_epsilon=hf_config.get("rms_norm_eps", 1e-6),
+        # Megatron has one bias switch for all linears (+ one for qkv): a bias it has and HF
+        # lacks is loaded as zeros, which is exact.
+        add_bias_linear=bool(set(biases) - {"q_proj", "k_proj", "v_proj"}),
+        add_qkv_bias=qkv_bias,
+        qk_layernorm=model_type == "qwen3",
+        perform_initialization=False,
+    )
+    kwargs = dict(
+        vocab_size=padded_vocab_size(facts.vocab_size, tp),
+        max_sequence_length=_max_sequence_length(hf_config, model_type),
+        share_embeddings_and_output_weights=bool(hf_config.get("tie_word_embeddings", False)),
+        **_rope(hf_config),
+    )
+    return config, kwargs
+
+
+def eos_token_ids(hf_dir: str | Path) -> list[int]:
+    """EOS ids as HF's generate uses them: generation_config.json first, then config.json."""
+    hf_dir = Path(hf_dir)
+    for name in ("generation_config.json", "config.json"):
+        path = hf_dir / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return list(eos) if isinstance(eos, list) else [eos]
+    return []
+
+
+class SafetensorsCheckpoint:
+    """The tensors of an HF model directory: one ``model.safetensors`` or shards listed in
+    ``model.safetensors.index.json``. Opens each file once, lazily; reads slices."""
+
+    def __init__(self, hf_dir: str | Path):
+        hf_dir = Path(hf_dir)
+        index = hf_dir / "model.safetensors.index.json"
+        single = hf_dir / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {name: hf_dir / f for name, f in weight_map.items()}
+        elif single.is_file():
+            self.file_of = {name: single for name in self._open(single).keys()}
+        else:
+            raise FileNotFoundError(f"{hf_dir}: neither model.safetensors nor model.safetensors.index.json")
+        # Open every file now (headers only, memory-mapped) so a missing, corrupt or
+        # truncated file is reported before any model is built.
+        self._handles = {}
+        for path in sorted(set(self.file_of.values())):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: listed in {index.name} but missing")
+            self._handles[path] = self._open(path)
+
+    @staticmethod
+    def _open(path: Path):
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+    def slice(self, name: str):
+        """A lazy slice object (``get_shape()``, ``[a:b]``) of tensor ``name``."""
+        if name not in self.file_of:
+            raise ValueError(f"tensor {name!r} is missing from the checkpoint")
+        path = self.file_of[name]
+        try:
+            return self._handles[path].get_slice(name)
+        except SafetensorError as e:
+            raise ValueError(f"{path}: cannot read tensor {name!r} ({e})") from e
+
+
+def _local_part(ckpt: SafetensorsCheckpoint, name: str, dim: Optional[int], rank: int, tp: int,
+                rows: Optional[int] = None) -> torch.Tensor:
+    """This rank's slice of HF tensor ``name`` split along ``dim`` (None: all of it).
+
+    ``rows`` (vocabulary tensors) is the padded row count: rows past the HF tensor are zeros.
+    """
+    sl = ckpt.slice(name)
+    shape = sl.get_shape()
+    if dim is None:
+        return sl[:]
+    total = rows or shape[dim]
+    if total % tp:
+        raise ValueError(f"tensor {name!r} of shape {tuple(shape)}: dim {dim} does not divide by TP={tp}")
+    lo, hi = rank * total // tp, (rank + 1) * total // tp
+    lo_in, hi_in = min(lo, shape[dim]), min(hi, shape[dim])
+    part = sl[lo_in:hi_in] if dim == 0 else sl[:, lo_in:hi_in]
+    if part.shape[dim] < hi - lo:  # vocabulary padding (dim 0)
+        pad = torch.zeros(hi - lo - part.shape[0], *part.shape[1:], dtype=part.dtype)
+        part = torch.cat([part, pad])
+    return part
+
+
+def _global_name(model: GPTModel, name: str) -> str:
+    """``decoder.layers.{stage-local i}`` -> global layer index (pipeline stages)."""
+    parts = name.split(".", 3)
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+    return ".".join(parts)
+
+
+@torch.no_grad()
+def load_base_weights(model: GPTModel, ckpt: SafetensorsCheckpoint, facts: ModelFacts,
+                      biases: tuple[str, ...], tied: bool) -> None:
+    """Copy this rank's slices of the HF weights into ``model``'s parameters."""
+    rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    for local_name, param in model.named_parameters():
+        name = _global_name(model, local_name)
+        sources, dim = base_weight_sources(name, tied=tied)
+        if name.endswith(".bias") and sources[0].split(".")[-2] not in biases:
+            param.zero_()  # Megatron bias the HF model does not have
+            continue
+        vocab = name in ("embedding.word_embeddings.weight", "output_layer.weight")
+        if vocab and ckpt.slice(sources[0]).get_shape()[0] != facts.vocab_size:
+            raise ValueError(f"{sources[0]} has {ckpt.slice(sources[0]).get_shape()[0]} rows, "
+                             f"config vocab_size={facts.vocab_size}")
+        parts = [_local_part(ckpt, s, dim, rank, tp, param.shape[0] * tp if vocab else None) for s in sources]
+        try:
+            value = fuse_base(name, parts, facts.num_query_groups // tp)
+        except RuntimeError as e:
+            raise ValueError(f"{name}: HF tensors {sources} do not fit the config ({e})") from e
+        if value.shape != param.shape:
+            raise ValueError(f"{name}: HF tensors {sources} give shape {tuple(value.shape)}, "
+                             f"the model expects {tuple(param.shape)}")
+        param.copy_(value)
+
+
+def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPTModel, ModelFacts]:
+    """Build the GPTModel of an HF model directory and load this rank's weights.
+
+    Call after :func:`megatron_lora.init_distributed` on every rank. The model is in eval
+    mode; ``model.unpadded_vocab_size`` is the HF vocabulary (the output layer may carry
+    zero padding rows that :mod:`megatron_lora.generation` cuts off).
+    """
+    hf_config = read_hf_config(hf_dir)
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    config, kwargs = transformer_config_from_hf(hf_config, tp, pp, dtype)
+    facts = hf_model_facts(hf_config)
+    ckpt = SafetensorsCheckpoint(hf_dir)
+    model = build_gpt(config, **kwargs)
+    load_base_weights(model, ckpt, facts, hf_biases(hf_config), kwargs["share_embeddings_and_output_weights"])
+    model.unpadded_vocab_size = facts.vocab_size
+    model.eval()
+    return model, facts

@@ -1,0 +1,368 @@
+"""HF PEFT LoRA directories <-> our Megatron adapter checkpoint (DESIGN 4).
+
+A PEFT LoRA directory holds ``adapter_config.json`` (``peft_type: "LORA"``) and
+``adapter_model.safetensors`` with keys
+``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` ([r, in]) and
+``...lora_B.weight`` ([out, r]). Each PEFT module becomes one per-projection segment of our
+checkpoint (``decoder.layers.{i}.self_attention.linear_qkv.lora_A.q_proj``); a shared-A
+segment of ours exports as one PEFT module per projection (A duplicated, B split), which
+computes the same thing.
+
+Conversions are described as *plans*: per output file, a list of :class:`TensorPlan`
+(key, shape, dtype and a function reading the tensor), so ``convert`` can stream them to
+disk tensor by tensor while the in-memory functions here simply read them all.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from megatron_lora.adapters import add_adapter_from_reader, load_adapter, model_facts
+from megatron_lora.checkpoint import ShardReader, checkpoint_config, is_megatron_checkpoint, make_key, parse_key
+from megatron_lora.config import LoraConfig
+from megatron_lora.layout import (
+    HF_PROJECTIONS,
+    PEFT_PREFIX,
+    PROJECTION,
+    ModelFacts,
+    factor_split,
+    hf_module_name,
+    megatron_module_name,
+    parse_hf_module_name,
+    split_shared_b,
+)
+from megatron_lora.model import freeze_base
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_KEY = re.compile(rf"{re.escape(PEFT_PREFIX)}(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: its key, shape, safetensors dtype name and how to read it."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    read: Callable[[], torch.Tensor]
+
+
+# -- formats ----------------------------------------------------------------------------------
+
+
+def is_peft_lora_dir(directory: str | Path) -> bool:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("peft_type") == "LORA"
+    except json.JSONDecodeError:
+        return False
+
+
+def detect_format(directory: str | Path) -> str:
+    """``"peft"`` (PEFT LoRA directory) or ``"megatron"`` (our checkpoint); errors otherwise."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    if is_megatron_checkpoint(directory):
+        return "megatron"
+    if is_peft_lora_dir(directory):
+        return "peft"
+    config = directory / CONFIG_NAME
+    if config.is_file():
+        try:
+            peft_type = json.loads(config.read_text()).get("peft_type")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config} is not valid JSON: {e}") from None
+        raise ValueError(f"{config}: peft_type={peft_type!r} is not a LoRA adapter (expected 'LORA')")
+    raise FileNotFoundError(
+        f"{directory} holds no {CONFIG_NAME}: expected a PEFT LoRA directory or a megatron-lora checkpoint"
+    )
+
+
+def read_peft_config(directory: str | Path) -> LoraConfig:
+    """The LoraConfig of a PEFT LoRA directory; options we cannot represent are refused by name."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if d.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type={d.get('peft_type')!r} is not a LoRA adapter (expected 'LORA')")
+    try:
+        return LoraConfig.from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def peft_key(layer: int, proj: str, factor: str) -> str:
+    return f"{PEFT_PREFIX}{hf_module_name(layer, proj)}.{factor}.weight"
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises several error types for damaged files
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+# -- reading PEFT files as checkpoint keys ----------------------------------------------------
+
+
+class PeftReader:
+    """A PEFT LoRA directory seen through checkpoint keys, sliced to any TP rank.
+
+    Same interface as :class:`checkpoint.ShardReader` (``keys``, ``shape``, ``dtype``,
+    ``full_shape``, ``full``, ``local``). With ``facts`` every tensor is checked against the
+    base model's projection shapes; ``local`` reads only the rows or columns a rank holds.
+    """
+
+    def __init__(self, directory: str | Path, facts: Optional[ModelFacts] = None):
+        self.directory = Path(directory)
+        self.lora_config = read_peft_config(directory)
+        self.facts = facts
+        self.path = self.directory / WEIGHTS_NAME
+        self._file = _open(self.path)
+        self._peft_keys: dict[str, str] = {}
+        for pk in self._file.keys():
+            m = _PEFT_KEY.match(pk)
+            if m is None:
+                raise ValueError(
+                    f"{self.path}: tensor {pk!r} is not a LoRA factor of a linear projection "
+                    "(embedding LoRA, DoRA magnitudes, LoRA biases and modules_to_save are not supported)"
+                )
+            try:
+                layer, proj = parse_hf_module_name(m["module"])
+            except ValueError as e:
+                raise ValueError(f"{self.path}: tensor {pk!r}: {e}") from None
+            self._peft_keys[make_key(layer, PROJECTION[proj][1], m["factor"], proj)] = pk
+        self._check()
+
+    def _check(self) -> None:
+        for key in self.keys():
+            layer, module, factor, proj = parse_key(key)
+            other = make_key(layer, module, "lora_B" if factor == "lora_A" else "lora_A", proj)
+            if other not in self._peft_keys:
+                raise ValueError(f"{self.path}: {self._peft_keys[key]!r} has no matching {other.split('.')[-2]}")
+            if factor == "lora_B":
+                continue
+            a, b = self.shape(key), self.shape(other)
+            name = hf_module_name(layer, proj)
+            if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+                raise ValueError(f"{self.path}: {name}: lora_A {a} and lora_B {b} do not form a LoRA")
+            if self.facts is None:
+                continue
+            if layer >= self.facts.num_layers:
+                raise ValueError(f"{self.path}: {name} is beyond the base model's {self.facts.num_layers} layers")
+            fan_in, fan_out = self.facts.projection_shape(proj)
+            if a[1] != fan_in or b[0] != fan_out:
+                raise ValueError(
+                    f"{self.path}: adapter made for another base: {name} has lora_A {a} / lora_B {b}, "
+                    f"the base model's {name} needs lora_A [r, {fan_in}] / lora_B [{fan_out}, r]"
+                )
+
+    def keys(self) -> list[str]:
+        return sorted(self._peft_keys)
+
+    def peft_key(self, key: str) -> str:
+        return self._peft_keys[key]
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._file.get_slice(self._peft_keys[key]).get_shape())
+
+    full_shape = shape
+
+    def dtype(self, key: str) -> str:
+        return self._file.get_slice(self._peft_keys[key]).get_dtype()
+
+    def full(self, key: str) -> torch.Tensor:
+        return self._read(key, lambda s: s[:])
+
+    def local(self, key: str, tp_rank: int, tp_size: int) -> torch.Tensor:
+        _, module, factor, proj = parse_key(key)
+        dim, _ = factor_split(module, factor, proj, self.facts)
+        if dim is None:
+            return self.full(key)
+        n = self.shape(key)[dim] // tp_size
+        part = slice(tp_rank * n, (tp_rank + 1) * n)
+        return self._read(key, (lambda s: s[part]) if dim == 0 else (lambda s: s[:, part]))
+
+    def _read(self, key: str, take) -> torch.Tensor:
+        try:
+            return take(self._file.get_slice(self._peft_keys[key])).contiguous()
+        except Exception as e:
+            raise ValueError(f"{self.path}: cannot read {self._peft_keys[key]!r}: {e}") from None
+
+
+def open_adapter(directory: str | Path, facts: Optional[ModelFacts] = None):
+    """(reader, LoraConfig) of a PEFT directory or a megatron-lora LoRA checkpoint.
+
+    With ``facts``, a checkpoint made for another model is refused.
+    """
+    if detect_format(directory) == "peft":
+        reader = PeftReader(directory, facts)
+        return reader, reader.lora_config
+    reader = ShardReader(directory)
+    if reader.config.get("kind") != "lora":
+        raise ValueError(f"{directory} holds a {reader.config.get('kind')!r} checkpoint, not a LoRA adapter")
+    if facts is not None:
+        saved = ModelFacts.from_dict({**reader.config["model"], "vocab_size": facts.vocab_size})
+        if saved != facts:
+            raise ValueError(f"{directory} was made for another model: {saved} vs the base model's {facts}")
+    return reader, LoraConfig.from_dict(reader.config["lora_config"])
+
+
+# -- plans ------------------------------------------------------------------------------------
+
+
+def megatron_plan(reader, config: LoraConfig, facts: ModelFacts, tp: int) -> tuple[dict, list[list[TensorPlan]]]:
+    """Our checkpoint at TP=``tp`` from any reader: (checkpoint config, per-rank plans)."""
+    facts.check_tp(tp)
+    ranks = []
+    for j in range(tp):
+        plans = []
+        for key in reader.keys():
+            _, module, factor, seg = parse_key(key)
+            dim, _ = factor_split(module, factor, seg, facts)
+            shape = list(reader.full_shape(key))
+            if dim is not None:
+                shape[dim] //= tp
+            plans.append(TensorPlan(key, tuple(shape), reader.dtype(key), _bind(reader.local, key, j, tp)))
+        ranks.append(plans)
+    return checkpoint_config("lora", tp, facts, config.to_dict()), ranks
+
+
+def peft_plan(reader: ShardReader, config: LoraConfig) -> tuple[dict, list[TensorPlan]]:
+    """A PEFT LoRA directory from our checkpoint: (adapter_config.json dict, plan).
+
+    Shared-A segments become one PEFT module per projection (A duplicated, B split with
+    ``layout.split_shared_b``); per-projection segments map one to one.
+    """
+    facts = reader.facts
+    plans: list[TensorPlan] = []
+    modules: dict[str, tuple[int, float]] = {}
+    for key in reader.keys():
+        layer, module, factor, seg = parse_key(key)
+        shared = seg == module
+        projections = facts.projections(module) if shared else (seg,)
+        r = reader.full_shape(make_key(layer, module, "lora_A", seg))[0]
+        alpha = config.rank_alpha(megatron_module_name(layer, module) if shared else hf_module_name(layer, seg))[1]
+        for proj in projections:
+            modules[hf_module_name(layer, proj)] = (r, alpha)
+            fan_in, fan_out = facts.projection_shape(proj)
+            shape = (r, fan_in) if factor == "lora_A" else (fan_out, r)
+            if shared and factor == "lora_B":
+                read = _bind(_shared_b, reader, key, module, proj, facts)
+            else:
+                read = _bind(reader.full, key)
+            plans.append(TensorPlan(peft_key(layer, proj, factor), shape, reader.dtype(key), read))
+    return peft_config_dict(config, modules, facts), plans
+
+
+def _bind(fn, *args) -> Callable[[], torch.Tensor]:
+    return lambda: fn(*args)
+
+
+def _shared_b(reader: ShardReader, key: str, module: str, proj: str, facts: ModelFacts) -> torch.Tensor:
+    return split_shared_b(module, reader.full(key), facts)[proj].contiguous()
+
+
+def peft_config_dict(config: LoraConfig, modules: dict[str, tuple[int, float]], facts: ModelFacts) -> dict:
+    """PEFT adapter_config.json adapting exactly ``modules`` (HF name -> (r, alpha)).
+
+    target_modules is the list of projection names present; when that list (with the
+    config's layers_to_transform / exclude_modules) would adapt other modules too, it becomes
+    a regex of the exact module names. Modules whose rank or alpha the patterns would not
+    give get their own rank_pattern / alpha_pattern entry (first match wins, so in front).
+    """
+    present = [p for p in HF_PROJECTIONS if any(n.endswith("." + p) for n in modules)]
+    fields = {**config.to_dict(), "target_modules": present}
+    every = {hf_module_name(i, p): i for i in range(facts.num_layers) for p in HF_PROJECTIONS}
+
+    def adapted(cfg: LoraConfig) -> set[str]:
+        return {n for n, i in every.items() if cfg.matches(n, i)}
+
+    if adapted(LoraConfig(**fields)) != set(modules):
+        exact = "|".join(re.escape(n) for n in sorted(modules))
+        fields.update(target_modules=exact, layers_to_transform=None, exclude_modules=None)
+    base = LoraConfig(**fields)
+    rank_extra = {re.escape(n): r for n, (r, a) in modules.items() if base.rank_alpha(n)[0] != r}
+    alpha_extra = {re.escape(n): a for n, (r, a) in modules.items() if base.rank_alpha(n)[1] != a}
+    # Keys that match no exported module (e.g. Megatron names of shared-A segments) are dropped.
+    fields.update(
+        rank_pattern={**rank_extra, **_used(config.rank_pattern, modules)},
+        alpha_pattern={**alpha_extra, **_used(config.alpha_pattern, modules)},
+    )
+    final = LoraConfig(**fields)
+    assert adapted(final) == set(modules) and all(final.rank_alpha(n) == ra for n, ra in modules.items())
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        **final.to_dict(),
+    }
+
+
+def _used(patterns: dict, modules) -> dict:
+    return {k: v for k, v in patterns.items() if any(re.match(rf"(.*\.)?({k})$", n) for n in modules)}
+
+
+# -- in-memory conversions --------------------------------------------------------------------
+
+
+def peft_to_megatron(
+    peft_dir: str | Path, facts: ModelFacts, tp: int
+) -> tuple[dict, Iterator[dict[str, torch.Tensor]]]:
+    """(checkpoint config, generator of each TP rank's tensors) for a PEFT LoRA directory."""
+    reader = PeftReader(peft_dir, facts)
+    config, ranks = megatron_plan(reader, reader.lora_config, facts, tp)
+    return config, ({p.key: p.read() for p in plans} for plans in ranks)
+
+
+def reshard(megatron_dir: str | Path, tp: int) -> tuple[dict, Iterator[dict[str, torch.Tensor]]]:
+    """(checkpoint config, generator of each rank's tensors) of a checkpoint at another TP."""
+    reader, config = open_adapter(megatron_dir)
+    config_dict, ranks = megatron_plan(reader, config, reader.facts, tp)
+    return config_dict, ({p.key: p.read() for p in plans} for plans in ranks)
+
+
+def megatron_to_peft(megatron_dir: str | Path, facts: Optional[ModelFacts] = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(PEFT adapter_config.json dict, PEFT tensors) of a megatron-lora checkpoint (any TP)."""
+    reader, config = open_adapter(megatron_dir, facts)
+    if not isinstance(reader, ShardReader):
+        raise ValueError(f"{megatron_dir} is already a PEFT LoRA directory")
+    peft_config, plans = peft_plan(reader, config)
+    return peft_config, {p.key: p.read() for p in plans}
+
+
+# -- loading onto a model ---------------------------------------------------------------------
+
+
+def load_any_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> LoraConfig:
+    """Add ``adapter_name`` from a PEFT LoRA directory or a megatron-lora checkpoint.
+
+    Call on every rank after ``init_distributed``; each rank reads only its own slices.
+    A PEFT adapter is checked against the model's shapes (an error names the module and
+    both shapes). The base is frozen. Returns the adapter's LoraConfig.
+    """
+    if detect_format(directory) == "megatron":
+        return load_adapter(model, directory, adapter_name)
+    reader = PeftReader(directory, model_facts(model))
+    add_adapter_from_reader(model, reader, reader.lora_config, adapter_name, str(directory))
+    freeze_base(model)
+    return reader.lora_config

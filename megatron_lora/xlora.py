@@ -1,0 +1,324 @@
+"""X-LoRA on megatron-core models: a mixture of frozen LoRA experts, per token and layer.
+
+``apply_xlora(model, config, adapters)`` loads the experts as adapters "0".."n-1" on the
+model's LoRA layers and returns an :class:`XLoraModel` that wraps it. Its forward is
+PEFT's XLoraModel's (DESIGN 5):
+
+1. scaling pass, under no_grad: every LoRA layer mixes its experts with scalings filled
+   with ``scaling_pass_value``; the hidden state entering the output layer (after the
+   final norm) is captured;
+2. the sharded classifier turns it into scalings [batch, seq, n_layers, n_experts],
+   replicated on every TP rank (its own collectives are the only ones X-LoRA adds);
+3. scaled pass: every LoRA layer mixes its experts with its layer's scalings, after
+   ``top_k_lora`` and ``enable_softmax_topk``, times ``global_scaling_weight``.
+
+X-LoRA "layers" are the LoRA-adapted HF projections in HF order (per block q, k, v, o,
+gate, up, down; those targeted by any expert), so each segment of a fused Megatron layer
+has its own index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from torch import nn
+
+from megatron_lora.config import LoraConfig
+from megatron_lora.layout import HF_PROJECTIONS, ModelFacts, segment_projection
+from megatron_lora.model import enable_adapters, iter_linear_modules
+from megatron_lora.peft_format import load_any_adapter
+from parallel.lora_layers import _LoraMixin
+from parallel.xlora_classifier import ShardedXLoraClassifier
+
+
+@dataclass
+class XLoraConfig:
+    """X-LoRA options, named and defaulted as in ``peft.XLoraConfig``."""
+
+    #: Hidden size of the base model (None: taken from the model).
+    hidden_size: Optional[int] = None
+    #: Expert name -> LoRA directory (PEFT LoRA or megatron-lora checkpoint); expert i is
+    #: the i-th entry.
+    adapters: dict[str, str] = field(default_factory=dict)
+    #: Softmax over the experts of the classifier's output.
+    enable_softmax: bool = True
+    #: Softmax over the experts kept by top_k_lora (no temperature).
+    enable_softmax_topk: bool = False
+    #: One scaling per X-LoRA layer (True) or one broadcast to every layer (False).
+    layerwise_scalings: bool = False
+    #: Number of linears of the classifier.
+    xlora_depth: int = 1
+    #: Hidden size of the classifier (xlora_depth >= 2).
+    xlora_size: int = 2048
+    #: Dropout after each hidden linear of the classifier (xlora_depth >= 2).
+    xlora_dropout_p: float = 0.2
+    #: Train the experts along with the classifier.
+    use_trainable_adapters: bool = False
+    #: Temperature of the enable_softmax softmax.
+    softmax_temperature: float = 1.0
+    #: Keep only the k largest scalings per token and layer (None: all).
+    top_k_lora: Optional[int] = None
+    #: Scalings of the scaling pass (None: 1 / n_experts, stored as that number).
+    scaling_pass_value: Optional[float] = 0.0
+    #: Factor on every expert's output.
+    global_scaling_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.xlora_depth < 1:
+            raise ValueError(f"xlora_depth must be at least 1, got {self.xlora_depth}")
+        if self.xlora_depth > 1 and self.xlora_size < 1:
+            raise ValueError(f"xlora_size must be positive, got {self.xlora_size}")
+        if not 0.0 <= self.xlora_dropout_p < 1.0:
+            raise ValueError(f"xlora_dropout_p must be in [0, 1), got {self.xlora_dropout_p}")
+        if self.top_k_lora is not None and self.top_k_lora < 1:
+            raise ValueError(f"top_k_lora must be at least 1 or None, got {self.top_k_lora}")
+        if self.softmax_temperature <= 0:
+            raise ValueError(f"softmax_temperature must be positive, got {self.softmax_temperature}")
+        self.adapters = dict(self.adapters or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peft_type": "XLORA", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "XLoraConfig":
+        """Build from a dict (ours or a PEFT X-LoRA adapter_config.json).
+
+        PEFT bookkeeping fields are ignored; any other unknown field is refused by name.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        for k, v in d.items():
+            if k not in names and k not in _BOOKKEEPING_FIELDS:
+                raise ValueError(f"unsupported X-LoRA config field {k}={v!r}")
+        if d.get("peft_type", "XLORA") != "XLORA":
+            raise ValueError(f"not an X-LoRA config: peft_type={d['peft_type']!r}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+#: PEFT config fields that never change the math of X-LoRA.
+_BOOKKEEPING_FIELDS = {
+    "peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
+    "inference_mode", "peft_version",
+}
+
+
+class _ScalingsSource:
+    """What every X-LoRA layer reads: the current scalings and the per-layer rules.
+
+    A plain object (not a module) so the layers can hold it without nesting modules.
+    """
+
+    def __init__(self, config: XLoraConfig, experts: list[str]):
+        self.config = config
+        self.experts = experts
+        self.scalings: Optional[torch.Tensor] = None  # [batch, seq, n_layers, n_experts]
+
+    def for_layer(self, index: int) -> torch.Tensor:
+        """Scalings of X-LoRA layer ``index`` for the layer's tokens, [seq * batch, n]."""
+        if self.scalings is None:
+            raise RuntimeError("X-LoRA layer called outside XLoraModel.forward (no scalings set)")
+        s = self.scalings[:, :, index, :]
+        k = self.config.top_k_lora
+        if k is not None:
+            top = torch.topk(s, k=k, dim=-1).indices
+            s = s * torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True).to(s.dtype)
+        if self.config.enable_softmax_topk:
+            keep = s != 0
+            s = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1).masked_fill(~keep, 0.0)
+        # Megatron's activations are [seq, batch, ...].
+        return (s * self.config.global_scaling_weight).transpose(0, 1).reshape(-1, s.shape[-1])
+
+
+class XLoraModel(nn.Module):
+    """A GPTModel with X-LoRA experts and a sharded classifier (PEFT's XLoraModel API)."""
+
+    def __init__(self, model: nn.Module, config: XLoraConfig, experts: list[str], n_layers: int,
+                 expert_configs: list[LoraConfig]):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.experts = experts
+        #: Each expert's LoraConfig (its scalings; what a save writes).
+        self.expert_configs = expert_configs
+        self.n_layers = n_layers
+        tp_group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
+        dtype = next(model.parameters()).dtype
+        self.xlora_classifier = ShardedXLoraClassifier(
+            hidden_size=config.hidden_size,
+            n_classes=len(experts),
+            n_layers=n_layers,
+            depth=config.xlora_depth,
+            size=config.xlora_size,
+            dropout_p=config.xlora_dropout_p,
+            layerwise_scalings=config.layerwise_scalings,
+            enable_softmax=config.enable_softmax,
+            softmax_temperature=config.softmax_temperature,
+            tp_group=tp_group,
+            dtype=dtype,
+        )
+        self._source = _ScalingsSource(config, experts)
+        for _, layer in _xlora_layers(model):
+            layer.xlora_source = self._source
+        self.disabled = False
+        self.scalings_logging = False
+        self._log: list[torch.Tensor] = []
+        self._latest: Optional[torch.Tensor] = None
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None, **kwargs):
+        if self.disabled:
+            return self.model(input_ids, position_ids, attention_mask, **kwargs)
+        scaling_kwargs = {k: v for k, v in kwargs.items() if k != "labels"}
+        hidden = self._scaling_pass(input_ids, position_ids, attention_mask, **scaling_kwargs)
+        scalings = self.xlora_classifier(hidden.transpose(0, 1))
+        if self.scalings_logging:
+            self._log.append(scalings.detach())
+        self._latest = scalings
+        self._source.scalings = scalings
+        return self.model(input_ids, position_ids, attention_mask, **kwargs)
+
+    def _scaling_pass(self, input_ids, position_ids, attention_mask, **kwargs) -> torch.Tensor:
+        """Run the model with constant scalings; return the output layer's input [s, b, h]."""
+        b, s = input_ids.shape
+        value = self.config.scaling_pass_value
+        value = 1.0 / len(self.experts) if value is None else value
+        dtype = next(self.xlora_classifier.parameters()).dtype
+        self._source.scalings = torch.full((b, s, self.n_layers, len(self.experts)), value, dtype=dtype)
+        captured = []
+        handle = self.model.output_layer.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+        try:
+            with torch.no_grad():
+                self.model(input_ids, position_ids, attention_mask, **kwargs)
+        finally:
+            handle.remove()
+        return captured[0]
+
+    # -- PEFT's XLoraModel API ----------------------------------------------------------------
+    def enable_adapter_layers(self) -> None:
+        self.disabled = False
+        enable_adapters(self.model, True)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone (no scaling pass, no experts)."""
+        self.disabled = True
+        enable_adapters(self.model, False)
+
+    def set_topk_lora(self, value: Optional[int]) -> None:
+        if value is not None and value < 1:
+            raise ValueError(f"top_k_lora must be at least 1 or None, got {value}")
+        self.config.top_k_lora = value
+
+    def set_global_scaling_weight(self, weight: float) -> None:
+        self.config.global_scaling_weight = weight
+
+    def get_global_scaling_weight(self) -> float:
+        return self.config.global_scaling_weight
+
+    def set_scaling_pass_value(self, value: Optional[float]) -> None:
+        """None means 1 / n_experts (stored in the config as that number, as PEFT does)."""
+        self.config.scaling_pass_value = 1.0 / len(self.experts) if value is None else value
+
+    def get_latest_scalings(self) -> Optional[torch.Tensor]:
+        """The last forward's scalings [batch, seq, n_layers, n_experts] (None before one)."""
+        return self._latest
+
+    def enable_scalings_logging(self) -> None:
+        self.scalings_logging = True
+
+    def disable_scalings_logging(self) -> None:
+        """Stop logging, keeping the log."""
+        self.scalings_logging = False
+
+    def clear_scalings_log(self) -> None:
+        self._log.clear()
+
+    def get_scalings_log(self) -> list[torch.Tensor]:
+        """A copy of the log's list: scalings [batch, seq, n_layers, n_experts] per forward."""
+        return list(self._log)
+
+    def get_bucketed_scalings_log(self) -> dict[int, tuple[list[int], list[torch.Tensor]]]:
+        """The log bucketed by sequence length: {seq_len: (positions in log, scalings)}."""
+        buckets: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+        for i, s in enumerate(self._log):
+            positions, tensors = buckets.setdefault(s.shape[1], ([], []))
+            positions.append(i)
+            tensors.append(s)
+        return buckets
+
+
+def _xlora_layers(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _LoraMixin) and m.xlora_layer_index]
+
+
+def assign_layer_indices(model: nn.Module, experts: list[str]) -> int:
+    """Give every adapted segment its X-LoRA layer index; return n_layers.
+
+    The index counts adapted HF projections in HF order over GLOBAL layers; under pipeline
+    parallelism the stages exchange which (layer, projection) pairs they adapt.
+    """
+    facts = ModelFacts.from_transformer_config(model.config, vocab_size=0)
+    found: dict[tuple[int, str], list[tuple[_LoraMixin, str]]] = {}
+    for _, layer, kind, module in iter_linear_modules(model):
+        if not isinstance(module, _LoraMixin):
+            continue
+        for name in experts:
+            for seg in module.lora_specs[name].segments if name in module.lora_specs else ():
+                proj = segment_projection(kind, seg.name, facts)
+                found.setdefault((layer, proj), []).append((module, seg.name))
+    adapted = set(found)
+    if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        parts = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(parts, sorted(adapted), group=ps.get_pipeline_model_parallel_group())
+        adapted = {tuple(p) for part in parts for p in part}
+    order = sorted(adapted, key=lambda lp: (lp[0], HF_PROJECTIONS.index(lp[1])))
+    index = {lp: i for i, lp in enumerate(order)}
+    for lp, users in found.items():
+        for module, seg_name in users:
+            module.xlora_layer_index[seg_name] = index[lp]
+    return len(order)
+
+
+def apply_xlora(
+    model: nn.Module,
+    config: XLoraConfig,
+    adapters: Optional[dict[str, str | Path]] = None,
+) -> XLoraModel:
+    """Load the experts onto ``model`` and wrap it in an :class:`XLoraModel`.
+
+    ``adapters`` ({name: directory}, default ``config.adapters``) lists the experts in
+    order; expert i becomes adapter ``str(i)`` on the layers. The base model is frozen,
+    the classifier trainable, the experts trainable only with ``use_trainable_adapters``.
+    """
+    adapters = dict(config.adapters if adapters is None else adapters)
+    if not adapters:
+        raise ValueError("X-LoRA needs at least one expert: adapters is empty")
+    if config.adapters and list(config.adapters) != list(adapters):
+        raise ValueError(
+            f"adapters {list(adapters)} disagree with the config's experts {list(config.adapters)}"
+        )
+    hidden = model.config.hidden_size
+    if config.hidden_size is None:
+        config.hidden_size = hidden
+    elif config.hidden_size != hidden:
+        raise ValueError(f"XLoraConfig.hidden_size={config.hidden_size} but the model's hidden size is {hidden}")
+    config.adapters = {k: str(v) for k, v in adapters.items()}
+    experts = [str(i) for i in range(len(adapters))]
+    expert_configs = [load_any_adapter(model, d, name) for name, d in zip(experts, adapters.values())]
+    if config.scaling_pass_value is None:
+        config.scaling_pass_value = 1.0 / len(experts)
+    n_layers = assign_layer_indices(model, experts)
+    if n_layers == 0:
+        raise ValueError(f"the experts {list(adapters.values())} adapt no module of the model")
+    xmodel = XLoraModel(model, config, experts, n_layers, expert_configs)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config.use_trainable_adapters:
+        for _, layer in _xlora_layers(model):
+            for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]:
+                p.requires_grad_(True)
+    return xmodel

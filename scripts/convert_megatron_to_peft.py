@@ -1,0 +1,23 @@
+"""Convert a megatron-lora checkpoint (any TP) into a PEFT LoRA directory.
+
+    python scripts/convert_megatron_to_peft.py --megatron DIR --base HF_DIR --out DIR
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
+
+from megatron_lora.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--megatron", required=True, metavar="DIR", help="megatron-lora checkpoint directory")
+    p.add_argument("--base", required=True, metavar="HF_DIR", help="HF base model directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--verify", action="store_true", help="compare HF + PEFT and Megatron logits")
+    a = p.parse_args()
+    flags = ["--overwrite"] * a.overwrite + ["--verify"] * a.verify
+    sys.exit(main(["convert", a.megatron, a.out, "--to", "peft", "--base", a.base, *flags]))
