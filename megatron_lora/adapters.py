@@ -42,7 +42,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 
 def model_facts(model: nn.Module) -> ModelFacts:
-    return ModelFacts.from_transformer_config(model.config, getattr(model, "vocab_size", 0))
+    # An imported HF model pads its vocabulary for TP; the facts hold the real size.
+    vocab = getattr(model, "unpadded_vocab_size", getattr(model, "vocab_size", 0))
+    return ModelFacts.from_transformer_config(model.config, vocab)
 
 
 def save_adapter(

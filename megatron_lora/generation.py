@@ -8,6 +8,7 @@ same seeded generator, so all ranks pick the same tokens.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -17,8 +18,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from safetensors.torch import save_file
 
+from megatron_lora.distributed import init_distributed
 from megatron_lora.gpt import positions_for
+from megatron_lora.hf_import import eos_token_ids, hf_model_facts, load_hf_base, read_hf_config
+from megatron_lora.peft_format import load_any_adapter
 
 
 def _vocab(model) -> int:
@@ -153,15 +158,8 @@ def generate_from_dirs(
 ) -> list[int]:
     """What ``scripts/generate.py`` does: import the HF base at TP ``tp`` (+ adapter), run
     the prompt, generate; rank 0 prints the text and writes the optional output files."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from megatron_lora.distributed import init_distributed
-    from megatron_lora.hf_import import eos_token_ids, load_hf_base
-    from megatron_lora.peft_format import load_any_adapter
-
     base_dir = Path(base)
+    vocab = hf_model_facts(read_hf_config(base_dir)).vocab_size
     tokenizer = _tokenizer(base_dir, required=prompt is not None)
     if prompt is not None:
         ids = tokenizer(prompt)["input_ids"]
@@ -170,12 +168,12 @@ def generate_from_dirs(
             ids = [int(t) for t in input_ids.split(",")]
         except ValueError as e:
             raise ValueError(f"--input-ids must be comma-separated integers, got {input_ids!r}") from e
+    if not ids or max(ids) >= vocab or min(ids) < 0:
+        raise ValueError(f"prompt ids must be in [0, {vocab}), got {ids}")
     init_distributed(tp)
-    model, facts = load_hf_base(base_dir, _DTYPES[dtype])
+    model, _ = load_hf_base(base_dir, _DTYPES[dtype])
     if adapter is not None:
         load_any_adapter(model, adapter, adapter_name="default")
-    if not ids or max(ids) >= facts.vocab_size or min(ids) < 0:
-        raise ValueError(f"prompt ids must be in [0, {facts.vocab_size}), got {ids}")
     logits = forward_logits(model, torch.tensor([ids]))[0] if logits_out else None
     new = generate(model, ids, max_new_tokens, eos_token_ids(base_dir), temperature, top_p, seed)
     if dist.get_rank() == 0:

@@ -44,6 +44,7 @@ def gpt_config(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,  # megatron-core requires it whenever PP > 1
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=True,

@@ -28,11 +28,18 @@ _REFUSED_FIELDS = ("quantization_config", "attn_logit_softcapping", "final_logit
 _MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
 def read_hf_config(hf_dir: str | Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no HF config.json (is {hf_dir} an HF model directory?)")
-    return json.loads(path.read_text())
+    return _read_json(path)
 
 
 def _model_type(hf_config: dict) -> str:
@@ -165,7 +172,7 @@ def eos_token_ids(hf_dir: str | Path) -> list[int]:
     for name in ("generation_config.json", "config.json"):
         path = hf_dir / name
         if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
+            eos = _read_json(path).get("eos_token_id")
             if eos is not None:
                 return list(eos) if isinstance(eos, list) else [eos]
     return []
@@ -180,7 +187,9 @@ class SafetensorsCheckpoint:
         index = hf_dir / "model.safetensors.index.json"
         single = hf_dir / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no 'weight_map' object")
             self.file_of = {name: hf_dir / f for name, f in weight_map.items()}
         elif single.is_file():
             self.file_of = {name: single for name in self._open(single).keys()}
