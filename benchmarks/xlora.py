@@ -1,4 +1,4 @@
-"""X-LoRA forward time over a single-LoRA forward, ours next to PEFT's, in one run.
+"""X-LoRA time over single-LoRA time, ours next to PEFT's, in one run.
 
 Model: Llama shapes hidden 512, ffn 1408, 4 layers, 8 heads / 4 query groups, vocab 1024,
 one prompt of 512 tokens; 4 experts of r=16 on all seven projections; classifier depth 1,
@@ -8,8 +8,10 @@ scaling_pass_value 0; eval mode, fp32, 2 threads, TP=1 (one process).
   two GEMMs of rank 4 x 16 per projection) vs the same GPTModel with one expert as a LoRA;
 * PEFT 0.21.2: ``XLoraModel`` vs ``PeftModel`` with one expert, on the HF model.
 
-Each repetition times the four forwards one after the other (so slow phases of a shared
-machine hit all of them); the table shows medians and the two ratios.
+Timed: the forward (no_grad), and a training step (forward + backward of the logits' sum;
+X-LoRA: classifier trainable, experts frozen; LoRA: the adapter trainable). Each repetition
+times the four models one after the other (so slow phases of a shared machine hit all of
+them); the table shows medians and the ratios.
 
     python benchmarks/xlora.py            # full run
     python benchmarks/xlora.py --quick    # small smoke run
@@ -70,7 +72,7 @@ def build(base_dir: str, experts: list[str]) -> dict:
     mixed, _ = load_hf_base(base_dir)
     xmodel = apply_xlora(mixed, OurXLoraConfig(xlora_depth=1), {str(i): d for i, d in enumerate(experts)}).eval()
     hf = LlamaForCausalLM.from_pretrained(base_dir).float().eval()
-    peft_single = PeftModel.from_pretrained(hf, experts[0]).eval()
+    peft_single = PeftModel.from_pretrained(hf, experts[0], is_trainable=True).eval()
     hf2 = LlamaForCausalLM.from_pretrained(base_dir).float().eval()
     peft_x = get_peft_model(hf2, XLoraConfig(task_type="CAUSAL_LM", hidden_size=hf2.config.hidden_size,
                                              adapters={str(i): d for i, d in enumerate(experts)}, xlora_depth=1)).eval()
@@ -100,21 +102,34 @@ def main() -> None:
         base_dir, experts = make_dirs(Path(tmp), 4, 16, shapes)
         models = build(base_dir, experts)
     ids = torch.randint(0, shapes["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.no_grad():
-        for fn in models.values():  # warm-up
-            fn(ids)
-        for _ in range(reps):
-            for name, fn in models.items():
-                t0 = time.perf_counter()
-                fn(ids)
-                times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
     print(f"prompt {seq} tokens, 4 experts r=16 on 7 projections, depth 1, fp32, 2 threads, {reps} reps (median)")
-    for name, t in med.items():
-        print(f"  {name:12s} {t * 1e3:8.1f} ms")
-    print(f"X-LoRA / LoRA forward: ours {med['ours X-LoRA'] / med['ours LoRA']:.2f}x, "
-          f"PEFT {med['PEFT X-LoRA'] / med['PEFT LoRA']:.2f}x")
+    for label, step in (("forward", forward), ("training step", train_step)):
+        med = time_interleaved(models, step, ids, reps)
+        for name, t in med.items():
+            print(f"  {label:13s} {name:12s} {t * 1e3:8.1f} ms")
+        print(f"X-LoRA / LoRA {label}: ours {med['ours X-LoRA'] / med['ours LoRA']:.2f}x, "
+              f"PEFT {med['PEFT X-LoRA'] / med['PEFT LoRA']:.2f}x")
+
+
+def forward(fn, ids) -> None:
+    with torch.no_grad():
+        fn(ids)
+
+
+def train_step(fn, ids) -> None:
+    fn(ids).sum().backward()
+
+
+def time_interleaved(models: dict, step, ids, reps: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for fn in models.values():  # warm-up
+        step(fn, ids)
+    for _ in range(reps):
+        for name, fn in models.items():
+            t0 = time.perf_counter()
+            step(fn, ids)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from megatron_lora.model import (
     trainable_parameters_report,
     unmerge_lora,
 )
+from megatron_lora.xlora import XLoraConfig, XLoraModel, apply_xlora
 
 __all__ = [
     "LoraConfig",
@@ -30,4 +31,7 @@ __all__ = [
     "adapter_state_dict",
     "save_adapter",
     "load_adapter",
+    "XLoraConfig",
+    "XLoraModel",
+    "apply_xlora",
 ]

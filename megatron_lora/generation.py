@@ -1,5 +1,11 @@
 """Tensor-parallel inference on a megatron-core GPTModel: full logits and KV-cache generation.
 
+Works on a GPTModel (with or without LoRA) and on an :class:`~megatron_lora.xlora.XLoraModel`.
+X-LoRA decodes with two KV caches, one for the scaling pass and one for the scaled pass,
+so a new token costs two single-token passes and equals full recomputation; with
+``xlora_scalings_once`` the prompt's last-token scalings are reused for every new token
+and decoding runs the scaled pass alone.
+
 Logits are gathered over TP and cut to the real vocabulary (``model.unpadded_vocab_size``,
 set by :func:`megatron_lora.hf_import.load_hf_base`), so vocabulary padding never reaches
 the caller or the sampler. Every TP rank holds the same gathered logits and samples with the
@@ -24,13 +30,17 @@ from megatron_lora.distributed import init_distributed
 from megatron_lora.gpt import positions_for
 from megatron_lora.hf_import import eos_token_ids, hf_model_facts, load_hf_base, read_hf_config
 from megatron_lora.peft_format import load_any_adapter
+from megatron_lora.xlora import XLoraModel, base_gpt
+from megatron_lora.xlora_format import detect_xlora_format, load_xlora
 
 
 def _vocab(model) -> int:
+    model = base_gpt(model)
     return getattr(model, "unpadded_vocab_size", model.vocab_size)
 
 
 def _check_length(model, length: int) -> None:
+    model = base_gpt(model)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         raise ValueError("inference needs pipeline_model_parallel_size=1")
     if length > model.max_sequence_length:
@@ -73,6 +83,56 @@ def _next_token(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
     return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
 
 
+class KVCache:
+    """Runs ``model`` on the next tokens of one sequence, keeping its keys and values."""
+
+    def __init__(self, model, max_len: int):
+        self.model = model
+        self.context = StaticInferenceContext(max_batch_size=1, max_sequence_length=max_len)
+        self.contexts = [self.context]  # every cache advances by the tokens of each call
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [vocab] (fp32, gathered, unpadded) of the last of ``ids`` [1, s]."""
+        offset = self.context.sequence_len_offset
+        positions = torch.arange(offset, offset + ids.shape[1]).unsqueeze(0)
+        # In inference mode megatron-core computes only the last position and gathers over TP.
+        out = self._forward(ids, positions)
+        for context in self.contexts:
+            context.sequence_len_offset += ids.shape[1]
+            context.enable_decode_mode()
+        return out[0, -1, : _vocab(self.model)].float()
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, positions, None, inference_context=self.context, runtime_gather_output=True)
+
+
+class XLoraKVCache(KVCache):
+    """X-LoRA decoding: the scaling pass and the scaled pass each keep their own cache.
+
+    With ``scalings_once`` only the prompt runs the scaling pass; every new token reuses
+    the last prompt token's scalings.
+    """
+
+    def __init__(self, model: XLoraModel, max_len: int, scalings_once: bool = False):
+        super().__init__(model, max_len)
+        self.scaling_context = StaticInferenceContext(max_batch_size=1, max_sequence_length=max_len)
+        # The classifier needs the hidden state of every position, not just the last one.
+        self.scaling_context.materialize_only_last_token_logits = False
+        self.contexts.append(self.scaling_context)
+        self.scalings_once = scalings_once
+        self.fixed: Optional[torch.Tensor] = None  # [1, 1, n_layers, n_experts] once computed
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.fixed is not None:
+            return self.model(ids, positions, None, inference_context=self.context, runtime_gather_output=True,
+                              fixed_scalings=self.fixed.expand(-1, ids.shape[1], -1, -1))
+        out = self.model(ids, positions, None, inference_context=self.context, runtime_gather_output=True,
+                         scaling_inference_context=self.scaling_context)
+        if self.scalings_once:
+            self.fixed = self.model.get_latest_scalings()[:, -1:]
+        return out
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -83,12 +143,15 @@ def generate(
     top_p: float = 1.0,
     seed: Optional[int] = None,
     output_logits: bool = False,
+    xlora_scalings_once: bool = False,
 ):
     """New token ids after ``prompt_ids`` (batch 1), decoding with a KV cache.
 
-    Greedy when ``temperature`` is 0. Stops after an EOS token (included, as HF's generate
-    does) or ``max_new_tokens``. With ``output_logits`` also returns each step's fp32 logits
-    [vocab] (the distribution the step chose from, before temperature / top-p).
+    ``model`` is a GPTModel or an XLoraModel (``xlora_scalings_once``: see the module
+    docstring). Greedy when ``temperature`` is 0. Stops after an EOS token (included, as
+    HF's generate does) or ``max_new_tokens``. With ``output_logits`` also returns each
+    step's fp32 logits [vocab] (the distribution the step chose from, before temperature /
+    top-p).
     """
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
@@ -96,19 +159,18 @@ def generate(
     if not prompt:
         raise ValueError("empty prompt")
     _check_length(model, len(prompt) + max_new_tokens)
+    if isinstance(model, XLoraModel):
+        cache = XLoraKVCache(model, len(prompt) + max_new_tokens, xlora_scalings_once)
+    elif xlora_scalings_once:
+        raise ValueError("xlora_scalings_once needs an X-LoRA model")
+    else:
+        cache = KVCache(model, len(prompt) + max_new_tokens)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     gen = torch.Generator().manual_seed(_same_seed(seed))
-    context = StaticInferenceContext(max_batch_size=1, max_sequence_length=len(prompt) + max_new_tokens)
     ids = torch.tensor([prompt])
     new_tokens, step_logits = [], []
     for _ in range(max_new_tokens):
-        offset = context.sequence_len_offset
-        positions = torch.arange(offset, offset + ids.shape[1]).unsqueeze(0)
-        # In inference mode megatron-core computes only the last position and gathers over TP.
-        out = model(ids, positions, None, inference_context=context, runtime_gather_output=True)
-        logits = out[0, -1, : _vocab(model)].float()
-        context.sequence_len_offset += ids.shape[1]
-        context.enable_decode_mode()
+        logits = cache(ids)
         token = _next_token(logits, temperature, top_p, gen)
         new_tokens.append(token)
         step_logits.append(logits)
@@ -142,6 +204,15 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def is_xlora_directory(directory: str | Path) -> bool:
+    """Whether ``directory`` holds an X-LoRA adapter (any layout of ``xlora_format``)."""
+    try:
+        detect_xlora_format(directory)
+    except ValueError:  # a LoRA directory (or a damaged one: the LoRA loader names the problem)
+        return False
+    return True
+
+
 def generate_from_dirs(
     base: str,
     prompt: Optional[str] = None,
@@ -155,9 +226,17 @@ def generate_from_dirs(
     dtype: str = "fp32",
     logits_out: Optional[str] = None,
     tokens_out: Optional[str] = None,
+    scalings_out: Optional[str] = None,
+    xlora_scalings_once: bool = False,
 ) -> list[int]:
-    """What ``scripts/generate.py`` does: import the HF base at TP ``tp`` (+ adapter), run
-    the prompt, generate; rank 0 prints the text and writes the optional output files."""
+    """What ``scripts/generate.py`` does: import the HF base at TP ``tp`` (+ a LoRA or
+    X-LoRA adapter, detected), run the prompt, generate; rank 0 prints the text and writes
+    the optional output files.
+
+    ``scalings_out`` (X-LoRA): the prompt's scalings as PEFT logs them (after softmax,
+    before top-k), key ``scalings`` [seq, n_layers, n_experts] fp32, and the prompt's
+    ``input_ids`` [seq].
+    """
     base_dir = Path(base)
     vocab = hf_model_facts(read_hf_config(base_dir)).vocab_size
     tokenizer = _tokenizer(base_dir, required=prompt is not None)
@@ -170,15 +249,27 @@ def generate_from_dirs(
             raise ValueError(f"--input-ids must be comma-separated integers, got {input_ids!r}") from e
     if not ids or max(ids) >= vocab or min(ids) < 0:
         raise ValueError(f"prompt ids must be in [0, {vocab}), got {ids}")
+    xlora = adapter is not None and is_xlora_directory(adapter)
+    if (scalings_out or xlora_scalings_once) and not xlora:
+        raise ValueError(f"--scalings-out and --xlora-scalings-once need an X-LoRA --adapter, got {adapter!r}")
     init_distributed(tp)
     model, _ = load_hf_base(base_dir, _DTYPES[dtype])
-    if adapter is not None:
+    if xlora:
+        model = load_xlora(model, adapter).eval()
+    elif adapter is not None:
         load_any_adapter(model, adapter, adapter_name="default")
-    logits = forward_logits(model, torch.tensor([ids]))[0] if logits_out else None
-    new = generate(model, ids, max_new_tokens, eos_token_ids(base_dir), temperature, top_p, seed)
+    logits = scalings = None
+    if logits_out or scalings_out:
+        logits = forward_logits(model, torch.tensor([ids]))[0]
+        scalings = model.get_latest_scalings()[0].float() if xlora else None
+    new = generate(model, ids, max_new_tokens, eos_token_ids(base_dir), temperature, top_p, seed,
+                   xlora_scalings_once=xlora_scalings_once)
     if dist.get_rank() == 0:
         if logits_out:
             _write_atomic(Path(logits_out), lambda p: save_file({"logits": logits.contiguous()}, str(p)))
+        if scalings_out:
+            tensors = {"scalings": scalings.contiguous(), "input_ids": torch.tensor(ids, dtype=torch.int64)}
+            _write_atomic(Path(scalings_out), lambda p: save_file(tensors, str(p)))
         if tokens_out:
             _write_atomic(Path(tokens_out), lambda p: p.write_text(json.dumps(new)))
         print(tokenizer.decode(new, skip_special_tokens=True) if tokenizer else new, flush=True)

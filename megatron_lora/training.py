@@ -44,7 +44,7 @@ class FinetuneOptions:
     """Everything a fine-tuning run depends on (the CLI flags of ``scripts/finetune.py``)."""
 
     tp: int = 2
-    steps: int = 300
+    steps: int = 200
     lr: float = 3e-3
     r: int = 8
     lora_alpha: float = 16.0

@@ -12,6 +12,9 @@ PEFT's XLoraModel's (DESIGN 5):
 3. scaled pass: every LoRA layer mixes its experts with its layer's scalings, after
    ``top_k_lora`` and ``enable_softmax_topk``, times ``global_scaling_weight``.
 
+With pipeline parallelism (inference only) both passes run through the stages, and the
+scalings the last stage computes are broadcast to every stage before the scaled pass.
+
 X-LoRA "layers" are the LoRA-adapted HF projections in HF order (per block q, k, v, o,
 gate, up, down; those targeted by any expert), so each segment of a fused Megatron layer
 has its own index.
@@ -33,6 +36,7 @@ from megatron_lora.config import LoraConfig
 from megatron_lora.layout import HF_PROJECTIONS, ModelFacts, segment_projection
 from megatron_lora.model import enable_adapters, iter_linear_modules
 from megatron_lora.peft_format import load_any_adapter
+from parallel import collectives
 from parallel.lora_layers import _LoraMixin
 from parallel.xlora_classifier import ShardedXLoraClassifier
 
@@ -117,11 +121,18 @@ class _ScalingsSource:
         self.config = config
         self.experts = experts
         self.scalings: Optional[torch.Tensor] = None  # [batch, seq, n_layers, n_experts]
+        self.all_zero = False
 
-    def for_layer(self, index: int) -> torch.Tensor:
-        """Scalings of X-LoRA layer ``index`` for the layer's tokens, [seq * batch, n]."""
+    def for_layer(self, index: int) -> Optional[torch.Tensor]:
+        """Scalings of X-LoRA layer ``index`` for the layer's tokens, [seq * batch, n].
+
+        None when every scaling is zero (a scaling pass with scaling_pass_value 0: top-k and
+        softmax-top-k keep zeros zero), so the layers skip the experts' GEMMs.
+        """
         if self.scalings is None:
             raise RuntimeError("X-LoRA layer called outside XLoraModel.forward (no scalings set)")
+        if self.all_zero:
+            return None
         s = self.scalings[:, :, index, :]
         k = self.config.top_k_lora
         if k is not None:
@@ -170,25 +181,52 @@ class XLoraModel(nn.Module):
         self._latest: Optional[torch.Tensor] = None
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None, **kwargs):
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None,
+                scaling_inference_context=None, fixed_scalings: Optional[torch.Tensor] = None, **kwargs):
+        """Scaling pass, classifier, scaled pass; ``kwargs`` go to the GPTModel.
+
+        KV-cache decoding gives each pass its own cache: ``inference_context`` (in kwargs)
+        for the scaled pass, ``scaling_inference_context`` for the scaling pass (it must
+        materialize every position: ``materialize_only_last_token_logits = False``).
+        ``fixed_scalings`` [batch, seq, n_layers, n_experts] skips the scaling pass and the
+        classifier and mixes the experts with these scalings instead.
+        """
         if self.disabled:
             return self.model(input_ids, position_ids, attention_mask, **kwargs)
+        if fixed_scalings is not None:
+            self._record(fixed_scalings)
+            return self.model(input_ids, position_ids, attention_mask, **kwargs)
+        if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+            if kwargs or scaling_inference_context is not None:
+                raise ValueError(f"X-LoRA under pipeline parallelism takes no extra arguments, got {sorted(kwargs)}")
+            return self._pipeline_forward(input_ids, position_ids, attention_mask)
+        if kwargs.get("inference_context") is not None and scaling_inference_context is None:
+            # One cache shared by both passes would mix their keys and values.
+            raise ValueError("X-LoRA with an inference_context needs its own scaling_inference_context")
         scaling_kwargs = {k: v for k, v in kwargs.items() if k != "labels"}
+        if scaling_inference_context is not None:
+            scaling_kwargs["inference_context"] = scaling_inference_context
         hidden = self._scaling_pass(input_ids, position_ids, attention_mask, **scaling_kwargs)
-        scalings = self.xlora_classifier(hidden.transpose(0, 1))
+        self._record(self.xlora_classifier(hidden.transpose(0, 1)))
+        return self.model(input_ids, position_ids, attention_mask, **kwargs)
+
+    def _record(self, scalings: torch.Tensor) -> None:
+        """Make ``scalings`` the layers' scalings, the latest ones, and log them if asked."""
         if self.scalings_logging:
             self._log.append(scalings.detach())
         self._latest = scalings
         self._source.scalings = scalings
-        return self.model(input_ids, position_ids, attention_mask, **kwargs)
 
-    def _scaling_pass(self, input_ids, position_ids, attention_mask, **kwargs) -> torch.Tensor:
-        """Run the model with constant scalings; return the output layer's input [s, b, h]."""
-        b, s = input_ids.shape
+    def _set_constant_scalings(self, b: int, s: int) -> None:
         value = self.config.scaling_pass_value
         value = 1.0 / len(self.experts) if value is None else value
         dtype = next(self.xlora_classifier.parameters()).dtype
         self._source.scalings = torch.full((b, s, self.n_layers, len(self.experts)), value, dtype=dtype)
+        self._source.all_zero = value == 0
+
+    def _scaling_pass(self, input_ids, position_ids, attention_mask, **kwargs) -> torch.Tensor:
+        """Run the model with constant scalings; return the output layer's input [s, b, h]."""
+        self._set_constant_scalings(*input_ids.shape)
         captured = []
         handle = self.model.output_layer.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
         try:
@@ -196,7 +234,49 @@ class XLoraModel(nn.Module):
                 self.model(input_ids, position_ids, attention_mask, **kwargs)
         finally:
             handle.remove()
+            self._source.all_zero = False
         return captured[0]
+
+    @torch.no_grad()
+    def _pipeline_forward(self, input_ids, position_ids, attention_mask) -> torch.Tensor:
+        """Both passes through the pipeline stages (inference): the last stage's classifier
+        output is broadcast to every stage before the scaled pass. Returns the logits on the
+        last stage and this stage's output activations elsewhere."""
+        if self.training:
+            raise ValueError("X-LoRA training with pipeline_model_parallel_size > 1 is not supported (eval only)")
+        b, s = input_ids.shape
+        last = ps.is_pipeline_last_stage()
+        self._set_constant_scalings(b, s)
+        captured = []
+        handle = self.model.output_layer.register_forward_pre_hook(lambda _, a: captured.append(a[0])) if last else None
+        try:
+            self._through_stages(input_ids, position_ids, attention_mask)
+        finally:
+            self._source.all_zero = False
+            if handle is not None:
+                handle.remove()
+        dtype = next(self.xlora_classifier.parameters()).dtype
+        scalings = torch.empty(b, s, self.n_layers, len(self.experts), dtype=dtype)
+        if last:
+            scalings = self.xlora_classifier(captured[0].transpose(0, 1))
+        scalings = collectives.broadcast_from_last_stage(
+            scalings, ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
+        )
+        self._record(scalings)
+        return self._through_stages(input_ids, position_ids, attention_mask)
+
+    def _through_stages(self, input_ids, position_ids, attention_mask) -> torch.Tensor:
+        if not ps.is_pipeline_first_stage():
+            b, s = input_ids.shape
+            shape = (s, b, self.model.config.hidden_size)
+            dtype = next(self.model.parameters()).dtype
+            self.model.set_input_tensor(
+                collectives.recv_from_previous_stage(shape, dtype, ps.get_pipeline_model_parallel_prev_rank())
+            )
+        out = self.model(input_ids, position_ids, attention_mask)
+        if not ps.is_pipeline_last_stage():
+            collectives.send_to_next_stage(out, ps.get_pipeline_model_parallel_next_rank())
+        return out
 
     # -- PEFT's XLoraModel API ----------------------------------------------------------------
     def enable_adapter_layers(self) -> None:
@@ -249,6 +329,11 @@ class XLoraModel(nn.Module):
             positions.append(i)
             tensors.append(s)
         return buckets
+
+
+def base_gpt(model: nn.Module) -> nn.Module:
+    """The GPTModel inside an :class:`XLoraModel` (any other model: itself)."""
+    return model.model if isinstance(model, XLoraModel) else model
 
 
 def _xlora_layers(model: nn.Module):

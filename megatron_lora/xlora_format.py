@@ -372,27 +372,36 @@ def load_xlora(model: nn.Module, directory: str | Path) -> XLoraModel:
 
 
 def save_xlora(xmodel: XLoraModel, directory: str | Path, overwrite: bool = False) -> None:
-    """Save an XLoraModel as our X-LoRA checkpoint; call on every rank (PP = 1).
+    """Save an XLoraModel as our X-LoRA checkpoint; call on every rank.
 
     The experts go to ``experts/<i>`` as megatron-lora LoRA checkpoints (``save_adapter``),
-    the classifier shards to one file per TP rank; the directory appears when complete.
+    the classifier shards to one file per TP rank (written by the last pipeline stage of
+    the first data-parallel replica); the directory appears only when complete.
     """
     rank0 = dist.get_rank() == 0
     box = [str(begin_write(directory, overwrite)) if rank0 else None]
     dist.broadcast_object_list(box, src=0)
     tmp = Path(box[0])
-    tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    for i, name in enumerate(xmodel.experts):
-        save_adapter(xmodel.model, tmp / "experts" / str(i), xmodel.expert_configs[i], adapter_name=name)
-    if ps.get_data_parallel_rank() == 0:
-        shard = {}
-        for k, (w, b) in enumerate(xmodel.xlora_classifier.local_state()):
-            shard[megatron_key(k, "weight")], shard[megatron_key(k, "bias")] = w, b
-        write_shard(tmp, tp_rank, shard)
-    dist.barrier()
-    if rank0:
-        config = xmodel.config.to_dict()
-        config["adapters"] = {n: f"experts/{i}" for i, n in enumerate(xmodel.config.adapters)}
-        full = checkpoint_config("xlora", tp, model_facts(xmodel.model), config, key="xlora_config")
-        finish_write(tmp, directory, {**full, "n_layers": xmodel.n_layers})
-    dist.barrier()
+    ok = torch.tensor([1])
+    try:
+        for i, name in enumerate(xmodel.experts):
+            save_adapter(xmodel.model, tmp / "experts" / str(i), xmodel.expert_configs[i], adapter_name=name)
+        if ps.get_data_parallel_rank() == 0 and ps.is_pipeline_last_stage():
+            shard = {}
+            for k, (w, b) in enumerate(xmodel.xlora_classifier.local_state()):
+                shard[megatron_key(k, "weight")], shard[megatron_key(k, "bias")] = w, b
+            write_shard(tmp, ps.get_tensor_model_parallel_rank(), shard)
+    except Exception:
+        ok.zero_()
+        raise
+    finally:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if rank0 and ok.item():
+            config = xmodel.config.to_dict()
+            config["adapters"] = {n: f"experts/{i}" for i, n in enumerate(xmodel.config.adapters)}
+            tp = ps.get_tensor_model_parallel_world_size()
+            full = checkpoint_config("xlora", tp, model_facts(xmodel.model), config, key="xlora_config")
+            finish_write(tmp, directory, {**full, "n_layers": xmodel.n_layers})
+        elif rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()

@@ -55,3 +55,20 @@ def replicated_factor(weight: torch.Tensor, group) -> torch.Tensor:
 def all_gather_rows(t: torch.Tensor, group) -> torch.Tensor:
     """Concatenate each rank's tensor along dim 0 (no autograd; for checkpoint I/O)."""
     return mappings._gather_along_first_dim(t.contiguous(), group)
+
+
+def send_to_next_stage(t: torch.Tensor, next_rank: int) -> None:
+    """Pipeline forward: hand this stage's output activations to the next stage."""
+    torch.distributed.send(t.contiguous(), next_rank)
+
+
+def recv_from_previous_stage(shape, dtype: torch.dtype, prev_rank: int) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype)
+    torch.distributed.recv(out, prev_rank)
+    return out
+
+
+def broadcast_from_last_stage(t: torch.Tensor, last_rank: int, group) -> torch.Tensor:
+    """Every pipeline stage gets the last stage's ``t`` (same shape and dtype on all)."""
+    torch.distributed.broadcast(t, last_rank, group=group)
+    return t

@@ -113,7 +113,8 @@ class _LoraMixin:
         self.merged_adapters: list[str] = []
         self._merge_fixups: dict[str, list] = {}
         #: X-LoRA: an object with ``experts`` (adapter names, expert order) and
-        #: ``for_layer(index)`` -> per-token scalings [tokens, n_experts]; None for plain LoRA.
+        #: ``for_layer(index)`` -> per-token scalings [tokens, n_experts] (None when all are
+        #: zero, so the experts are skipped); None for plain LoRA.
         self.xlora_source = None
         #: X-LoRA layer index of each segment name (each fused segment has its own).
         self.xlora_layer_index: dict[str, int] = {}
@@ -188,16 +189,17 @@ class _LoraMixin:
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x W^T (+ bias) with the LoRA terms added, computed on [tokens, features]."""
         x2 = _flat(x)
-        out = self._add_lora(F.linear(x2, self.weight, bias), x2)
+        if self.lora_disabled:
+            out = F.linear(x2, self.weight, bias)
+        elif self.xlora_source is not None:
+            out = self._add_xlora(F.linear(x2, self.weight, bias), x2)
+        else:
+            out = self._lora_linear(x2, bias)
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _add_lora(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """out += sum over active adapters and segments of s * (x A^T) B^T, into its rows."""
-        if self.lora_disabled:
-            return out
-        if self.xlora_source is not None:
-            return self._add_xlora(out, x)
-        out2, x2 = _flat(out), _flat(x)
+    def _lora_linear(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x W^T (+ bias) + sum over active adapters and segments of s * (x A^T) B^T."""
+        segments, inputs, a_s, b_s = [], [], [], []
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
@@ -205,9 +207,10 @@ class _LoraMixin:
             xin = self._lora_input(x2, spec.dropout)
             for seg in spec.segments:
                 a, b = self._factors(name, seg)
-                h = F.linear(xin.to(a.dtype), a)
-                _add_rows(out2, seg, h, b)
-        return out2.view(out.shape)
+                segments.append(seg), inputs.append(xin), a_s.append(a), b_s.append(b)
+        if not segments:
+            return F.linear(x2, self.weight, bias)
+        return _LinearWithLora.apply(x2, self.weight, bias, tuple(segments), *inputs, *a_s, *b_s)
 
     def _add_xlora(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """out += sum_i s_i S_i(token, layer) (x A_i^T) B_i^T per segment (DESIGN 5).
@@ -230,7 +233,9 @@ class _LoraMixin:
             ]
             if not experts:
                 continue
-            scalings = source.for_layer(index)  # [tokens, n_experts]
+            scalings = source.for_layer(index)  # [tokens, n_experts], None: all zero
+            if scalings is None:
+                continue
             seg0 = dataclasses.replace(experts[0][2], scaling=1.0)
             factors = [self._factors(name, seg) for _, name, seg in experts]
             coef = [scalings[:, i : i + 1] * seg.scaling for i, _, seg in experts]
@@ -322,6 +327,66 @@ class _LoraMixin:
         for key in gated:
             sd[key] = apply_swiglu_sharded_factory(sd[key], sharded_offsets, singleton)
         return sd
+
+
+class _LinearWithLora(torch.autograd.Function):
+    """y = x W^T (+ bias) + sum_k s_k (x_k A_k^T) B_k^T into segment k's rows, as one node.
+
+    ``x_k`` is ``x`` itself, or its dropped-out copy when LoRA dropout is active. Same
+    forward ops as the plain composition; one autograd node saves, for each term whose input
+    is ``x``, a separate [tokens, in] input-gradient sum (its ``gh A`` is added into the
+    base's ``g W`` with addmm_), and writes into output rows without autograd view copies.
+    Arguments after ``segments``: the n inputs x_k, the n A's, the n B's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, segments, *tensors):
+        n = len(segments)
+        inputs, a_s, b_s = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
+        out = F.linear(x, weight, bias)
+        hs = []
+        for seg, xin, a, b in zip(segments, inputs, a_s, b_s):
+            hs.append(F.linear(xin.to(a.dtype), a))
+            _add_rows(out, seg, hs[-1], b)
+        ctx.segments = segments
+        ctx.has_bias = bias is not None
+        ctx.input_is_x = [xin is x for xin in inputs]
+        ctx.save_for_backward(x, weight, *inputs, *a_s, *b_s, *hs)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        n = len(ctx.segments)
+        x, weight, *rest = ctx.saved_tensors
+        inputs, a_s, b_s, hs = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n], rest[3 * n :]
+        need = ctx.needs_input_grad[4:]  # of inputs, A's, B's
+        grad_x = g.mm(weight) if ctx.needs_input_grad[0] else None
+        grad_w = g.t().mm(x) if ctx.needs_input_grad[1] else None
+        grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_in, grad_a, grad_b = [None] * n, [None] * n, [None] * n
+        for k, (seg, xin, a, b, h) in enumerate(zip(ctx.segments, inputs, a_s, b_s, hs)):
+            gs = _rows(g, seg).to(b.dtype)  # gradient of this term's output rows
+            gh = gs.mm(b).mul_(seg.scaling)  # gradient of h = x_k A^T
+            if need[2 * n + k]:
+                grad_b[k] = gs.t().mm(h).mul_(seg.scaling)
+            if need[n + k]:
+                grad_a[k] = gh.t().mm(xin.to(a.dtype))
+            if ctx.input_is_x[k]:
+                if grad_x is not None and grad_x.dtype == gh.dtype:
+                    grad_x.addmm_(gh, a)
+                elif grad_x is not None:
+                    grad_x.add_(gh.mm(a).to(grad_x.dtype))
+            elif need[k]:
+                grad_in[k] = gh.mm(a).to(xin.dtype)
+        return (grad_x, grad_w, grad_bias, None, *grad_in, *grad_a, *grad_b)
+
+
+def _rows(t: torch.Tensor, seg: Segment) -> torch.Tensor:
+    """The columns of ``t`` [tokens, out_local] that ``seg`` writes, as [tokens, local_rows]."""
+    if seg.groups == 1 and seg.width == t.shape[1]:
+        return t
+    period = seg.period or t.shape[1]
+    return t.view(t.shape[0], seg.groups, period)[:, :, seg.offset : seg.offset + seg.width].reshape(t.shape[0], -1)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

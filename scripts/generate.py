@@ -1,8 +1,12 @@
-"""Generate text with an HF base model (and optionally a LoRA adapter) at tensor-parallel size N.
+"""Generate text with an HF base model (and optionally a LoRA or X-LoRA adapter) at tensor-parallel size N.
 
     torchrun --nproc_per_node=N scripts/generate.py --base HF_DIR [--adapter DIR] --tp N \\
         (--prompt TEXT | --input-ids 1,2,3) [--max-new-tokens K] [--temperature T] [--top-p P]
         [--seed S] [--dtype fp32] [--logits-out F.safetensors] [--tokens-out F.json]
+        [--scalings-out F.safetensors] [--xlora-scalings-once]
+
+An X-LoRA --adapter (PEFT X-LoRA, original xlora package, or megatron-lora X-LoRA
+checkpoint) is detected; its scaling pass and scaled pass each keep a KV cache.
 
 Also runs as a plain ``python scripts/generate.py ... --tp 1``.
 """
@@ -19,7 +23,7 @@ from megatron_lora.generation import generate_from_dirs  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--base", required=True, metavar="HF_DIR", help="HF model directory (config.json + safetensors)")
-    p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA directory or megatron-lora adapter checkpoint")
+    p.add_argument("--adapter", metavar="DIR", help="LoRA or X-LoRA directory: PEFT, xlora package or megatron-lora checkpoint")
     p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel size (default 1)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="text, tokenized by the HF tokenizer in --base")
@@ -31,6 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="default fp32")
     p.add_argument("--logits-out", metavar="F.safetensors", help="write the prompt's logits [seq, vocab] (fp32)")
     p.add_argument("--tokens-out", metavar="F.json", help="write the generated ids as a JSON list")
+    p.add_argument("--scalings-out", metavar="F.safetensors",
+                   help="X-LoRA: write the prompt's scalings [seq, n_layers, n_experts] (key scalings, fp32; "
+                   "after softmax, before top-k) and its input_ids")
+    p.add_argument("--xlora-scalings-once", action="store_true",
+                   help="X-LoRA: reuse the last prompt token's scalings for every new token (no scaling pass "
+                   "while decoding)")
     return p.parse_args(argv)
 
 

@@ -30,14 +30,14 @@ def _reload_body(rank, world, out, seed):
     """A fresh TP=1 process: rebuild the base, load the TP=2 adapter, evaluate it."""
     from megatron_lora import load_adapter
     from megatron_lora.distributed import init_distributed
-    from megatron_lora.training import FinetuneOptions, build_base, counting_batch, lm_loss
+    from megatron_lora.training import RANDOM_VOCAB, FinetuneOptions, build_base, counting_batch, lm_loss
 
     options = FinetuneOptions(tp=1, seed=seed)
     init_distributed(1, seed=seed)
     model = build_base(options)
     config = load_adapter(model, out)
     model.eval()
-    held_out = counting_batch(-1, options.batch_size, options.seq_len, 256, seed)
+    held_out = counting_batch(-1, options.batch_size, options.seq_len, RANDOM_VOCAB, seed)
     with torch.no_grad():
         loss = lm_loss(model, held_out).item()
     b_norms = {n: p.abs().max().item() for n, p in model.named_parameters() if ".lora_B." in n}

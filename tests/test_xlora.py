@@ -4,7 +4,9 @@ The oracle is PEFT 0.21.2's XLoraModel on a tiny random HF Llama (hidden 64, 2 l
 8 heads / 2 kv heads) with three PEFT LoRA experts named "0".."2" that target different
 modules with different ranks. Our side loads the same HF directory with ``load_hf_base``
 and the same expert directories with ``apply_xlora``; the classifier weights are copied
-from PEFT's. One spawned group per TP size runs every case.
+from PEFT's. One spawned group per TP size runs every case; the two-rank group also
+re-initialises as PP=2 (TP=1) for the pipeline check. The converters are checked on
+directories written by PEFT's own save, by our writers, and by ``save_xlora``.
 Tolerance: max |diff| <= 1e-5 x max |logit| (fp32); scalings and gradients likewise
 relative to their own scale.
 """
@@ -141,7 +143,31 @@ def _ours(rank: int, world: int, base_dir: str, experts: dict, cases: dict, clas
         results[name] = res
     results["api"] = _api_checks(xm)
     results["formats"] = _format_checks(world, base_dir, formats)
+    if world == 2:
+        results["pp2"] = _pipeline_logits(base_dir, experts, CASES[GRAD_CASE], classifiers[GRAD_CASE])
     return results
+
+
+def _pipeline_logits(base_dir: str, experts: dict, case: dict, classifier) -> torch.Tensor | None:
+    """The X-LoRA logits at PP=2 (TP=1): on the last stage; None on the first."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_lora import init_distributed
+    from megatron_lora.gpt import build_gpt, positions_for
+    from megatron_lora.hf_import import (SafetensorsCheckpoint, hf_biases, hf_model_facts, load_base_weights,
+                                         read_hf_config, transformer_config_from_hf)
+    from megatron_lora.xlora import XLoraConfig, apply_xlora
+
+    init_distributed(1, 2, seed=3)
+    hf_config = read_hf_config(base_dir)
+    config, kwargs = transformer_config_from_hf(hf_config, 1, 2)
+    model = build_gpt(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(), **kwargs)
+    load_base_weights(model, SafetensorsCheckpoint(base_dir), hf_model_facts(hf_config), hf_biases(hf_config), False)
+    xm = apply_xlora(model.eval(), XLoraConfig(**case), adapters=experts).eval()
+    xm.xlora_classifier.load_full_state(classifier)
+    out = xm(IDS, positions_for(IDS), None)
+    return {"logits": out.detach() if ps.is_pipeline_last_stage() else None, "n_layers": xm.n_layers,
+            "scalings": xm.get_latest_scalings()}
 
 
 def _format_checks(world: int, base_dir: str, formats: dict) -> dict:
@@ -235,6 +261,16 @@ def test_xlora_matches_peft(runs, dirs):
         assert _rel(dirs["base_logits"], ref["logits"]) > 1e-2
     for (gw, gb), (rw, rb) in zip(tp1[GRAD_CASE]["grads"], oracle[GRAD_CASE]["grads"]):
         assert _rel(gw, rw) <= TOL and _rel(gb, rb) <= TOL
+
+
+def test_pipeline_parallel_matches_peft(runs):
+    """PP=2: scalings from the last stage reach the first stage's layers."""
+    ref = runs["oracle"][GRAD_CASE]
+    first, last = runs["tp2"][0]["pp2"], runs["tp2"][1]["pp2"]
+    assert first["n_layers"] == last["n_layers"] == N_LAYERS
+    assert torch.equal(first["scalings"], last["scalings"])
+    assert _rel(last["scalings"], ref["scalings"]) <= TOL
+    assert _rel(last["logits"], ref["logits"]) <= TOL
 
 
 def test_scalings_log_api(runs):
