@@ -85,11 +85,6 @@ def open_shard(directory: str | Path, tp_rank: int):
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
 
 
-def checkpoint_keys(directory: str | Path) -> list[str]:
-    with open_shard(directory, 0) as f:
-        return sorted(f.keys())
-
-
 class ShardReader:
     """Reads tensors of a checkpoint saved at any TP size, resharded to ``tp_size``."""
 

@@ -21,9 +21,12 @@ _INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 def _run_convert(args: argparse.Namespace) -> int:
     from megatron_lora.convert import VERIFY_TOL, base_facts, convert, verify
     from megatron_lora.peft_format import detect_format
+    from megatron_lora.xlora_format import is_xlora_dir
 
     facts = base_facts(args.base) if args.base else None
-    source_format = detect_format(args.src)
+    if args.verify and is_xlora_dir(args.src):
+        raise ValueError(f"--verify runs LoRA adapters only; {args.src} is an X-LoRA directory")
+    source_format = detect_format(args.src) if args.verify else None
     convert(args.src, args.dst, args.to, facts=facts, tp=args.tp, overwrite=args.overwrite)
     print(f"wrote {args.dst}", file=sys.stderr)
     if not args.verify:
@@ -50,10 +53,13 @@ def _run_convert(args: argparse.Namespace) -> int:
 def add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert a LoRA adapter between PEFT and megatron-lora formats",
+        help="convert a LoRA or X-LoRA adapter between PEFT and megatron-lora formats",
         description="Convert SRC (a PEFT LoRA directory or a megatron-lora checkpoint, detected) into DST. "
         "megatron -> megatron at another --tp reshards. Written tensor by tensor into a temporary "
-        "directory that is renamed to DST at the end.",
+        "directory that is renamed to DST at the end. An X-LoRA SRC (PEFT X-LoRA, as peft 0.21.2 "
+        "saves it or as intended, the xlora package's layout, or a megatron-lora X-LoRA checkpoint) "
+        "becomes a megatron-lora X-LoRA checkpoint (experts as sub-checkpoints) or the intended "
+        "PEFT X-LoRA layout.",
     )
     p.add_argument("src", metavar="SRC", help="adapter directory to read")
     p.add_argument("dst", metavar="DST", help="directory to write (must not exist unless --overwrite)")
@@ -77,22 +83,46 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    if info["kind"] == "xlora":
+        return _print_xlora(info)
     print(f"format:       {info['format']}")
     print(f"tp size:      {info['tp_size']}")
     print(f"targets:      {info['target_modules']}")
     print(f"use_rslora:   {info['use_rslora']}")
     print(f"parameters:   {info['parameters']:,}")
-    for seg, v in info["segments"].items():
-        print(f"  {seg:<12} layers {_ranges(v['layers'])}  r {v['r']}  lora_alpha {v['lora_alpha']}")
+    _print_segments(info["segments"])
+    return 0
+
+
+def _print_segments(segments: dict, indent: str = "  ") -> None:
+    for seg, v in segments.items():
+        print(f"{indent}{seg:<12} layers {_ranges(v['layers'])}  r {v['r']}  lora_alpha {v['lora_alpha']}")
+
+
+def _print_xlora(info: dict) -> int:
+    c = {k: v for k, v in info["classifier"].items() if k != "shapes"}
+    print(f"format:       {info['format']}")
+    print(f"kind:         {info['kind']}")
+    print(f"tp size:      {info['tp_size']}")
+    print(f"scalings:     n_layers {info['n_layers']} x n_experts {info['n_experts']}")
+    print(f"classifier:   depth {c.pop('xlora_depth')}, size {c.pop('xlora_size')}, "
+          f"dropout {c.pop('xlora_dropout_p')}, shapes {info['classifier']['shapes']}")
+    print("options:      " + ", ".join(f"{k} {v}" for k, v in c.items()))
+    print(f"parameters:   classifier {info['parameters']['classifier']:,}, experts {info['parameters']['experts']:,}")
+    for name, e in info["experts"].items():
+        print(f"expert {name!r}:  {e['format']} at {e['path']}")
+        print(f"  targets {e['target_modules']}  use_rslora {e['use_rslora']}  parameters {e['parameters']:,}")
+        _print_segments(e["segments"], indent="    ")
     return 0
 
 
 def add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
-        help="describe a LoRA adapter directory",
+        help="describe a LoRA or X-LoRA adapter directory",
         description="Print the format, TP size, targets, ranks, alphas and parameter count of DIR "
-        "(a PEFT LoRA directory or a megatron-lora checkpoint).",
+        "(a PEFT LoRA directory or a megatron-lora checkpoint). For an X-LoRA directory (any layout): "
+        "the layout, the classifier's options, n_layers x n_experts, each expert and parameter counts.",
     )
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
@@ -110,14 +140,45 @@ def _ranges(values: list[int]) -> str:
     return ",".join(out)
 
 
+def _run_plot_scalings(args: argparse.Namespace) -> int:
+    from megatron_lora.plots import plot_scalings, read_scalings, token_labels
+
+    scalings, ids = read_scalings(args.file)
+    if args.input_ids is not None:
+        try:
+            ids = [int(t) for t in args.input_ids.split(",")]
+        except ValueError:
+            raise ValueError(f"--input-ids must be comma-separated integers, got {args.input_ids!r}") from None
+    labels = token_labels(ids, scalings.shape[0], args.tokenizer)
+    print(f"wrote {plot_scalings(scalings, args.output, labels, args.average)}", file=sys.stderr)
+    return 0
+
+
+def add_plot_scalings(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plot-scalings",
+        help="draw X-LoRA scalings as a heatmap (PNG)",
+        description="Heatmap of the X-LoRA scalings in FILE (generate.py --scalings-out: key scalings "
+        "[seq, n_layers, n_experts]) per token and expert, one panel per X-LoRA layer or averaged "
+        "over layers. Needs matplotlib (pip install 'megatron-lora[plot]').",
+    )
+    p.add_argument("file", metavar="F.safetensors", help="scalings file")
+    p.add_argument("-o", "--output", required=True, metavar="F.png", help="PNG to write")
+    p.add_argument("--tokenizer", metavar="HF_DIR", help="label the tokens with this HF tokenizer")
+    p.add_argument("--input-ids", metavar="IDS",
+                   help="comma-separated prompt ids (default: the input_ids stored in FILE, if any)")
+    p.add_argument("--average", action="store_true", help="one panel: the mean over layers")
+    p.set_defaults(func=_run_plot_scalings)
+
+
 #: Subcommands, in --help order. Add a command by appending its ``add_*`` function.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_inspect]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_inspect, add_plot_scalings]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-lora",
-        description="Tensor-parallel LoRA for megatron-core: adapter conversion and inspection.",
+        description="Tensor-parallel LoRA for megatron-core: adapter conversion, inspection and X-LoRA plots.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:

@@ -1,5 +1,9 @@
 """Disk conversions between PEFT LoRA directories and megatron-lora checkpoints.
 
+X-LoRA directories (any layout of ``xlora_format``) are converted as a whole: the
+classifier is (un)sharded and each expert goes through the LoRA conversions in memory
+(experts are small); ``describe`` covers them too.
+
 Streaming: each output file is written tensor by tensor from a plan
 (``peft_format.TensorPlan``): the safetensors header is computed from the source headers
 first, then every tensor is read (only the slice the output needs), written and dropped, so
@@ -33,6 +37,7 @@ from megatron_lora.peft_format import (
     load_any_adapter,
     peft_plan,
 )
+from megatron_lora.xlora_format import check_bundle, is_xlora_dir, read_xlora, write_megatron_xlora, write_peft_xlora
 
 #: --verify tolerance: max |logit diff| <= VERIFY_TOL x max |logit| (fp32).
 VERIFY_TOL = 1e-5
@@ -86,7 +91,12 @@ def convert(
     from a megatron-lora source this reshards. ``to="peft"``: a PEFT LoRA directory.
     ``facts`` (the base model's, :func:`base_facts`) is required for a PEFT source and
     checked against a megatron-lora source.
+
+    An X-LoRA ``src`` becomes our X-LoRA checkpoint (``to="megatron"``, experts as
+    sub-checkpoints) or the intended PEFT X-LoRA layout (``to="peft"``, from any layout).
     """
+    if is_xlora_dir(src):
+        return _convert_xlora(src, dst, to, facts, tp, overwrite)
     fmt = detect_format(src)
     if fmt == "peft" and facts is None:
         raise ValueError(f"{src} is a PEFT adapter: the base model's facts (--base) are needed")
@@ -122,8 +132,25 @@ def convert(
     return Path(dst)
 
 
+def _convert_xlora(
+    src: str | Path, dst: str | Path, to: str, facts: Optional[ModelFacts], tp: Optional[int], overwrite: bool
+) -> Path:
+    if to not in ("peft", "megatron"):
+        raise ValueError(f"to={to!r}: expected 'peft' or 'megatron'")
+    bundle = read_xlora(src)
+    if to == "peft":
+        return write_peft_xlora(bundle, dst, overwrite=overwrite, facts=facts)
+    return write_megatron_xlora(bundle, dst, tp or bundle.saved_tp, facts=facts, overwrite=overwrite)
+
+
 def describe(directory: str | Path) -> dict:
-    """Format, TP size, targets, per-projection ranks and alphas, and parameter count."""
+    """Format, kind, TP size, targets, per-projection ranks and alphas, and parameter count.
+
+    For an X-LoRA directory: its layout, the classifier's options and shapes,
+    n_layers x n_experts, each expert's description, and parameter counts.
+    """
+    if is_xlora_dir(directory):
+        return _describe_xlora(directory)
     fmt = detect_format(directory)
     reader, config = open_adapter(directory)
     segments: dict[str, dict] = {}
@@ -141,6 +168,7 @@ def describe(directory: str | Path) -> dict:
     order = {s: i for i, s in enumerate(HF_PROJECTIONS)}
     return {
         "format": "peft-lora" if fmt == "peft" else "megatron-lora",
+        "kind": "lora",
         "tp_size": getattr(reader, "saved_tp", 1),
         "target_modules": config.target_modules,
         "use_rslora": config.use_rslora,
@@ -149,6 +177,26 @@ def describe(directory: str | Path) -> dict:
             for s, v in sorted(segments.items(), key=lambda kv: order.get(kv[0], len(order)))
         },
         "parameters": params,
+    }
+
+
+def _describe_xlora(directory: str | Path) -> dict:
+    bundle = read_xlora(directory)
+    n_layers = check_bundle(bundle)
+    experts = {name: {"path": str(d), **describe(d)} for name, d in bundle.experts.items()}
+    options = {k: v for k, v in bundle.config.to_dict().items() if k not in ("peft_type", "adapters")}
+    return {
+        "format": bundle.layout,
+        "kind": "xlora",
+        "tp_size": bundle.saved_tp,
+        "n_layers": n_layers,
+        "n_experts": len(experts),
+        "classifier": {**options, "shapes": [list(w.shape) for w, _ in bundle.classifier]},
+        "experts": experts,
+        "parameters": {
+            "classifier": sum(w.numel() + b.numel() for w, b in bundle.classifier),
+            "experts": sum(e["parameters"] for e in experts.values()),
+        },
     }
 
 

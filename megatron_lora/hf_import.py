@@ -289,7 +289,12 @@ def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     config, kwargs = transformer_config_from_hf(hf_config, tp, pp, dtype)
     facts = hf_model_facts(hf_config)
     ckpt = SafetensorsCheckpoint(hf_dir)
-    model = build_gpt(config, **kwargs)
+    model = build_gpt(
+        config,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        **kwargs,
+    )
     load_base_weights(model, ckpt, facts, hf_biases(hf_config), kwargs["share_embeddings_and_output_weights"])
     model.unpadded_vocab_size = facts.vocab_size
     model.eval()

@@ -9,11 +9,18 @@ The task: each sequence counts up from a random start, ``t, t+1, t+2, ... (mod v
 Every token after the first is determined by the one before it, but the frozen random base
 does not know the successor map; the adapters must learn it (the loss falls well below the
 base's, though rank-r updates of a random network cannot reach zero).
+
+With ``xlora`` it trains an X-LoRA mixture instead: the classifier (and, with
+``xlora_trainable_adapters``, the experts) over frozen LoRA experts, given as directories
+or, by default, made here as small random LoRA adapters (:data:`RANDOM_EXPERTS`), and
+saves a PEFT X-LoRA directory (experts in subfolders "0".."n-1").
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,7 +36,9 @@ from megatron_lora.config import LoraConfig
 from megatron_lora.distributed import init_distributed
 from megatron_lora.gpt import build_gpt, gpt_config, positions_for
 from megatron_lora.layout import HF_PROJECTIONS
-from megatron_lora.model import apply_lora, trainable_parameters_report
+from megatron_lora.model import add_adapters, apply_lora, trainable_parameters_report
+from megatron_lora.xlora import XLoraConfig, XLoraModel, apply_xlora, base_gpt
+from megatron_lora.xlora_format import read_xlora, save_xlora, write_peft_xlora
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_OUT = "out/finetune-adapter"
@@ -37,6 +46,9 @@ DEFAULT_OUT = "out/finetune-adapter"
 #: The random base model of a run without ``--base``.
 RANDOM_GPT = dict(num_layers=4, hidden_size=128, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=352)
 RANDOM_VOCAB = 256
+#: (r, target_modules) of the random experts an X-LoRA run makes when none are given.
+RANDOM_EXPERTS = [(4, ["q_proj", "v_proj", "down_proj"]), (8, ["k_proj", "o_proj", "up_proj"]),
+                  (2, ["q_proj", "gate_proj", "down_proj"])]
 
 
 @dataclass
@@ -55,6 +67,11 @@ class FinetuneOptions:
     seed: int = 1234
     base: Optional[str] = None  # HF model directory; None: a small random GPT
     dtype: str = "fp32"
+    xlora: bool = False  # train an X-LoRA mixture instead of one LoRA adapter
+    xlora_experts: Optional[list[str]] = None  # expert directories; None: random experts
+    xlora_trainable_adapters: bool = False  # X-LoRA use_trainable_adapters
+    xlora_depth: int = 1
+    xlora_layerwise_scalings: bool = True
 
     def __post_init__(self) -> None:
         for name in ("tp", "steps", "r", "seq_len", "batch_size"):
@@ -64,6 +81,8 @@ class FinetuneOptions:
             raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got lr={self.lr}")
+        if not self.xlora and (self.xlora_experts or self.xlora_trainable_adapters):
+            raise ValueError("xlora_experts and xlora_trainable_adapters need xlora=True")
 
 
 @dataclass
@@ -89,6 +108,7 @@ def build_base(options: FinetuneOptions) -> nn.Module:
 
 def vocab_size(model: nn.Module) -> int:
     """The real vocabulary (without the padding that makes it divide by TP)."""
+    model = base_gpt(model)
     return getattr(model, "unpadded_vocab_size", model.vocab_size)
 
 
@@ -102,6 +122,56 @@ def add_lora(model: nn.Module, options: FinetuneOptions) -> LoraConfig:
 def save_lora(model: nn.Module, options: FinetuneOptions, config: LoraConfig) -> None:
     overwrite = Path(options.out) == Path(DEFAULT_OUT)
     save_adapter(model, options.out, config, overwrite=overwrite, extra={"finetune": asdict(options)})
+
+
+def _shared_scratch(near: Path) -> Path:
+    """A temporary directory next to ``near``, created by rank 0, the same path on every rank."""
+    box = [None]
+    if dist.get_rank() == 0:
+        near.parent.mkdir(parents=True, exist_ok=True)
+        box[0] = tempfile.mkdtemp(prefix=f".{near.name}.scratch.", dir=near.parent)
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+def make_random_experts(options: FinetuneOptions, directory: Path) -> dict[str, str]:
+    """Save the :data:`RANDOM_EXPERTS` for the base of ``options`` as megatron-lora
+    checkpoints ``directory/expert<i>``; call on every rank. B is random (PEFT's
+    ``init_lora_weights=False``), so each expert changes the model and the classifier has
+    something to choose between."""
+    model = build_base(options)  # a scratch copy: only the adapters' shapes matter
+    experts = {}
+    for i, (r, targets) in enumerate(RANDOM_EXPERTS):
+        name = f"expert{i}"
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+        add_adapters(model, config, adapter_name=name)
+        save_adapter(model, directory / name, config, adapter_name=name)
+        experts[name] = str(directory / name)
+    return experts
+
+
+def add_xlora(model: nn.Module, options: FinetuneOptions, scratch: Path) -> XLoraModel:
+    """Wrap ``model`` in an XLoraModel over the given (or fresh random) experts."""
+    if options.xlora_experts:
+        experts = {str(i): d for i, d in enumerate(options.xlora_experts)}
+    else:
+        experts = make_random_experts(options, scratch)
+    config = XLoraConfig(adapters=experts, xlora_depth=options.xlora_depth,
+                         layerwise_scalings=options.xlora_layerwise_scalings,
+                         use_trainable_adapters=options.xlora_trainable_adapters)
+    return apply_xlora(model, config)
+
+
+def save_xlora_as_peft(xmodel: XLoraModel, options: FinetuneOptions, scratch: Path) -> None:
+    """Save the trained mixture as a PEFT X-LoRA directory at ``options.out``; call on every rank.
+
+    Goes through our X-LoRA checkpoint (which gathers the sharded classifier and the
+    experts as trained), then rank 0 writes the PEFT layout from it.
+    """
+    save_xlora(xmodel, scratch / "megatron")
+    if dist.get_rank() == 0:
+        write_peft_xlora(read_xlora(scratch / "megatron"), options.out, overwrite=Path(options.out) == Path(DEFAULT_OUT))
+    dist.barrier()
 
 
 # -- data and loss -----------------------------------------------------------------------------
@@ -201,15 +271,34 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
         raise FileExistsError(f"--out {options.out} already exists (only the default {DEFAULT_OUT} is overwritten)")
     init_distributed(options.tp, seed=options.seed)
     model = build_base(options)
-    config = add_lora(model, options)
+    scratch = _shared_scratch(Path(options.out)) if options.xlora else None
+    try:
+        if options.xlora:
+            model = add_xlora(model, options, scratch)
+            save = lambda: save_xlora_as_peft(model, options, scratch)  # noqa: E731
+        else:
+            config = add_lora(model, options)
+            save = lambda: save_lora(model, options, config)  # noqa: E731
+        result = _train_with_progress(model, options)
+        save()
+    finally:
+        if scratch is not None and dist.get_rank() == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if dist.get_rank() == 0:
+        what = "X-LoRA (PEFT layout)" if options.xlora else "adapter"
+        print(f"start loss {result.start_loss:.4f} -> final loss {result.final_loss:.4f} "
+              f"(held-out batch, {options.steps} steps); {what} saved to {options.out}", flush=True)
+    return result
+
+
+def _train_with_progress(model: nn.Module, options: FinetuneOptions) -> FinetuneResult:
     rank0 = dist.get_rank() == 0
     report = trainable_parameters_report(model)  # a collective: every rank calls it
-    if rank0:
-        print(report, flush=True)
     bar = None
     if rank0:
         from tqdm import tqdm
 
+        print(report, flush=True)
         bar = tqdm(total=options.steps, desc="finetune", unit="step")
 
     def progress(step: int, loss: float) -> None:
@@ -221,8 +310,4 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
     result = train(model, options, progress)
     if bar is not None:
         bar.close()
-    save_lora(model, options, config)
-    if rank0:
-        print(f"start loss {result.start_loss:.4f} -> final loss {result.final_loss:.4f} "
-              f"(held-out batch, {options.steps} steps); adapter saved to {options.out}", flush=True)
     return result

@@ -72,9 +72,16 @@ from megatron_lora.checkpoint import (
     write_shard,
 )
 from megatron_lora.layout import PEFT_PREFIX, ModelFacts, segment_projection
-from megatron_lora.peft_format import WEIGHTS_NAME, megatron_to_peft, open_adapter, peft_to_megatron, reshard
+from megatron_lora.peft_format import (
+    WEIGHTS_NAME,
+    detect_format,
+    megatron_to_peft,
+    open_adapter,
+    peft_to_megatron,
+    reshard,
+)
 from megatron_lora.xlora import XLoraConfig, XLoraModel, apply_xlora
-from parallel.xlora_classifier import linear_shapes, linear_styles, shard_linear, unshard_linear
+from parallel.xlora_classifier import check_tp, linear_shapes, linear_styles, shard_linear, unshard_linear
 
 PEFT_CLASSIFIER = "base_model.internal_xlora_classifier.layers"
 XLORA_PACKAGE_CONFIG = "xlora_config.json"
@@ -91,6 +98,11 @@ class XLoraBundle:
     config: XLoraConfig
     classifier: Linears
     experts: dict[str, Path] = field(default_factory=dict)
+    #: The layout it was read from: "peft-xlora" (intended), "peft-0.21.2-save",
+    #: "xlora-package" or "megatron-xlora" (None: built in memory).
+    layout: Optional[str] = None
+    #: TP size of a Megatron X-LoRA checkpoint (1 otherwise).
+    saved_tp: int = 1
 
 
 def sequential_indices(config: XLoraConfig) -> list[int]:
@@ -121,6 +133,15 @@ def detect_xlora_format(directory: str | Path) -> str:
     if config.get("peft_type") == "XLORA":
         return "peft"
     raise ValueError(f"{directory / CONFIG_NAME}: peft_type={config.get('peft_type')!r} is not X-LoRA")
+
+
+def is_xlora_dir(directory: str | Path) -> bool:
+    """Whether ``directory`` holds an X-LoRA adapter in one of the layouts of this module."""
+    try:
+        detect_xlora_format(directory)
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
 
 
 def read_xlora(directory: str | Path) -> XLoraBundle:
@@ -171,7 +192,7 @@ def _expert_dir(directory: Path, name: str, path: str) -> Path:
 def _read_peft(directory: Path) -> XLoraBundle:
     config = XLoraConfig.from_dict(_read_json(directory / CONFIG_NAME))
     top = _tensors(directory / WEIGHTS_NAME)
-    classifier = []
+    classifier, layout = [], "peft-xlora"
     for k in sequential_indices(config):
         parts = []
         for part in ("weight", "bias"):
@@ -181,11 +202,11 @@ def _read_peft(directory: Path) -> XLoraBundle:
                 moved = _tensors(misplaced) if misplaced.is_file() else {}
                 if f"{PEFT_CLASSIFIER}.{part}" not in moved:
                     raise ValueError(f"{directory}: classifier tensor {key!r} is missing")
-                top[key] = moved[f"{PEFT_CLASSIFIER}.{part}"]
+                top[key], layout = moved[f"{PEFT_CLASSIFIER}.{part}"], "peft-0.21.2-save"
             parts.append(top[key])
         classifier.append(tuple(parts))
     experts = {name: _expert_dir(directory, name, path) for name, path in config.adapters.items()}
-    return XLoraBundle(config, classifier, experts)
+    return XLoraBundle(config, classifier, experts, layout)
 
 
 #: Fields of the original package's config that do not change the per-token math.
@@ -216,7 +237,7 @@ def _read_xlora_package(directory: Path) -> XLoraBundle:
         b = tensors.get(f"{name}.bias", torch.zeros(w.shape[0], dtype=w.dtype))
         classifier.append((w, b))
     experts = {name: _expert_dir(directory, name, path) for name, path in config.adapters.items()}
-    return XLoraBundle(config, classifier, experts)
+    return XLoraBundle(config, classifier, experts, "xlora-package")
 
 
 def _read_megatron(directory: Path) -> XLoraBundle:
@@ -232,7 +253,7 @@ def _read_megatron(directory: Path) -> XLoraBundle:
             raise ValueError(f"{directory}: classifier linear {k} is missing or unreadable: {e}") from None
         classifier.append(unshard_linear(ws, bs, style))
     experts = {name: directory / path for name, path in config.adapters.items()}
-    return XLoraBundle(config, classifier, experts)
+    return XLoraBundle(config, classifier, experts, "megatron-xlora", cfg["tp_size"])
 
 
 # -- checks ----------------------------------------------------------------------------------------
@@ -285,9 +306,14 @@ def _peft_config_dict(config: XLoraConfig, names: list[str]) -> dict:
     return d
 
 
-def write_peft_xlora(bundle: XLoraBundle, directory: str | Path, overwrite: bool = False) -> Path:
-    """Write the intended PEFT X-LoRA layout (experts renamed "0".."n-1", as PEFT needs)."""
-    check_bundle(bundle)
+def write_peft_xlora(
+    bundle: XLoraBundle, directory: str | Path, overwrite: bool = False, facts: Optional[ModelFacts] = None
+) -> Path:
+    """Write the intended PEFT X-LoRA layout (experts renamed "0".."n-1", as PEFT needs).
+
+    With ``facts`` (the base model's), experts made for another model are refused.
+    """
+    check_bundle(bundle, facts)
     names = [str(i) for i in range(len(bundle.experts))]
     tmp = begin_write(directory, overwrite)
     try:
@@ -329,6 +355,14 @@ def write_megatron_xlora(
     are megatron-lora checkpoints carry their own (and must agree with ``facts``).
     """
     n_layers = check_bundle(bundle, facts)
+    check_tp(bundle.config.xlora_depth, bundle.classifier[0][0].shape[1], bundle.config.xlora_size, tp)
+    if facts is not None:
+        facts.check_tp(tp)
+    peft_experts = [name for name, d in bundle.experts.items() if detect_format(d) == "peft"]
+    if peft_experts and facts is None:
+        raise ValueError(
+            f"experts {peft_experts} are PEFT LoRA directories: the base model's facts (--base) are needed"
+        )
     tmp = begin_write(directory, overwrite)
     try:
         styles = linear_styles(bundle.config.xlora_depth)
@@ -345,8 +379,6 @@ def write_megatron_xlora(
                 facts = facts or reader.facts
                 cfg, ranks = reshard(src, tp)
             else:
-                if facts is None:
-                    raise ValueError(f"expert {src} is a PEFT directory: pass the base model's facts")
                 cfg, ranks = peft_to_megatron(src, facts, tp)
             write_checkpoint(tmp / "experts" / name, cfg, ranks)
         config = bundle.config.to_dict()

@@ -25,7 +25,6 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -480,7 +479,3 @@ def add_lora_support(module: nn.Module) -> _LoraMixin:
 
 def lora_layers(model: nn.Module) -> Iterable[tuple[str, _LoraMixin]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, _LoraMixin))
-
-
-def tp_world() -> int:
-    return parallel_state.get_tensor_model_parallel_world_size()

@@ -42,6 +42,17 @@ def linear_shapes(depth: int, hidden: int, size: int, out: int) -> list[tuple[in
     return [(dims[k], dims[k + 1]) for k in range(depth)]
 
 
+def check_tp(depth: int, hidden: int, size: int, world: int) -> None:
+    """Refuse a TP size that does not divide a dimension the classifier splits."""
+    for (fan_in, fan_out), style in zip(linear_shapes(depth, hidden, size, 0), linear_styles(depth)):
+        split = fan_out if style == "column" else fan_in  # "out" (0 here) is never split
+        if split % world:
+            raise ValueError(
+                f"tensor parallel size {world} does not divide the classifier's "
+                f"{'xlora_size' if split == size else 'hidden_size'}={split}"
+            )
+
+
 def split_dims(style: str) -> tuple[int, Optional[int]]:
     """(weight dim, bias dim or None) split over TP for a linear of ``style``."""
     return (0, 0) if style == "column" else (1, None)
@@ -106,13 +117,7 @@ class ShardedXLoraClassifier(nn.Module):
         out = n_classes * (n_layers if layerwise_scalings else 1)
         self.styles = linear_styles(depth)
         self.shapes = linear_shapes(depth, hidden_size, size, out)
-        for (fan_in, fan_out), style in zip(self.shapes, self.styles):
-            split = fan_out if style == "column" else fan_in
-            if split % world:
-                raise ValueError(
-                    f"tensor parallel size {world} does not divide the classifier's "
-                    f"{'xlora_size' if split == size else 'hidden_size'}={split}"
-                )
+        check_tp(depth, hidden_size, size, world)
         linears = []
         for (fan_in, fan_out), style in zip(self.shapes, self.styles):
             # nn.Linear's default init drawn at full shape, so TP=N starts where TP=1 does.

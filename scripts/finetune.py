@@ -3,9 +3,10 @@
     torchrun --nproc_per_node=2 scripts/finetune.py            # small random GPT, TP=2
     python scripts/finetune.py --tp 1                          # one plain process
     torchrun --nproc_per_node=N scripts/finetune.py --tp N --base HF_DIR --out DIR
+    torchrun --nproc_per_node=2 scripts/finetune.py --xlora    # X-LoRA over 3 random experts
 
-Saves the adapter as a megatron-lora checkpoint (``--out``; the default location is
-overwritten, any other must not exist).
+Saves the adapter as a megatron-lora checkpoint, or with --xlora a PEFT X-LoRA directory
+(``--out``; the default location is overwritten, any other must not exist).
 """
 
 import argparse
@@ -33,6 +34,16 @@ def parse_args(argv=None) -> FinetuneOptions:
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the model, adapters and data (default {d.seed})")
     p.add_argument("--base", metavar="HF_DIR", help="fine-tune this HF model instead of a small random GPT")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype, help="base model dtype (default fp32; adapters stay fp32)")
+    x = p.add_argument_group("X-LoRA")
+    x.add_argument("--xlora", action="store_true",
+                   help="train an X-LoRA classifier over LoRA experts and save a PEFT X-LoRA directory")
+    x.add_argument("--xlora-experts", type=lambda v: v.split(","), metavar="DIR1,DIR2,...",
+                   help="expert LoRA directories (PEFT or megatron-lora); default: 3 random experts made first")
+    x.add_argument("--xlora-trainable-adapters", action="store_true",
+                   help="train the experts too (use_trainable_adapters)")
+    x.add_argument("--xlora-depth", type=int, default=d.xlora_depth, help=f"classifier depth (default {d.xlora_depth})")
+    x.add_argument("--no-xlora-layerwise-scalings", dest="xlora_layerwise_scalings", action="store_false",
+                   help="one scaling per expert for all layers (default: one per layer)")
     args = p.parse_args(argv)
     if args.target_modules == ["all-linear"]:
         args.target_modules = "all-linear"

@@ -153,16 +153,12 @@ def _pipeline_logits(base_dir: str, experts: dict, case: dict, classifier) -> to
     from megatron.core import parallel_state as ps
 
     from megatron_lora import init_distributed
-    from megatron_lora.gpt import build_gpt, positions_for
-    from megatron_lora.hf_import import (SafetensorsCheckpoint, hf_biases, hf_model_facts, load_base_weights,
-                                         read_hf_config, transformer_config_from_hf)
+    from megatron_lora.gpt import positions_for
+    from megatron_lora.hf_import import load_hf_base
     from megatron_lora.xlora import XLoraConfig, apply_xlora
 
     init_distributed(1, 2, seed=3)
-    hf_config = read_hf_config(base_dir)
-    config, kwargs = transformer_config_from_hf(hf_config, 1, 2)
-    model = build_gpt(config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(), **kwargs)
-    load_base_weights(model, SafetensorsCheckpoint(base_dir), hf_model_facts(hf_config), hf_biases(hf_config), False)
+    model, _ = load_hf_base(base_dir)
     xm = apply_xlora(model.eval(), XLoraConfig(**case), adapters=experts).eval()
     xm.xlora_classifier.load_full_state(classifier)
     out = xm(IDS, positions_for(IDS), None)

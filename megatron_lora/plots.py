@@ -1,0 +1,86 @@
+"""Heatmaps of X-LoRA scalings (what ``generate.py --scalings-out`` writes).
+
+Needs matplotlib (the ``plot`` extra); it is imported when a plot is drawn, with the Agg
+backend, so no display is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from safetensors import safe_open
+
+
+def read_scalings(path: str | Path) -> tuple[torch.Tensor, Optional[list[int]]]:
+    """The ``scalings`` [seq, n_layers, n_experts] of a file, and its ``input_ids`` if stored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scalings file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several error types for damaged files
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    if "scalings" not in tensors:
+        raise ValueError(f"{path} has no 'scalings' tensor (keys: {sorted(tensors)})")
+    scalings = tensors["scalings"].float()
+    if scalings.dim() != 3:
+        raise ValueError(f"{path}: scalings must be [seq, n_layers, n_experts], got shape {tuple(scalings.shape)}")
+    ids = tensors.get("input_ids")
+    return scalings, None if ids is None else ids.tolist()
+
+
+def token_labels(ids: Optional[Sequence[int]], seq: int, tokenizer_dir: Optional[str] = None) -> list[str]:
+    """Tick labels: the tokens (with a tokenizer), else the ids, else the positions."""
+    if ids is None:
+        if tokenizer_dir is not None:
+            raise ValueError("--tokenizer needs the prompt's ids: --input-ids, or a file that stores input_ids")
+        return [str(i) for i in range(seq)]
+    if len(ids) != seq:
+        raise ValueError(f"{len(ids)} input ids for {seq} positions of scalings")
+    if tokenizer_dir is None:
+        return [str(i) for i in ids]
+    from transformers import AutoTokenizer  # only labelling needs transformers
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir)).convert_ids_to_tokens(list(ids))
+
+
+def plot_scalings(scalings: torch.Tensor, out: str | Path, labels: Sequence[str], average: bool = False) -> Path:
+    """Write a PNG heatmap of ``scalings`` [seq, n_layers, n_experts]: experts down, tokens
+    across, one panel per X-LoRA layer (or one panel averaged over layers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seq, n_layers, n_experts = scalings.shape
+    panels = [("mean over layers", scalings.mean(1))] if average else [
+        (f"layer {i}", scalings[:, i]) for i in range(n_layers)]
+    cols = 1 if average else min(2, n_layers)
+    rows = math.ceil(len(panels) / cols)
+    width = max(4.0, 0.3 * seq + 2.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, (0.35 * n_experts + 1.2) * rows),
+                             squeeze=False, constrained_layout=True)
+    vmax = float(scalings.max())
+    vmin = min(0.0, float(scalings.min()))
+    for ax, (title, values) in zip(axes.flat, panels):
+        image = ax.imshow(values.T.numpy(), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax,
+                          interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_yticks(range(n_experts), [f"expert {e}" for e in range(n_experts)], fontsize=7)
+        ax.set_xticks(range(seq), labels, rotation=90, fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="scaling")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    try:  # write then rename, so a failure leaves no partial PNG
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out
