@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_lora.files import json_field, read_json
 from megatron_lora.layout import MODULE_PATH, ModelFacts, factor_split
 from parallel.lora_layers import shard_rows, unshard_rows
 
@@ -59,13 +60,7 @@ def make_key(layer: int, module: str, factor: str, segment: str) -> str:
 
 def read_config(directory: str | Path) -> dict:
     """Read and check adapter_config.json of a megatron-lora checkpoint."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    cfg = read_json(Path(directory) / CONFIG_NAME)
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{directory} is not a megatron-lora checkpoint (format={cfg.get('format')!r})")
     if cfg.get("version") != VERSION:
@@ -207,10 +202,4 @@ def checkpoint_config(kind: str, tp_size: int, facts: ModelFacts, adapter_config
 
 
 def is_megatron_checkpoint(directory: str | Path) -> bool:
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("format") == FORMAT
-    except json.JSONDecodeError:
-        return False
+    return json_field(Path(directory) / CONFIG_NAME, "format") == FORMAT

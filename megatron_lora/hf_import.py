@@ -7,7 +7,6 @@ rows / columns it holds (memory per rank ~ model size / TP).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +16,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 from safetensors import SafetensorError, safe_open
 
+from megatron_lora.files import read_json
 from megatron_lora.gpt import build_gpt, gpt_config
 from megatron_lora.layout import ModelFacts, base_weight_sources, fuse_base, padded_vocab_size
 
@@ -28,18 +28,11 @@ _REFUSED_FIELDS = ("quantization_config", "attn_logit_softcapping", "final_logit
 _MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-
-
 def read_hf_config(hf_dir: str | Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no HF config.json (is {hf_dir} an HF model directory?)")
-    return _read_json(path)
+    return read_json(path)
 
 
 def _model_type(hf_config: dict) -> str:
@@ -172,7 +165,7 @@ def eos_token_ids(hf_dir: str | Path) -> list[int]:
     for name in ("generation_config.json", "config.json"):
         path = hf_dir / name
         if path.is_file():
-            eos = _read_json(path).get("eos_token_id")
+            eos = read_json(path).get("eos_token_id")
             if eos is not None:
                 return list(eos) if isinstance(eos, list) else [eos]
     return []
@@ -187,7 +180,7 @@ class SafetensorsCheckpoint:
         index = hf_dir / "model.safetensors.index.json"
         single = hf_dir / "model.safetensors"
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index}: no 'weight_map' object")
             self.file_of = {name: hf_dir / f for name, f in weight_map.items()}

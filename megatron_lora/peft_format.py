@@ -15,7 +15,6 @@ disk tensor by tensor while the in-memory functions here simply read them all.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import nn
 from megatron_lora.adapters import add_adapter_from_reader, load_adapter, model_facts
 from megatron_lora.checkpoint import ShardReader, checkpoint_config, is_megatron_checkpoint, make_key, parse_key
 from megatron_lora.config import LoraConfig
+from megatron_lora.files import json_field, read_json
 from megatron_lora.layout import (
     HF_PROJECTIONS,
     PEFT_PREFIX,
@@ -60,13 +60,7 @@ class TensorPlan:
 
 
 def is_peft_lora_dir(directory: str | Path) -> bool:
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("peft_type") == "LORA"
-    except json.JSONDecodeError:
-        return False
+    return json_field(Path(directory) / CONFIG_NAME, "peft_type") == "LORA"
 
 
 def detect_format(directory: str | Path) -> str:
@@ -80,10 +74,7 @@ def detect_format(directory: str | Path) -> str:
         return "peft"
     config = directory / CONFIG_NAME
     if config.is_file():
-        try:
-            peft_type = json.loads(config.read_text()).get("peft_type")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config} is not valid JSON: {e}") from None
+        peft_type = read_json(config).get("peft_type")
         raise ValueError(f"{config}: peft_type={peft_type!r} is not a LoRA adapter (expected 'LORA')")
     raise FileNotFoundError(
         f"{directory} holds no {CONFIG_NAME}: expected a PEFT LoRA directory or a megatron-lora checkpoint"
@@ -93,12 +84,7 @@ def detect_format(directory: str | Path) -> str:
 def read_peft_config(directory: str | Path) -> LoraConfig:
     """The LoraConfig of a PEFT LoRA directory; options we cannot represent are refused by name."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    d = read_json(path)
     if d.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type={d.get('peft_type')!r} is not a LoRA adapter (expected 'LORA')")
     try:

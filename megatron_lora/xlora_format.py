@@ -71,6 +71,7 @@ from megatron_lora.checkpoint import (
     write_checkpoint,
     write_shard,
 )
+from megatron_lora.files import read_json
 from megatron_lora.layout import PEFT_PREFIX, ModelFacts, segment_projection
 from megatron_lora.peft_format import (
     WEIGHTS_NAME,
@@ -125,7 +126,7 @@ def detect_xlora_format(directory: str | Path) -> str:
         raise FileNotFoundError(f"X-LoRA directory {directory} does not exist")
     if (directory / XLORA_PACKAGE_CONFIG).is_file():
         return "xlora"
-    config = _read_json(directory / CONFIG_NAME)
+    config = read_json(directory / CONFIG_NAME)
     if config.get("format") == "megatron-lora":
         if config.get("kind") != "xlora":
             raise ValueError(f"{directory} holds a {config.get('kind')!r} checkpoint, not an X-LoRA one")
@@ -148,15 +149,6 @@ def read_xlora(directory: str | Path) -> XLoraBundle:
     """Read an X-LoRA directory in any of the layouts of this module."""
     reader = {"megatron": _read_megatron, "peft": _read_peft, "xlora": _read_xlora_package}
     return reader[detect_xlora_format(directory)](Path(directory))
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -190,7 +182,7 @@ def _expert_dir(directory: Path, name: str, path: str) -> Path:
 
 
 def _read_peft(directory: Path) -> XLoraBundle:
-    config = XLoraConfig.from_dict(_read_json(directory / CONFIG_NAME))
+    config = XLoraConfig.from_dict(read_json(directory / CONFIG_NAME))
     top = _tensors(directory / WEIGHTS_NAME)
     classifier, layout = [], "peft-xlora"
     for k in sequential_indices(config):
@@ -214,7 +206,7 @@ _XLORA_PACKAGE_IGNORED = {"device", "stop_token_id", "model_type", "use_bias", "
 
 
 def _read_xlora_package(directory: Path) -> XLoraBundle:
-    raw = _read_json(directory / XLORA_PACKAGE_CONFIG)
+    raw = read_json(directory / XLORA_PACKAGE_CONFIG)
     if raw.get("use_mean_pool"):
         raise ValueError(f"{directory}: use_mean_pool=True (one scaling per sequence) is not supported")
     depth = raw.get("xlora_depth", 1)

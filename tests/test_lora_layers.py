@@ -150,8 +150,6 @@ def _comm_of(run):
 
 
 def _model_comm(world, tokens, lora):
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region  # noqa: F401
-
     from megatron_lora import LoraConfig, apply_lora
     from megatron_lora.gpt import build_gpt, gpt_config, positions_for
 
