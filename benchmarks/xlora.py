@@ -8,8 +8,11 @@ scaling_pass_value 0; eval mode, fp32, 2 threads, TP=1 (one process).
   two GEMMs of rank 4 x 16 per projection) vs the same GPTModel with one expert as a LoRA;
 * PEFT 0.21.2: ``XLoraModel`` vs ``PeftModel`` with one expert, on the HF model.
 
-Timed: the forward (no_grad), and a training step (forward + backward of the logits' sum;
-X-LoRA: classifier trainable, experts frozen; LoRA: the adapter trainable). Each repetition
+Timed: the forward (no_grad), a training step (forward + backward of the logits' sum;
+X-LoRA: classifier trainable, experts frozen; LoRA: the adapter trainable), and greedy decoding of ``--decode-tokens`` new tokens after the
+prompt: ours with the two KV caches (scaling pass and scaled pass, one token each per step),
+PEFT recomputing the whole sequence each step (its X-LoRA refuses ``use_cache``); reported
+per new token, the prompt's own pass subtracted. Each repetition
 times the four models one after the other (so slow phases of a shared machine hit all of
 them); the table shows medians and the ratios.
 
@@ -76,18 +79,20 @@ def build(base_dir: str, experts: list[str]) -> dict:
     hf2 = LlamaForCausalLM.from_pretrained(base_dir).float().eval()
     peft_x = get_peft_model(hf2, XLoraConfig(task_type="CAUSAL_LM", hidden_size=hf2.config.hidden_size,
                                              adapters={str(i): d for i, d in enumerate(experts)}, xlora_depth=1)).eval()
-    return {
+    runs = {
         "ours LoRA": lambda ids: single(ids, positions_for(ids), None),
         "ours X-LoRA": lambda ids: xmodel(ids, positions_for(ids), None),
         "PEFT LoRA": lambda ids: peft_single(input_ids=ids).logits,
         "PEFT X-LoRA": lambda ids: peft_x(input_ids=ids).logits,
     }
+    return runs, xmodel, peft_x
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--decode-tokens", type=int, default=128)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
@@ -97,10 +102,10 @@ def main() -> None:
     shapes, seq, reps = dict(SHAPES), 512, args.reps
     if args.quick:
         shapes.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=256)
-        seq, reps = 64, 2
+        seq, reps, args.decode_tokens = 64, 2, 8
     with tempfile.TemporaryDirectory() as tmp:
         base_dir, experts = make_dirs(Path(tmp), 4, 16, shapes)
-        models = build(base_dir, experts)
+        models, xmodel, peft_x = build(base_dir, experts)
     ids = torch.randint(0, shapes["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(0))
     print(f"prompt {seq} tokens, 4 experts r=16 on 7 projections, depth 1, fp32, 2 threads, {reps} reps (median)")
     for label, step in (("forward", forward), ("training step", train_step)):
@@ -109,6 +114,32 @@ def main() -> None:
             print(f"  {label:13s} {name:12s} {t * 1e3:8.1f} ms")
         print(f"X-LoRA / LoRA {label}: ours {med['ours X-LoRA'] / med['ours LoRA']:.2f}x, "
               f"PEFT {med['PEFT X-LoRA'] / med['PEFT LoRA']:.2f}x")
+    ours, peft = decode_per_token(xmodel, peft_x, ids, args.decode_tokens)
+    print(f"X-LoRA decode per new token ({args.decode_tokens} tokens): ours (two KV caches) {ours * 1e3:.1f} ms, "
+          f"PEFT (recomputation) {peft * 1e3:.1f} ms, PEFT / ours {peft / ours:.1f}x")
+
+
+def decode_per_token(xmodel, peft_x, ids, n: int) -> tuple[float, float]:
+    """Seconds per new token after the prompt: (ours, PEFT), greedy, no early stop."""
+    from megatron_lora.generation import generate
+
+    def ours(k):
+        with torch.no_grad():
+            generate(xmodel, ids[0].tolist(), k)
+
+    def peft(k):
+        with torch.no_grad():
+            peft_x.generate(input_ids=ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, use_cache=False)
+
+    result = []
+    for run in (ours, peft):
+        t = []
+        for k in (1, n):
+            t0 = time.perf_counter()
+            run(k)
+            t.append(time.perf_counter() - t0)
+        result.append((t[1] - t[0]) / (n - 1))
+    return result[0], result[1]
 
 
 def forward(fn, ids) -> None:
