@@ -68,15 +68,15 @@ def hf_llama(model, facts: ModelFacts):
     return hf
 
 
-def peft_lora_tensors(model, adapter: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """HF module name -> full (A, B) of every per-projection segment of ``adapter``."""
+def _full_factors(model, adapter: str, value) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """HF module name -> full (value(A), value(B)) of every per-projection segment."""
     out = {}
     for _, layer, kind, module in iter_linear_modules(model):
         if not isinstance(module, _LoraMixin) or adapter not in module.lora_specs:
             continue
         for seg in module.lora_specs[adapter].segments:
-            a = module.lora_A[adapter][seg.name].detach()
-            b = module.lora_B[adapter][seg.name].detach()
+            a = value(module.lora_A[adapter][seg.name])
+            b = value(module.lora_B[adapter][seg.name])
             if module.parallel_mode == "column":
                 b = gather_rows(b, 0)
             else:
@@ -85,21 +85,14 @@ def peft_lora_tensors(model, adapter: str = "default") -> dict[str, tuple[torch.
     return out
 
 
+def peft_lora_tensors(model, adapter: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """HF module name -> full (A, B) of every per-projection segment of ``adapter``."""
+    return _full_factors(model, adapter, lambda p: p.detach())
+
+
 def lora_grads(model, adapter: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Like :func:`peft_lora_tensors` but for the gradients."""
-    out = {}
-    for _, layer, kind, module in iter_linear_modules(model):
-        if not isinstance(module, _LoraMixin) or adapter not in module.lora_specs:
-            continue
-        for seg in module.lora_specs[adapter].segments:
-            ga = module.lora_A[adapter][seg.name].grad
-            gb = module.lora_B[adapter][seg.name].grad
-            if module.parallel_mode == "column":
-                gb = gather_rows(gb, 0)
-            else:
-                ga = gather_rows(ga, 1)
-            out[hf_module_name(layer, seg.name)] = (ga, gb)
-    return out
+    return _full_factors(model, adapter, lambda p: p.grad)
 
 
 def peft_model(hf, tensors: dict, r: int, alpha: float, targets: list[str]):
