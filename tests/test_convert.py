@@ -22,8 +22,7 @@ from megatron_lora.convert import base_facts, convert, describe, verify
 from megatron_lora.layout import HF_PROJECTIONS, hf_module_name
 from megatron_lora.peft_format import megatron_to_peft, peft_to_megatron, read_peft_config, reshard
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dist import run_ranks  # noqa: E402
+from dist import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
