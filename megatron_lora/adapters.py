@@ -21,6 +21,7 @@ from megatron_lora.checkpoint import (
     write_shard,
 )
 from megatron_lora.config import LoraConfig
+from megatron_lora.gpt import real_vocab_size
 from megatron_lora.layout import ModelFacts, hf_module_name, megatron_module_name
 from megatron_lora.model import freeze_base, iter_linear_modules
 from parallel.lora_layers import AdapterSpec, Segment, _LoraMixin, add_lora_support
@@ -42,9 +43,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 
 def model_facts(model: nn.Module) -> ModelFacts:
-    # An imported HF model pads its vocabulary for TP; the facts hold the real size.
-    vocab = getattr(model, "unpadded_vocab_size", getattr(model, "vocab_size", 0))
-    return ModelFacts.from_transformer_config(model.config, vocab)
+    return ModelFacts.from_transformer_config(model.config, real_vocab_size(model))
 
 
 def save_adapter(
@@ -124,7 +123,6 @@ def load_adapter(
     directory: str | Path,
     adapter_name: str = "default",
     freeze: bool = True,
-    config_key: str = "lora_config",
 ) -> LoraConfig:
     """Add ``adapter_name`` from a megatron-lora checkpoint saved at any TP size.
 
@@ -132,11 +130,8 @@ def load_adapter(
     a mismatch names the module and both shapes. Returns the adapter's LoraConfig.
     """
     reader = ShardReader(directory)
-    facts = model_facts(model)
-    saved = ModelFacts.from_dict({**reader.config["model"], "vocab_size": facts.vocab_size})
-    if saved != facts:
-        raise ValueError(f"{directory} was made for another model: {saved} vs this model's {facts}")
-    config = LoraConfig.from_dict(reader.config[config_key])
+    reader.check_model(model_facts(model))
+    config = LoraConfig.from_dict(reader.config["lora_config"])
     add_adapter_from_reader(model, reader, config, adapter_name, str(directory))
     if freeze:
         freeze_base(model)

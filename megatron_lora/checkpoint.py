@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_lora.files import json_field, read_json
+from megatron_lora.files import json_field, open_safetensors, read_json
 from megatron_lora.layout import MODULE_PATH, ModelFacts, factor_split
 from parallel.lora_layers import shard_rows, unshard_rows
 
@@ -73,11 +72,7 @@ def read_config(directory: str | Path) -> dict:
 
 def open_shard(directory: str | Path, tp_rank: int):
     """safe_open a rank file, turning a corrupt or truncated file into a clear error."""
-    path = shard_file(directory, tp_rank)
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises several error types for damaged files
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    return open_safetensors(shard_file(directory, tp_rank))
 
 
 class ShardReader:
@@ -92,6 +87,12 @@ class ShardReader:
 
     def keys(self) -> list[str]:
         return sorted(self._files[0].keys())
+
+    def check_model(self, facts: ModelFacts) -> None:
+        """Refuse a checkpoint made for another model (the vocabulary does not matter)."""
+        saved = ModelFacts.from_dict({**self.config["model"], "vocab_size": facts.vocab_size})
+        if saved != facts:
+            raise ValueError(f"{self.directory} was made for another model: {saved} vs this model's {facts}")
 
     def shape(self, key: str) -> list[int]:
         try:

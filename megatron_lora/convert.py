@@ -95,13 +95,13 @@ def convert(
     An X-LoRA ``src`` becomes our X-LoRA checkpoint (``to="megatron"``, experts as
     sub-checkpoints) or the intended PEFT X-LoRA layout (``to="peft"``, from any layout).
     """
+    if to not in ("peft", "megatron"):
+        raise ValueError(f"to={to!r}: expected 'peft' or 'megatron'")
     if is_xlora_dir(src):
         return _convert_xlora(src, dst, to, facts, tp, overwrite)
     fmt = detect_format(src)
     if fmt == "peft" and facts is None:
         raise ValueError(f"{src} is a PEFT adapter: the base model's facts (--base) are needed")
-    if to not in ("peft", "megatron"):
-        raise ValueError(f"to={to!r}: expected 'peft' or 'megatron'")
     if to == "peft" and fmt == "peft":
         raise ValueError(f"{src} is already a PEFT LoRA directory")
     if to == "megatron" and facts is not None and tp is not None:
@@ -135,8 +135,6 @@ def convert(
 def _convert_xlora(
     src: str | Path, dst: str | Path, to: str, facts: Optional[ModelFacts], tp: Optional[int], overwrite: bool
 ) -> Path:
-    if to not in ("peft", "megatron"):
-        raise ValueError(f"to={to!r}: expected 'peft' or 'megatron'")
     bundle = read_xlora(src)
     if to == "peft":
         return write_peft_xlora(bundle, dst, overwrite=overwrite, facts=facts)

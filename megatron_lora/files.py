@@ -1,10 +1,13 @@
-"""Reading the JSON files of checkpoint directories, with errors that name the file."""
+"""Reading the JSON and safetensors files of checkpoint directories, with errors that name the file."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors import safe_open
 
 
 def read_json(path: str | Path) -> dict:
@@ -27,3 +30,20 @@ def json_field(path: str | Path, key: str) -> Any:
         return read_json(path).get(key)
     except (FileNotFoundError, ValueError):
         return None
+
+
+def open_safetensors(path: str | Path):
+    """``safe_open`` a file, turning a missing, corrupt or truncated file into a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises several error types for damaged files
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (small) safetensors file."""
+    with open_safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}

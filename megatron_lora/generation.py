@@ -27,16 +27,11 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from safetensors.torch import save_file
 
 from megatron_lora.distributed import init_distributed
-from megatron_lora.gpt import positions_for
+from megatron_lora.gpt import positions_for, real_vocab_size
 from megatron_lora.hf_import import eos_token_ids, hf_model_facts, load_hf_base, read_hf_config
 from megatron_lora.peft_format import load_any_adapter
 from megatron_lora.xlora import XLoraModel, base_gpt
 from megatron_lora.xlora_format import detect_xlora_format, load_xlora
-
-
-def _vocab(model) -> int:
-    model = base_gpt(model)
-    return getattr(model, "unpadded_vocab_size", model.vocab_size)
 
 
 def _check_length(model, length: int) -> None:
@@ -55,7 +50,7 @@ def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """[b, s, vocab] fp32 logits of ``ids`` [b, s], gathered over TP, padding cut off."""
     _check_length(model, ids.shape[1])
     local = model(ids, positions_for(ids), None)
-    return gather_from_tensor_model_parallel_region(local)[..., : _vocab(model)].float()
+    return gather_from_tensor_model_parallel_region(local)[..., : real_vocab_size(base_gpt(model))].float()
 
 
 def _same_seed(seed: Optional[int]) -> int:
@@ -100,7 +95,7 @@ class KVCache:
         for context in self.contexts:
             context.sequence_len_offset += ids.shape[1]
             context.enable_decode_mode()
-        return out[0, -1, : _vocab(self.model)].float()
+        return out[0, -1, : real_vocab_size(base_gpt(self.model))].float()
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(ids, positions, None, inference_context=self.context, runtime_gather_output=True)

@@ -84,5 +84,10 @@ def build_gpt(
     )
 
 
+def real_vocab_size(model) -> int:
+    """The vocabulary without the padding an imported model carries to divide by TP."""
+    return getattr(model, "unpadded_vocab_size", getattr(model, "vocab_size", 0))
+
+
 def positions_for(ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)

@@ -14,9 +14,9 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
-from megatron_lora.files import read_json
+from megatron_lora.files import open_safetensors, read_json
 from megatron_lora.gpt import build_gpt, gpt_config
 from megatron_lora.layout import ModelFacts, base_weight_sources, fuse_base, padded_vocab_size
 
@@ -185,7 +185,7 @@ class SafetensorsCheckpoint:
                 raise ValueError(f"{index}: no 'weight_map' object")
             self.file_of = {name: hf_dir / f for name, f in weight_map.items()}
         elif single.is_file():
-            self.file_of = {name: single for name in self._open(single).keys()}
+            self.file_of = {name: single for name in open_safetensors(single).keys()}
         else:
             raise FileNotFoundError(f"{hf_dir}: neither model.safetensors nor model.safetensors.index.json")
         # Open every file now (headers only, memory-mapped) so a missing, corrupt or
@@ -194,14 +194,7 @@ class SafetensorsCheckpoint:
         for path in sorted(set(self.file_of.values())):
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: listed in {index.name} but missing")
-            self._handles[path] = self._open(path)
-
-    @staticmethod
-    def _open(path: Path):
-        try:
-            return safe_open(str(path), framework="pt")
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+            self._handles[path] = open_safetensors(path)
 
     def slice(self, name: str):
         """A lazy slice object (``get_shape()``, ``[a:b]``) of tensor ``name``."""

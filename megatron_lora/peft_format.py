@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from megatron_lora.adapters import add_adapter_from_reader, load_adapter, model_facts
 from megatron_lora.checkpoint import ShardReader, checkpoint_config, is_megatron_checkpoint, make_key, parse_key
 from megatron_lora.config import LoraConfig
-from megatron_lora.files import json_field, read_json
+from megatron_lora.files import json_field, open_safetensors, read_json
 from megatron_lora.layout import (
     HF_PROJECTIONS,
     PEFT_PREFIX,
@@ -97,15 +96,6 @@ def peft_key(layer: int, proj: str, factor: str) -> str:
     return f"{PEFT_PREFIX}{hf_module_name(layer, proj)}.{factor}.weight"
 
 
-def _open(path: Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises several error types for damaged files
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
-
-
 # -- reading PEFT files as checkpoint keys ----------------------------------------------------
 
 
@@ -122,7 +112,7 @@ class PeftReader:
         self.lora_config = read_peft_config(directory)
         self.facts = facts
         self.path = self.directory / WEIGHTS_NAME
-        self._file = _open(self.path)
+        self._file = open_safetensors(self.path)
         self._peft_keys: dict[str, str] = {}
         for pk in self._file.keys():
             m = _PEFT_KEY.match(pk)
@@ -206,9 +196,7 @@ def open_adapter(directory: str | Path, facts: Optional[ModelFacts] = None):
     if reader.config.get("kind") != "lora":
         raise ValueError(f"{directory} holds a {reader.config.get('kind')!r} checkpoint, not a LoRA adapter")
     if facts is not None:
-        saved = ModelFacts.from_dict({**reader.config["model"], "vocab_size": facts.vocab_size})
-        if saved != facts:
-            raise ValueError(f"{directory} was made for another model: {saved} vs the base model's {facts}")
+        reader.check_model(facts)
     return reader, LoraConfig.from_dict(reader.config["lora_config"])
 
 

@@ -11,19 +11,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from safetensors import safe_open
+
+from megatron_lora.files import read_safetensors
 
 
 def read_scalings(path: str | Path) -> tuple[torch.Tensor, Optional[list[int]]]:
     """The ``scalings`` [seq, n_layers, n_experts] of a file, and its ``input_ids`` if stored."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"scalings file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several error types for damaged files
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    tensors = read_safetensors(path)
     if "scalings" not in tensors:
         raise ValueError(f"{path} has no 'scalings' tensor (keys: {sorted(tensors)})")
     scalings = tensors["scalings"].float()

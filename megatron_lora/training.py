@@ -34,7 +34,7 @@ from torch import nn
 from megatron_lora.adapters import save_adapter
 from megatron_lora.config import LoraConfig
 from megatron_lora.distributed import init_distributed
-from megatron_lora.gpt import build_gpt, gpt_config, positions_for
+from megatron_lora.gpt import build_gpt, gpt_config, positions_for, real_vocab_size
 from megatron_lora.layout import HF_PROJECTIONS
 from megatron_lora.model import add_adapters, apply_lora, trainable_parameters_report
 from megatron_lora.xlora import XLoraConfig, XLoraModel, apply_xlora, base_gpt
@@ -104,12 +104,6 @@ def build_base(options: FinetuneOptions) -> nn.Module:
         return model
     config = gpt_config(**RANDOM_GPT, tensor_model_parallel_size=options.tp, params_dtype=dtype)
     return build_gpt(config, RANDOM_VOCAB, max_sequence_length=max(options.seq_len, 64))
-
-
-def vocab_size(model: nn.Module) -> int:
-    """The real vocabulary (without the padding that makes it divide by TP)."""
-    model = base_gpt(model)
-    return getattr(model, "unpadded_vocab_size", model.vocab_size)
 
 
 # Adding adapters and saving them are the two steps another adapter kind replaces.
@@ -192,7 +186,7 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     logits = model(inputs, positions_for(inputs), None).float()  # [b, s, vocab / TP]
     local = logits.shape[-1]
     first = ps.get_tensor_model_parallel_rank() * local
-    real = vocab_size(model)
+    real = real_vocab_size(base_gpt(model))
     if first + local > real:  # this rank holds padding columns
         pad = torch.arange(first, first + local, device=logits.device) >= real
         logits = logits.masked_fill(pad, float("-inf"))
@@ -233,7 +227,7 @@ def train(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
-    vocab = vocab_size(model)
+    vocab = real_vocab_size(base_gpt(model))
     dp_rank = ps.get_data_parallel_rank()
     held_out = counting_batch(-1, options.batch_size, options.seq_len, vocab, options.seed)
 

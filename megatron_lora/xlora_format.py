@@ -53,7 +53,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -71,7 +70,7 @@ from megatron_lora.checkpoint import (
     write_checkpoint,
     write_shard,
 )
-from megatron_lora.files import read_json
+from megatron_lora.files import open_safetensors, read_json, read_safetensors
 from megatron_lora.layout import PEFT_PREFIX, ModelFacts, segment_projection
 from megatron_lora.peft_format import (
     WEIGHTS_NAME,
@@ -151,23 +150,13 @@ def read_xlora(directory: str | Path) -> XLoraBundle:
     return reader[detect_xlora_format(directory)](Path(directory))
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several error types for damaged files
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
-
-
 def _expert_dir(directory: Path, name: str, path: str) -> Path:
     """An expert's LoRA directory: the subfolder named for it if it holds the expert alone,
     else ``path`` (relative paths resolve against ``directory``)."""
     sub = directory / name
     weights = sub / WEIGHTS_NAME
     if weights.is_file():
-        with safe_open(str(weights), framework="pt") as f:
+        with open_safetensors(weights) as f:
             # PEFT's save writes base, classifier and other experts' tensors under
             # "base_model.lora_model."; a real expert holds LoRA factors only.
             clean = all(k.startswith(PEFT_PREFIX) and k.endswith(_FACTOR_SUFFIXES) for k in f.keys())
@@ -183,7 +172,7 @@ def _expert_dir(directory: Path, name: str, path: str) -> Path:
 
 def _read_peft(directory: Path) -> XLoraBundle:
     config = XLoraConfig.from_dict(read_json(directory / CONFIG_NAME))
-    top = _tensors(directory / WEIGHTS_NAME)
+    top = read_safetensors(directory / WEIGHTS_NAME)
     classifier, layout = [], "peft-xlora"
     for k in sequential_indices(config):
         parts = []
@@ -191,7 +180,7 @@ def _read_peft(directory: Path) -> XLoraBundle:
             key = f"{PEFT_CLASSIFIER}.{k}.{part}"
             if key not in top:  # peft 0.21.2's save puts it into expert k's file, ".k" dropped
                 misplaced = directory / str(k) / WEIGHTS_NAME
-                moved = _tensors(misplaced) if misplaced.is_file() else {}
+                moved = read_safetensors(misplaced) if misplaced.is_file() else {}
                 if f"{PEFT_CLASSIFIER}.{part}" not in moved:
                     raise ValueError(f"{directory}: classifier tensor {key!r} is missing")
                 top[key], layout = moved[f"{PEFT_CLASSIFIER}.{part}"], "peft-0.21.2-save"
@@ -218,7 +207,7 @@ def _read_xlora_package(directory: Path) -> XLoraBundle:
         )
     fields = {k: v for k, v in raw.items() if k not in _XLORA_PACKAGE_IGNORED | {"use_mean_pool"}}
     config = XLoraConfig.from_dict(fields)
-    tensors = _tensors(directory / XLORA_PACKAGE_WEIGHTS)
+    tensors = read_safetensors(directory / XLORA_PACKAGE_WEIGHTS)
     # inner = [Linear, ReLU, Dropout] per hidden linear (the Dropout exists even at p = 0).
     names = [f"inner.{3 * k}" for k in range(depth - 1)] + ["last"]
     classifier = []

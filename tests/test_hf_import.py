@@ -240,7 +240,7 @@ def test_bad_files(models, tmp_path):
         SafetensorsCheckpoint(tmp_path)
     data = (Path(dirs["llama"]) / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
         SafetensorsCheckpoint(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
