@@ -64,7 +64,7 @@ def write_checkpoint(directory: Path, layers: int) -> int:
 def worker(directory: str, tp: int, report: str) -> None:
     """One rank: import under the sampler, write this rank's figures as JSON."""
     from megatron_lora import init_distributed
-    from megatron_lora.hf_import import load_hf_base
+    from megatron_lora.hf.importer import load_hf_base
 
     init_distributed(tp)
     rank = torch.distributed.get_rank()

@@ -1,6 +1,6 @@
 """PEFT -> Megatron TP=2 conversion of a LLaMA-2-7B-shaped LoRA (r=64, all seven targets).
 
-Measures, in one run: the streaming conversion (``megatron_lora.convert.convert``) against
+Measures, in one run: the streaming conversion (``megatron_lora.formats.convert.convert``) against
 reading and writing the same bytes with plain safetensors (``load_file`` of the PEFT file,
 ``save_file`` of the same per-rank tensors), and the peak anonymous memory (RssAnon,
 sampled) of the conversion. Targets: time ratio <= 1.5, peak <= adapter size + 500 MB.
@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_lora.checkpoint import shard_file  # noqa: E402
-from megatron_lora.convert import base_facts, convert  # noqa: E402
-from megatron_lora.layout import HF_PROJECTIONS  # noqa: E402
-from megatron_lora.peft_format import PeftReader, megatron_plan  # noqa: E402
+from megatron_lora.formats.checkpoint import shard_file  # noqa: E402
+from megatron_lora.formats.convert import base_facts, convert  # noqa: E402
+from megatron_lora.hf.layout import HF_PROJECTIONS  # noqa: E402
+from megatron_lora.formats.peft import PeftReader, megatron_plan  # noqa: E402
 
 LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, rms_norm_eps=1e-5)

@@ -48,8 +48,8 @@ def build_layers(kind: str, d_in: int, d_out: int, r: int, seed: int):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from megatron_lora.gpt import gpt_config
-    from parallel.lora_layers import AdapterSpec, Segment, add_lora_support
+    from megatron_lora.model.gpt import gpt_config
+    from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, add_lora_support
 
     tp = ps.get_tensor_model_parallel_world_size()
     cfg = gpt_config(1, d_in, 8, d_out, tensor_model_parallel_size=tp)

@@ -64,11 +64,11 @@ def build(base_dir: str, experts: list[str]) -> dict:
     from peft import PeftModel, XLoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from megatron_lora.gpt import positions_for
-    from megatron_lora.hf_import import load_hf_base
-    from megatron_lora.peft_format import load_any_adapter
-    from megatron_lora.xlora import XLoraConfig as OurXLoraConfig
-    from megatron_lora.xlora import apply_xlora
+    from megatron_lora.model.gpt import positions_for
+    from megatron_lora.hf.importer import load_hf_base
+    from megatron_lora.formats.peft import load_any_adapter
+    from megatron_lora.model.xlora import XLoraConfig as OurXLoraConfig
+    from megatron_lora.model.xlora import apply_xlora
 
     single, _ = load_hf_base(base_dir)
     load_any_adapter(single, experts[0], "default")
@@ -121,7 +121,7 @@ def main() -> None:
 
 def decode_per_token(xmodel, peft_x, ids, n: int) -> tuple[float, float]:
     """Seconds per new token after the prompt: (ours, PEFT), greedy, no early stop."""
-    from megatron_lora.generation import generate
+    from megatron_lora.runtime.generation import generate
 
     def ours(k):
         with torch.no_grad():

@@ -1,9 +1,9 @@
 """megatron-lora: exact tensor-parallel LoRA and X-LoRA for megatron-core models."""
 
-from megatron_lora.adapters import adapter_state_dict, load_adapter, save_adapter
+from megatron_lora.model.adapters import adapter_state_dict, load_adapter, save_adapter
 from megatron_lora.config import LoraConfig
-from megatron_lora.distributed import init_distributed
-from megatron_lora.model import (
+from megatron_lora.runtime.distributed import init_distributed
+from megatron_lora.model.lora import (
     apply_lora,
     enable_adapters,
     freeze_base,
@@ -14,7 +14,7 @@ from megatron_lora.model import (
     trainable_parameters_report,
     unmerge_lora,
 )
-from megatron_lora.xlora import XLoraConfig, XLoraModel, apply_xlora
+from megatron_lora.model.xlora import XLoraConfig, XLoraModel, apply_xlora
 
 __all__ = [
     "LoraConfig",

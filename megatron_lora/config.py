@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from megatron_lora.layout import ALL_LINEAR, HF_PROJECTIONS, MEGATRON_MODULES
+from megatron_lora.hf.layout import ALL_LINEAR, HF_PROJECTIONS, MEGATRON_MODULES
 
 #: PEFT's default targets for the LLaMA family when ``target_modules`` is None.
 DEFAULT_TARGETS = ["q_proj", "v_proj"]

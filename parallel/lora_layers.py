@@ -32,7 +32,7 @@ from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
-from parallel import collectives
+from megatron_lora.parallel import collectives
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch import nn
 
-from parallel import collectives
+from megatron_lora.parallel import collectives
 
 
 def linear_styles(depth: int) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
-from megatron_lora.training import DEFAULT_OUT, DTYPES, FinetuneOptions, finetune  # noqa: E402
+from megatron_lora.runtime.training import DEFAULT_OUT, DTYPES, FinetuneOptions, finetune  # noqa: E402
 
 
 def parse_args(argv=None) -> FinetuneOptions:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
-from megatron_lora.generation import generate_from_dirs  # noqa: E402
+from megatron_lora.runtime.generation import generate_from_dirs  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

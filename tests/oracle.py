@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_lora.layout import ModelFacts, hf_module_name, megatron_full_to_hf
-from megatron_lora.model import iter_linear_modules
-from parallel.lora_layers import _LoraMixin, unshard_rows
+from megatron_lora.hf.layout import ModelFacts, hf_module_name, megatron_full_to_hf
+from megatron_lora.model.lora import iter_linear_modules
+from megatron_lora.parallel.lora_layers import _LoraMixin, unshard_rows
 
 TOL = 1e-5  # max |diff| <= TOL * max |logit| (fp32)
 

@@ -8,8 +8,8 @@ import pytest
 from torch import nn
 
 from megatron_lora import LoraConfig
-from megatron_lora.layout import ModelFacts, fuse_qkv, split_qkv
-from parallel.lora_layers import add_lora_support, shard_rows, unshard_rows
+from megatron_lora.hf.layout import ModelFacts, fuse_qkv, split_qkv
+from megatron_lora.parallel.lora_layers import add_lora_support, shard_rows, unshard_rows
 
 FACTS = ModelFacts(num_layers=4, hidden_size=64, num_attention_heads=8, num_query_groups=2,
                    head_dim=8, ffn_hidden_size=96, gated_linear_unit=True, vocab_size=128)

@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_lora.checkpoint import shard_file
-from megatron_lora.cli import main as cli_main
+from megatron_lora.formats.checkpoint import shard_file
+from megatron_lora.cli.main import main as cli_main
 from megatron_lora.config import LoraConfig
-from megatron_lora.convert import base_facts, convert, describe, verify
-from megatron_lora.layout import HF_PROJECTIONS, hf_module_name
-from megatron_lora.peft_format import megatron_to_peft, peft_to_megatron, read_peft_config, reshard
+from megatron_lora.formats.convert import base_facts, convert, describe, verify
+from megatron_lora.hf.layout import HF_PROJECTIONS, hf_module_name
+from megatron_lora.formats.peft import megatron_to_peft, peft_to_megatron, read_peft_config, reshard
 
 from dist import run_ranks
 
@@ -156,9 +156,9 @@ def test_round_trip_bit_exact(base, tmp_path, variant):
 def _tp2_body(rank, world, base, peft_dir, tp2_dir, shared_dir, ids):
     from megatron_lora import LoraConfig as Cfg
     from megatron_lora import apply_lora, init_distributed, save_adapter
-    from megatron_lora.generation import forward_logits
-    from megatron_lora.hf_import import load_hf_base
-    from megatron_lora.peft_format import load_any_adapter
+    from megatron_lora.runtime.generation import forward_logits
+    from megatron_lora.hf.importer import load_hf_base
+    from megatron_lora.formats.peft import load_any_adapter
 
     init_distributed(world, seed=7)
     out = {}

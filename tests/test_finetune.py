@@ -29,8 +29,8 @@ def _finetune(*args: str) -> tuple[float, float]:
 def _reload_body(rank, world, out, seed):
     """A fresh TP=1 process: rebuild the base, load the TP=2 adapter, evaluate it."""
     from megatron_lora import load_adapter
-    from megatron_lora.distributed import init_distributed
-    from megatron_lora.training import RANDOM_VOCAB, FinetuneOptions, build_base, counting_batch, lm_loss
+    from megatron_lora.runtime.distributed import init_distributed
+    from megatron_lora.runtime.training import RANDOM_VOCAB, FinetuneOptions, build_base, counting_batch, lm_loss
 
     options = FinetuneOptions(tp=1, seed=seed)
     init_distributed(1, seed=seed)
@@ -63,7 +63,7 @@ def test_finetune_hf_base_with_padded_vocab(tmp_path):
     must be HF's own loss on the same batch: padding columns take no probability."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_lora.training import FinetuneOptions, counting_batch
+    from megatron_lora.runtime.training import FinetuneOptions, counting_batch
 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(

@@ -24,7 +24,7 @@ from dist import run_ranks
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_lora.hf_import import SafetensorsCheckpoint, read_hf_config, transformer_config_from_hf  # noqa: E402
+from megatron_lora.hf.importer import SafetensorsCheckpoint, read_hf_config, transformer_config_from_hf  # noqa: E402
 
 TOL = 1e-5
 PROMPT = [3, 17, 99, 5, 64, 1, 120, 42, 7, 88, 23, 11, 56, 77, 30, 2]
@@ -81,9 +81,9 @@ def models(tmp_path_factory):
 def _ranks_body(rank, world, dirs, eos):
     """All multi-rank checks in one spawned group: TP=1 (two replicas), then TP=2."""
     from megatron_lora import init_distributed
-    from megatron_lora.generation import forward_logits, generate
-    from megatron_lora.hf_import import hf_biases, load_hf_base, read_hf_config
-    from megatron_lora.layout import megatron_full_to_hf
+    from megatron_lora.runtime.generation import forward_logits, generate
+    from megatron_lora.hf.importer import hf_biases, load_hf_base, read_hf_config
+    from megatron_lora.hf.layout import megatron_full_to_hf
 
     ids = torch.tensor([PROMPT])
     out = {}

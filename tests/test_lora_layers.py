@@ -24,8 +24,8 @@ def _rel(a, b):
 def _layers(world, sequence_parallel, dtype=torch.float32, dropout=0.0):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from megatron_lora.gpt import gpt_config
-    from parallel.lora_layers import AdapterSpec, Segment, add_lora_support
+    from megatron_lora.model.gpt import gpt_config
+    from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, add_lora_support
 
     cfg = gpt_config(1, IN, 4, OUT, tensor_model_parallel_size=world, sequence_parallel=sequence_parallel, params_dtype=dtype)
     init = torch.nn.init.normal_
@@ -151,7 +151,7 @@ def _comm_of(run):
 
 def _model_comm(world, tokens, lora):
     from megatron_lora import LoraConfig, apply_lora
-    from megatron_lora.gpt import build_gpt, gpt_config, positions_for
+    from megatron_lora.model.gpt import build_gpt, gpt_config, positions_for
 
     torch.manual_seed(0)
     model = build_gpt(gpt_config(2, 64, 8, 96, num_query_groups=2, tensor_model_parallel_size=world), 128, max_sequence_length=64)

@@ -24,7 +24,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _build(world: int, seed: int = 7):
-    from megatron_lora.gpt import build_gpt, gpt_config
+    from megatron_lora.model.gpt import build_gpt, gpt_config
 
     torch.manual_seed(seed)
     cfg = gpt_config(2, 64, 8, 96, num_query_groups=2, tensor_model_parallel_size=world)
@@ -34,7 +34,7 @@ def _build(world: int, seed: int = 7):
 def _logits(model, ids):
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_lora.gpt import positions_for
+    from megatron_lora.model.gpt import positions_for
 
     return gather_from_tensor_model_parallel_region(model(ids, positions_for(ids), None))
 
@@ -45,7 +45,7 @@ IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 127, 8, 0, 31, 77, 12], [1, 2, 3, 4, 
 def _oracle_checks(world: int) -> dict:
     """Per-projection LoRA on all seven projections vs HF Llama + PEFT: logits and grads."""
     from megatron_lora import LoraConfig, apply_lora
-    from megatron_lora.adapters import model_facts
+    from megatron_lora.model.adapters import model_facts
     from oracle import hf_llama, lora_grads, peft_lora_tensors, peft_model
 
     from megatron_lora import trainable_parameters
@@ -86,9 +86,9 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
         set_adapters,
         unmerge_lora,
     )
-    from megatron_lora.gpt import build_gpt, gpt_config
+    from megatron_lora.model.gpt import build_gpt, gpt_config
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from parallel.lora_layers import lora_layers
+    from megatron_lora.parallel.lora_layers import lora_layers
 
     init_distributed(world, seed=11)
     out = {"oracle": _oracle_checks(world)}
@@ -112,7 +112,7 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
             for p in layer.lora_B["default"].values():
                 if getattr(p, "tensor_model_parallel", False):
                     full = torch.empty(p.shape[0] * world, p.shape[1]).normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
-                    from parallel.lora_layers import shard_rows
+                    from megatron_lora.parallel.lora_layers import shard_rows
 
                     blocks = layer.lora_specs["default"].segments[0].blocks
                     p.copy_(shard_rows(full, blocks, rank, world))

@@ -119,9 +119,9 @@ def _ours(rank: int, world: int, base_dir: str, experts: dict, cases: dict, clas
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_lora import init_distributed
-    from megatron_lora.gpt import positions_for
-    from megatron_lora.hf_import import load_hf_base
-    from megatron_lora.xlora import XLoraConfig, apply_xlora
+    from megatron_lora.model.gpt import positions_for
+    from megatron_lora.hf.importer import load_hf_base
+    from megatron_lora.model.xlora import XLoraConfig, apply_xlora
 
     if world > 1 or not __import__("torch").distributed.is_initialized():
         init_distributed(world, seed=3)
@@ -153,9 +153,9 @@ def _pipeline_logits(base_dir: str, experts: dict, case: dict, classifier) -> to
     from megatron.core import parallel_state as ps
 
     from megatron_lora import init_distributed
-    from megatron_lora.gpt import positions_for
-    from megatron_lora.hf_import import load_hf_base
-    from megatron_lora.xlora import XLoraConfig, apply_xlora
+    from megatron_lora.model.gpt import positions_for
+    from megatron_lora.hf.importer import load_hf_base
+    from megatron_lora.model.xlora import XLoraConfig, apply_xlora
 
     init_distributed(1, 2, seed=3)
     model, _ = load_hf_base(base_dir)
@@ -170,9 +170,9 @@ def _format_checks(world: int, base_dir: str, formats: dict) -> dict:
     """load_xlora of each written directory; save_xlora at this TP size."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_lora.gpt import positions_for
-    from megatron_lora.hf_import import load_hf_base
-    from megatron_lora.xlora_format import load_xlora, save_xlora
+    from megatron_lora.model.gpt import positions_for
+    from megatron_lora.hf.importer import load_hf_base
+    from megatron_lora.formats.xlora import load_xlora, save_xlora
 
     out = {}
     for tag, directory in formats["load"].items():
@@ -185,7 +185,7 @@ def _format_checks(world: int, base_dir: str, formats: dict) -> dict:
 
 def _api_checks(xm) -> dict:
     """The scalings-log API and the setters, on the last case's model."""
-    from megatron_lora.gpt import positions_for
+    from megatron_lora.model.gpt import positions_for
 
     out = {}
     xm.enable_scalings_logging()
@@ -215,8 +215,8 @@ FORMAT_CASES = ("depth1", GRAD_CASE)  # classifier entries misplaced by PEFT's s
 @pytest.fixture(scope="module")
 def runs(dirs, tmp_path_factory):
     """PEFT's results per case, the converted directories, and our TP=1 / TP=2 results."""
-    from megatron_lora.convert import base_facts
-    from megatron_lora.xlora_format import read_xlora, write_megatron_xlora, write_peft_xlora
+    from megatron_lora.formats.convert import base_facts
+    from megatron_lora.formats.xlora import read_xlora, write_megatron_xlora, write_peft_xlora
 
     root = tmp_path_factory.mktemp("formats")
     oracle = {
@@ -290,7 +290,7 @@ def _file_tensors(path) -> dict:
 
 def test_formats_round_trip(runs, dirs):
     """PEFT's own save is read correctly; every conversion keeps every tensor bit for bit."""
-    from megatron_lora.xlora_format import read_xlora, write_peft_xlora
+    from megatron_lora.formats.xlora import read_xlora, write_peft_xlora
 
     root = runs["root"]
     for name in FORMAT_CASES:
@@ -332,7 +332,7 @@ def test_intended_layout_loads_in_peft(runs, dirs, monkeypatch):
 def test_original_xlora_package_layout(runs, dirs, tmp_path):
     from safetensors.torch import save_file
 
-    from megatron_lora.xlora_format import read_xlora
+    from megatron_lora.formats.xlora import read_xlora
 
     ref = runs["oracle"][GRAD_CASE]["classifier"]
     case = CASES[GRAD_CASE]
@@ -350,7 +350,7 @@ def test_original_xlora_package_layout(runs, dirs, tmp_path):
 def test_bad_input(runs, dirs, tmp_path):
     import dataclasses
 
-    from megatron_lora.xlora_format import check_bundle, read_xlora, write_megatron_xlora
+    from megatron_lora.formats.xlora import check_bundle, read_xlora, write_megatron_xlora
 
     bundle = read_xlora(runs["root"] / f"intended_{GRAD_CASE}")
     two = dict(list(bundle.experts.items())[:2])

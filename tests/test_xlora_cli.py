@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_lora.checkpoint import ShardReader, shard_file
-from megatron_lora.cli import main as cli_main
-from megatron_lora.peft_format import read_peft_config
-from megatron_lora.xlora import XLoraConfig
-from megatron_lora.xlora_format import PEFT_CLASSIFIER, XLoraBundle, read_xlora, write_peft_xlora
+from megatron_lora.formats.checkpoint import ShardReader, shard_file
+from megatron_lora.cli.main import main as cli_main
+from megatron_lora.formats.peft import read_peft_config
+from megatron_lora.model.xlora import XLoraConfig
+from megatron_lora.formats.xlora import PEFT_CLASSIFIER, XLoraBundle, read_xlora, write_peft_xlora
 from test_convert import leftovers, resolved
 from test_xlora import CASES, EXPERTS, GRAD_CASE, N_LAYERS, _peft_case, dirs  # noqa: F401 (dirs: fixture)
 

@@ -46,9 +46,9 @@ def dirs(tmp_path_factory):
     from peft import LoraConfig, XLoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_lora.convert import base_facts
-    from megatron_lora.xlora import XLoraConfig as OurConfig
-    from megatron_lora.xlora_format import XLoraBundle, write_megatron_xlora, write_peft_xlora
+    from megatron_lora.formats.convert import base_facts
+    from megatron_lora.model.xlora import XLoraConfig as OurConfig
+    from megatron_lora.formats.xlora import XLoraBundle, write_megatron_xlora, write_peft_xlora
 
     root = tmp_path_factory.mktemp("xlora_gen")
     torch.manual_seed(0)
@@ -110,8 +110,8 @@ def _generate_script():
 
 def _decode_checks(xm) -> dict:
     """KV-cache decoding (both modes) against recomputation on the growing sequence."""
-    from megatron_lora.generation import forward_logits, generate
-    from megatron_lora.gpt import positions_for
+    from megatron_lora.runtime.generation import forward_logits, generate
+    from megatron_lora.model.gpt import positions_for
 
     calls = []
     hook = xm.model.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[1]))
@@ -143,8 +143,8 @@ def _decode_checks(xm) -> dict:
 
 def _ranks_body(rank, world, d) -> dict:
     from megatron_lora import init_distributed
-    from megatron_lora.hf_import import load_hf_base
-    from megatron_lora.xlora_format import load_xlora
+    from megatron_lora.hf.importer import load_hf_base
+    from megatron_lora.formats.xlora import load_xlora
 
     script = _generate_script()
     out = {}
@@ -207,7 +207,7 @@ def test_plot_scalings_cli(ranks, dirs, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from megatron_lora.cli import main
+    from megatron_lora.cli.main import main
 
     tok = Tokenizer(models.WordLevel({"<unk>": 0, **{f"w{i}": i for i in range(1, 128)}}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -245,7 +245,7 @@ def test_finetune_xlora_trains_and_saves_peft_layout(ranks, finetuned, dirs, mon
 
 
 def test_xlora_flags_need_an_xlora_adapter(dirs, tmp_path):
-    from megatron_lora.generation import generate_from_dirs
+    from megatron_lora.runtime.generation import generate_from_dirs
 
     for flags in ({"scalings_out": str(tmp_path / "s.safetensors")}, {"xlora_scalings_once": True}):
         with pytest.raises(ValueError, match="need an X-LoRA --adapter"):

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
-from megatron_lora.checkpoint import (
+from megatron_lora.formats.checkpoint import (
     ShardReader,
     begin_write,
     checkpoint_config,
@@ -21,10 +21,10 @@ from megatron_lora.checkpoint import (
     write_shard,
 )
 from megatron_lora.config import LoraConfig
-from megatron_lora.gpt import real_vocab_size
-from megatron_lora.layout import ModelFacts, hf_module_name, megatron_module_name
-from megatron_lora.model import freeze_base, iter_linear_modules
-from parallel.lora_layers import AdapterSpec, Segment, _LoraMixin, add_lora_support
+from megatron_lora.model.gpt import real_vocab_size
+from megatron_lora.hf.layout import ModelFacts, hf_module_name, megatron_module_name
+from megatron_lora.model.lora import freeze_base, iter_linear_modules
+from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, _LoraMixin, add_lora_support
 
 
 def _tp() -> tuple[int, int]:

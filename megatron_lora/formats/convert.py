@@ -24,10 +24,10 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from megatron_lora.checkpoint import begin_write, finish_write, parse_key, replace_directory, shard_file
-from megatron_lora.hf_import import hf_model_facts, read_hf_config
-from megatron_lora.layout import HF_PROJECTIONS, ModelFacts, hf_module_name, megatron_module_name
-from megatron_lora.peft_format import (
+from megatron_lora.formats.checkpoint import begin_write, finish_write, parse_key, replace_directory, shard_file
+from megatron_lora.hf.importer import hf_model_facts, read_hf_config
+from megatron_lora.hf.layout import HF_PROJECTIONS, ModelFacts, hf_module_name, megatron_module_name
+from megatron_lora.formats.peft import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     TensorPlan,
@@ -37,7 +37,7 @@ from megatron_lora.peft_format import (
     load_any_adapter,
     peft_plan,
 )
-from megatron_lora.xlora_format import check_bundle, is_xlora_dir, read_xlora, write_megatron_xlora, write_peft_xlora
+from megatron_lora.formats.xlora import check_bundle, is_xlora_dir, read_xlora, write_megatron_xlora, write_peft_xlora
 
 #: --verify tolerance: max |logit diff| <= VERIFY_TOL x max |logit| (fp32).
 VERIFY_TOL = 1e-5
@@ -204,9 +204,9 @@ def verify(hf_dir: str | Path, peft_dir: str | Path, megatron_dir: str | Path, s
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from megatron_lora.distributed import init_distributed
-    from megatron_lora.generation import forward_logits
-    from megatron_lora.hf_import import load_hf_base
+    from megatron_lora.runtime.distributed import init_distributed
+    from megatron_lora.runtime.generation import forward_logits
+    from megatron_lora.hf.importer import load_hf_base
 
     init_distributed(1)
     model, facts = load_hf_base(hf_dir, torch.float32)

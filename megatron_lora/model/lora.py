@@ -10,8 +10,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
 from megatron_lora.config import LoraConfig
-from megatron_lora.layout import MODULE_PATH, ModelFacts, hf_module_name, megatron_module_name
-from parallel.lora_layers import AdapterSpec, Segment, add_lora_support, lora_layers
+from megatron_lora.hf.layout import MODULE_PATH, ModelFacts, hf_module_name, megatron_module_name
+from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, add_lora_support, lora_layers
 
 
 def iter_linear_modules(model: nn.Module) -> Iterator[tuple[str, int, str, nn.Module]]:

@@ -16,9 +16,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 from safetensors import SafetensorError
 
-from megatron_lora.files import open_safetensors, read_json
-from megatron_lora.gpt import build_gpt, gpt_config
-from megatron_lora.layout import ModelFacts, base_weight_sources, fuse_base, padded_vocab_size
+from megatron_lora.formats.files import open_safetensors, read_json
+from megatron_lora.model.gpt import build_gpt, gpt_config
+from megatron_lora.hf.layout import ModelFacts, base_weight_sources, fuse_base, padded_vocab_size
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -268,7 +268,7 @@ def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> tupl
 
     Call after :func:`megatron_lora.init_distributed` on every rank. The model is in eval
     mode; ``model.unpadded_vocab_size`` is the HF vocabulary (the output layer may carry
-    zero padding rows that :mod:`megatron_lora.generation` cuts off).
+    zero padding rows that :mod:`megatron_lora.runtime.generation` cuts off).
     """
     hf_config = read_hf_config(hf_dir)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()

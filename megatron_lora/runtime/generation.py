@@ -1,13 +1,13 @@
 """Tensor-parallel inference on a megatron-core GPTModel: full logits and KV-cache generation.
 
-Works on a GPTModel (with or without LoRA) and on an :class:`~megatron_lora.xlora.XLoraModel`.
+Works on a GPTModel (with or without LoRA) and on an :class:`~megatron_lora.model.xlora.XLoraModel`.
 X-LoRA decodes with two KV caches, one for the scaling pass and one for the scaled pass,
 so a new token costs two single-token passes and equals full recomputation; with
 ``xlora_scalings_once`` the prompt's last-token scalings are reused for every new token
 and decoding runs the scaled pass alone.
 
 Logits are gathered over TP and cut to the real vocabulary (``model.unpadded_vocab_size``,
-set by :func:`megatron_lora.hf_import.load_hf_base`), so vocabulary padding never reaches
+set by :func:`megatron_lora.hf.importer.load_hf_base`), so vocabulary padding never reaches
 the caller or the sampler. Every TP rank holds the same gathered logits and samples with the
 same seeded generator, so all ranks pick the same tokens.
 """
@@ -26,12 +26,12 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from safetensors.torch import save_file
 
-from megatron_lora.distributed import init_distributed
-from megatron_lora.gpt import positions_for, real_vocab_size
-from megatron_lora.hf_import import eos_token_ids, hf_model_facts, load_hf_base, read_hf_config
-from megatron_lora.peft_format import load_any_adapter
-from megatron_lora.xlora import XLoraModel, base_gpt
-from megatron_lora.xlora_format import detect_xlora_format, load_xlora
+from megatron_lora.runtime.distributed import init_distributed
+from megatron_lora.model.gpt import positions_for, real_vocab_size
+from megatron_lora.hf.importer import eos_token_ids, hf_model_facts, load_hf_base, read_hf_config
+from megatron_lora.formats.peft import load_any_adapter
+from megatron_lora.model.xlora import XLoraModel, base_gpt
+from megatron_lora.formats.xlora import detect_xlora_format, load_xlora
 
 
 def _check_length(model, length: int) -> None:

@@ -19,9 +19,9 @@ _INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from megatron_lora.convert import VERIFY_TOL, base_facts, convert, verify
-    from megatron_lora.peft_format import detect_format
-    from megatron_lora.xlora_format import is_xlora_dir
+    from megatron_lora.formats.convert import VERIFY_TOL, base_facts, convert, verify
+    from megatron_lora.formats.peft import detect_format
+    from megatron_lora.formats.xlora import is_xlora_dir
 
     facts = base_facts(args.base) if args.base else None
     if args.verify and is_xlora_dir(args.src):
@@ -77,7 +77,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from megatron_lora.convert import describe
+    from megatron_lora.formats.convert import describe
 
     info = describe(args.dir)
     if args.json:
@@ -141,7 +141,7 @@ def _ranges(values: list[int]) -> str:
 
 
 def _run_plot_scalings(args: argparse.Namespace) -> int:
-    from megatron_lora.plots import plot_scalings, read_scalings, token_labels
+    from megatron_lora.cli.plots import plot_scalings, read_scalings, token_labels
 
     scalings, ids = read_scalings(args.file)
     if args.input_ids is not None:

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from parallel.cpu import enable_cpu_execution
+from megatron_lora.parallel.cpu import enable_cpu_execution
 
 
 def init_distributed(
@@ -21,7 +21,7 @@ def init_distributed(
 
     Works under ``torchrun`` (reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT) and as a plain
     process (world size 1). Uses nccl with CUDA and gloo without; without CUDA, megatron-core
-    is switched to CPU execution (``parallel.cpu``).
+    is switched to CPU execution (``megatron_lora.parallel.cpu``).
     """
     cuda = torch.cuda.is_available()
     if not cuda:

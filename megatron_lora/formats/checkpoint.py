@@ -27,9 +27,9 @@ from typing import Callable, Iterable
 import torch
 from safetensors.torch import save_file
 
-from megatron_lora.files import json_field, open_safetensors, read_json
-from megatron_lora.layout import MODULE_PATH, ModelFacts, factor_split
-from parallel.lora_layers import shard_rows, unshard_rows
+from megatron_lora.formats.files import json_field, open_safetensors, read_json
+from megatron_lora.hf.layout import MODULE_PATH, ModelFacts, factor_split
+from megatron_lora.parallel.lora_layers import shard_rows, unshard_rows
 
 FORMAT = "megatron-lora"
 VERSION = 1

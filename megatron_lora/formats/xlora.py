@@ -38,7 +38,7 @@ files and such experts from the paths in ``adapters``.
                                 xlora_classifier.linears.{k}.weight / .bias (k = linear index)
     experts/<i>/                expert i as a megatron-lora LoRA checkpoint at the same TP
 
-Classifier shards follow ``parallel.xlora_classifier`` (counted from the last linear:
+Classifier shards follow ``megatron_lora.parallel.xlora_classifier`` (counted from the last linear:
 row-parallel, column-parallel, ...). Writers go through a temporary directory and rename.
 """
 
@@ -56,8 +56,8 @@ from megatron.core import parallel_state as ps
 from safetensors.torch import save_file
 from torch import nn
 
-from megatron_lora.adapters import model_facts, save_adapter
-from megatron_lora.checkpoint import (
+from megatron_lora.model.adapters import model_facts, save_adapter
+from megatron_lora.formats.checkpoint import (
     CONFIG_NAME,
     ShardReader,
     begin_write,
@@ -70,9 +70,9 @@ from megatron_lora.checkpoint import (
     write_checkpoint,
     write_shard,
 )
-from megatron_lora.files import open_safetensors, read_json, read_safetensors
-from megatron_lora.layout import PEFT_PREFIX, ModelFacts, segment_projection
-from megatron_lora.peft_format import (
+from megatron_lora.formats.files import open_safetensors, read_json, read_safetensors
+from megatron_lora.hf.layout import PEFT_PREFIX, ModelFacts, segment_projection
+from megatron_lora.formats.peft import (
     WEIGHTS_NAME,
     detect_format,
     megatron_to_peft,
@@ -80,8 +80,8 @@ from megatron_lora.peft_format import (
     peft_to_megatron,
     reshard,
 )
-from megatron_lora.xlora import XLoraConfig, XLoraModel, apply_xlora
-from parallel.xlora_classifier import check_tp, linear_shapes, linear_styles, shard_linear, unshard_linear
+from megatron_lora.model.xlora import XLoraConfig, XLoraModel, apply_xlora
+from megatron_lora.parallel.xlora_classifier import check_tp, linear_shapes, linear_styles, shard_linear, unshard_linear
 
 PEFT_CLASSIFIER = "base_model.internal_xlora_classifier.layers"
 XLORA_PACKAGE_CONFIG = "xlora_config.json"

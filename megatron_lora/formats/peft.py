@@ -23,11 +23,11 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from megatron_lora.adapters import add_adapter_from_reader, load_adapter, model_facts
-from megatron_lora.checkpoint import ShardReader, checkpoint_config, is_megatron_checkpoint, make_key, parse_key
+from megatron_lora.model.adapters import add_adapter_from_reader, load_adapter, model_facts
+from megatron_lora.formats.checkpoint import ShardReader, checkpoint_config, is_megatron_checkpoint, make_key, parse_key
 from megatron_lora.config import LoraConfig
-from megatron_lora.files import json_field, open_safetensors, read_json
-from megatron_lora.layout import (
+from megatron_lora.formats.files import json_field, open_safetensors, read_json
+from megatron_lora.hf.layout import (
     HF_PROJECTIONS,
     PEFT_PREFIX,
     PROJECTION,
@@ -38,7 +38,7 @@ from megatron_lora.layout import (
     parse_hf_module_name,
     split_shared_b,
 )
-from megatron_lora.model import freeze_base
+from megatron_lora.model.lora import freeze_base
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

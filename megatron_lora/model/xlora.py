@@ -33,12 +33,12 @@ from megatron.core import parallel_state as ps
 from torch import nn
 
 from megatron_lora.config import LoraConfig
-from megatron_lora.layout import HF_PROJECTIONS, ModelFacts, segment_projection
-from megatron_lora.model import enable_adapters, iter_linear_modules
-from megatron_lora.peft_format import load_any_adapter
-from parallel import collectives
-from parallel.lora_layers import _LoraMixin
-from parallel.xlora_classifier import ShardedXLoraClassifier
+from megatron_lora.hf.layout import HF_PROJECTIONS, ModelFacts, segment_projection
+from megatron_lora.model.lora import enable_adapters, iter_linear_modules
+from megatron_lora.formats.peft import load_any_adapter
+from megatron_lora.parallel import collectives
+from megatron_lora.parallel.lora_layers import _LoraMixin
+from megatron_lora.parallel.xlora_classifier import ShardedXLoraClassifier
 
 
 @dataclass

@@ -5,7 +5,7 @@
 * Fused rows: Megatron's ``linear_qkv`` at TP=1 is, per query group, ``[q heads of the
   group; k; v]``; rank j of N holds a contiguous chunk of groups. Gated ``linear_fc1`` at
   TP=1 is ``[gate; up]``; rank j holds ``[gate_j; up_j]`` (``blocks=2`` in
-  :func:`parallel.lora_layers.shard_rows`).
+  :func:`megatron_lora.parallel.lora_layers.shard_rows`).
 * LoRA factors: a column module keeps A replicated and B split by rows; a row module
   keeps A split by columns and B replicated. A per-projection segment's B is a contiguous
   row chunk of the PEFT B; a shared-A B is in the fused layout above.
@@ -124,7 +124,7 @@ class ModelFacts:
         }[proj]
 
     def segment_geometry(self, module: str, proj: Optional[str], tp: int) -> dict:
-        """Rows a segment writes in the TP-local output (see ``parallel.lora_layers.Segment``).
+        """Rows a segment writes in the TP-local output (see ``megatron_lora.parallel.lora_layers.Segment``).
 
         ``proj`` None means one shared-A segment over the whole module.
         """

@@ -1,7 +1,7 @@
 """The main job: LoRA fine-tuning of a megatron-core GPT at any tensor-parallel size.
 
 :func:`finetune` builds a base model (a small random GPT, or an HF model imported with
-:func:`megatron_lora.hf_import.load_hf_base`), adds trainable adapters, trains them with
+:func:`megatron_lora.hf.importer.load_hf_base`), adds trainable adapters, trains them with
 AdamW on a deterministic synthetic task and saves them with
 :func:`megatron_lora.save_adapter`. It runs under ``torchrun`` and as one plain process.
 
@@ -31,14 +31,14 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import nn
 
-from megatron_lora.adapters import save_adapter
+from megatron_lora.model.adapters import save_adapter
 from megatron_lora.config import LoraConfig
-from megatron_lora.distributed import init_distributed
-from megatron_lora.gpt import build_gpt, gpt_config, positions_for, real_vocab_size
-from megatron_lora.layout import HF_PROJECTIONS
-from megatron_lora.model import add_adapters, apply_lora, trainable_parameters_report
-from megatron_lora.xlora import XLoraConfig, XLoraModel, apply_xlora, base_gpt
-from megatron_lora.xlora_format import read_xlora, save_xlora, write_peft_xlora
+from megatron_lora.runtime.distributed import init_distributed
+from megatron_lora.model.gpt import build_gpt, gpt_config, positions_for, real_vocab_size
+from megatron_lora.hf.layout import HF_PROJECTIONS
+from megatron_lora.model.lora import add_adapters, apply_lora, trainable_parameters_report
+from megatron_lora.model.xlora import XLoraConfig, XLoraModel, apply_xlora, base_gpt
+from megatron_lora.formats.xlora import read_xlora, save_xlora, write_peft_xlora
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_OUT = "out/finetune-adapter"
@@ -98,7 +98,7 @@ def build_base(options: FinetuneOptions) -> nn.Module:
     """The frozen-to-be base model: imported from ``options.base`` or a small random GPT."""
     dtype = DTYPES[options.dtype]
     if options.base is not None:
-        from megatron_lora.hf_import import load_hf_base
+        from megatron_lora.hf.importer import load_hf_base
 
         model, _ = load_hf_base(options.base, dtype)
         return model

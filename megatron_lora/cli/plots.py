@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_lora.files import read_safetensors
+from megatron_lora.formats.files import read_safetensors
 
 
 def read_scalings(path: str | Path) -> tuple[torch.Tensor, Optional[list[int]]]:

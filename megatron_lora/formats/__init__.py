@@ -1,0 +1,1 @@
+"""Adapter files: megatron-lora checkpoints, PEFT LoRA and X-LoRA directories, conversion."""

@@ -1,0 +1,1 @@
+"""Running models: distributed set-up, generation, training."""
