@@ -105,7 +105,8 @@ def _xlora_run(world, dtype, mode):
     col.extra_terms.append(XLoraMixing(col, _FixedScalings(scalings), ["default", "e1"], {"x": 0}))
     x = torch.randn(TOKENS, IN, generator=torch.Generator().manual_seed(8)).to(dtype)
     with _FloatCasts() as casts:
-        y = _full(col(x)[0].detach(), 1).float()
+        y = col(x)[0]
+    y = _full(y.detach(), 1).float()
     xf, s = x.float(), scalings.float()
     ref = F.linear(xf, _full(col.weight, 0).float(), _full(col.bias, 0).float())
     for i, (name, scaling) in enumerate((("default", SCALE), ("e1", 0.5))):
