@@ -210,6 +210,19 @@ def _saved_bytes(world, shard):
     return sum(storages.values())
 
 
+def _generator_draw(world):
+    """An adapter drawn from a seeded generator: the TP-split factors are slices of the TP=1
+    draw from the same seed, whatever the default RNG's state."""
+    from parallel.lora_layers import AdapterSpec, Segment, _initial_factors
+
+    col, _ = _layers(world, False)
+    seg = Segment(name="x", r=R, scaling=SCALE, width=OUT // world)
+    torch.manual_seed(torch.distributed.get_rank())  # the default RNG differs per rank
+    col.add_adapter("seeded", AdapterSpec((seg,), init=False), generator=torch.Generator().manual_seed(11))
+    a, b = _initial_factors(seg, IN, OUT, False, torch.float32, torch.Generator().manual_seed(11))
+    return torch.equal(col.lora_A["seeded"]["x"].detach(), a) and torch.equal(_full(col.lora_B["seeded"]["x"], 0), b)
+
+
 def _checks(rank, world):
     from megatron.core import parallel_state as ps
 
@@ -224,6 +237,7 @@ def _checks(rank, world):
     out["comm_layer_sp"] = {(t, l): _layer_comm(world, t, l) for t in (8, 16) for l in (False, True)}
     out["comm_layer_sp_shard"] = {t: _layer_comm(world, t, True, shard=True) for t in (8, 16)}
     out["saved_bytes"] = {shard: _saved_bytes(world, shard) for shard in (False, True)}
+    out["generator_draw"] = _generator_draw(world)
 
     # Column dropout: the same mask on every TP rank, so TP=2 equals the full-tensor math
     # under the same default-RNG seed.
@@ -308,6 +322,10 @@ def test_sp_shard_input_saves_tp_times_less_input(results):
         saved = r["saved_bytes"]
         # The [tokens, in] fp32 input: the whole of it, or this rank's half.
         assert saved[False] - saved[True] == SAVED_TOKENS * IN * 4 // 2, saved
+
+
+def test_add_adapter_draws_from_the_given_generator(results):
+    assert all(r["generator_draw"] for r in results)
 
 
 def test_column_dropout_same_mask_on_all_ranks(results):
