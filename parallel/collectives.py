@@ -4,7 +4,8 @@ These are megatron-core's own region mappings; LoRA adds no activation collectiv
 own. The base layer's single input-gradient reduction (column) or output reduction (row)
 carries the LoRA term too, and the only extra communication is the parameter-gradient sum
 of a replicated LoRA factor (size r x hidden per layer and backward pass, independent of
-the number of tokens).
+the number of tokens) and, under sequence parallelism when a column layer keeps only its
+input shard, one reduce-scatter of the rank-r term ``[tokens, sum r]`` per backward pass.
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def replicated_factor(weight: torch.Tensor, group) -> torch.Tensor:
 def all_gather_rows(t: torch.Tensor, group) -> torch.Tensor:
     """Concatenate each rank's tensor along dim 0 (no autograd; for checkpoint I/O)."""
     return mappings._gather_along_first_dim(t.contiguous(), group)
+
+
+def reduce_scatter_rows(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum ``t`` over ranks and keep this rank's chunk of dim 0 (no autograd; a LoRA
+    layer's backward under sequence parallelism)."""
+    out = t.new_empty(t.shape[0] // torch.distributed.get_world_size(group), *t.shape[1:])
+    torch.distributed.reduce_scatter_tensor(out, t.contiguous(), group=group)
+    return out
 
 
 def send_to_next_stage(t: torch.Tensor, next_rank: int) -> None:

@@ -11,17 +11,39 @@ segment per original projection. Rows are described generically: the local outpu
 viewed as ``[groups, period]`` and the segment writes ``[offset, offset + width)`` of every
 period. Which rows those are for a given model is decided by the caller (``megatron_lora``).
 
-Math (DESIGN 2): column layers hold A replicated and B split like W; row layers hold A
-split like W and B replicated. The LoRA term joins the base layer's own collective, so no
-activation collective is added.
+Math: column layers hold A replicated and B split like W; row layers hold A split like W
+and B replicated. The LoRA term joins the base layer's own collective, so no activation
+collective is added.
+
+Precision, one rule (:class:`LoraComputeDtype`, the layer's ``lora_compute_dtype``):
+
+- ``"base"`` (the default; training): the small factors are cast to the activations' dtype,
+  the activations never are. A and B stay parameters in their own dtype (fp32 from
+  ``apply_lora``) and their gradients reach them in it. On a bf16 base the LoRA GEMMs run in
+  bf16 (tolerance against the fp32 math: ``tests/test_precision.py``).
+- ``"fp32"`` (PEFT's rule, for ``convert --verify``, generation and equality checks):
+  half-precision factors are upcast to fp32 and the activations cast to the factors' dtype;
+  the LoRA term is added to the base output in that dtype and rounded once. Equal to
+  HF + PEFT, whose default upcasts half-precision adapter weights to fp32.
+
+On an fp32 base with fp32 or half-precision factors the two modes compute the same thing.
+
+Sequence parallelism: a column layer's LoRA needs its gathered ``[tokens, in]`` input only
+for A's gradient. With ``lora_sp_shard_input`` (the default) it keeps only this rank's
+``[tokens / TP, in]`` shard and, in backward, reduce-scatters the rank-r term
+``g B`` (``[tokens, sum r]``) instead: one extra collective of ``tokens x sum r`` elements
+per column layer and backward pass, TP times less saved input. Off: the gathered input is
+saved and no collective is added.
+
+X-LoRA and other mixtures plug in through ``extra_terms`` (see ``parallel.xlora_mixing``).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import enum
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,25 +101,50 @@ def unshard_rows(shards: Sequence[torch.Tensor], blocks: int) -> torch.Tensor:
     return torch.cat([p[b] for b in range(blocks) for p in parts], 0)
 
 
-def _kaiming_uniform(rows: int, fan_in: int, dtype: torch.dtype) -> torch.Tensor:
+class LoraComputeDtype(str, enum.Enum):
+    """The dtype LoRA's small GEMMs run in (see the module docstring)."""
+
+    #: PEFT's rule: half-precision factors upcast to fp32, activations cast to the factors.
+    FP32 = "fp32"
+    #: The base's rule: factors cast to the activations' dtype.
+    BASE = "base"
+
+
+def compute_dtype(mode: LoraComputeDtype, factor: torch.dtype, activation: torch.dtype) -> torch.dtype:
+    """The dtype of the LoRA term for factors of dtype ``factor`` on activations of ``activation``."""
+    if mode == LoraComputeDtype.BASE:
+        return activation
+    return torch.float32 if factor in (torch.float16, torch.bfloat16) else factor
+
+
+def _kaiming_uniform(rows: int, fan_in: int, dtype: torch.dtype, generator: torch.Generator | None) -> torch.Tensor:
     # nn.Linear's default (kaiming_uniform with a=sqrt(5)): bound = 1/sqrt(fan_in).
     bound = 1.0 / math.sqrt(fan_in)
-    return torch.empty(rows, fan_in, dtype=dtype).uniform_(-bound, bound)
+    return torch.empty(rows, fan_in, dtype=dtype).uniform_(-bound, bound, generator=generator)
 
 
-def _initial_factors(seg: Segment, full_in: int, full_out: int, init: bool | str, dtype):
-    """Full-shape (TP=1) A [r, in] and B [out, r], drawn from the default RNG as PEFT does."""
+def _initial_factors(seg: Segment, full_in: int, full_out: int, init: bool | str, dtype, generator=None):
+    """Full-shape (TP=1) A [r, in] and B [out, r], drawn on the CPU from ``generator`` (None:
+    the default RNG, as PEFT does), so every TP layout and device starts from the same values."""
     if init == "gaussian":
-        a = torch.empty(seg.r, full_in, dtype=dtype).normal_(0.0, 1.0 / seg.r)
+        a = torch.empty(seg.r, full_in, dtype=dtype).normal_(0.0, 1.0 / seg.r, generator=generator)
     elif init is True or init is False:
-        a = _kaiming_uniform(seg.r, full_in, dtype)
+        a = _kaiming_uniform(seg.r, full_in, dtype, generator)
     else:
         raise ValueError(f"init_lora_weights={init!r} is not supported (True, False, 'gaussian')")
-    b = _kaiming_uniform(full_out, seg.r, dtype) if init is False else torch.zeros(full_out, seg.r, dtype=dtype)
+    if init is False:
+        b = _kaiming_uniform(full_out, seg.r, dtype, generator)
+    else:
+        b = torch.zeros(full_out, seg.r, dtype=dtype)
     return a, b
 
 
-class _LoraMixin:
+#: An extra term of a LoRA layer: ``term(layer, x2, out2) -> out2`` adds to the layer's
+#: [tokens, out_local] output (in place or not) from its [tokens, in_local] input.
+ExtraTerm = Callable[["LoraLayer", torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LoraLayer:
     """Adapter bookkeeping and math shared by the column and row LoRA layers."""
 
     #: "column": A replicated, B split; "row": A split, B replicated.
@@ -111,16 +158,22 @@ class _LoraMixin:
         self.lora_disabled = False
         self.merged_adapters: list[str] = []
         self._merge_fixups: dict[str, list] = {}
-        #: X-LoRA: an object with ``experts`` (adapter names, expert order) and
-        #: ``for_layer(index)`` -> per-token scalings [tokens, n_experts] (None when all are
-        #: zero, so the experts are skipped); None for plain LoRA.
-        self.xlora_source = None
-        #: X-LoRA layer index of each segment name (each fused segment has its own).
-        self.xlora_layer_index: dict[str, int] = {}
+        self.lora_compute_dtype = LoraComputeDtype.BASE
+        self.lora_sp_shard_input = True
+        #: Terms added after the active adapters' (X-LoRA's mixing of its experts); skipped
+        #: while the adapters are disabled.
+        self.extra_terms: list[ExtraTerm] = []
 
     # -- adapters ---------------------------------------------------------------------
-    def add_adapter(self, name: str, spec: AdapterSpec, dtype: torch.dtype | None = None) -> None:
-        """Add adapter ``name`` (active), its split factors slices of a full-shape init."""
+    def add_adapter(
+        self,
+        name: str,
+        spec: AdapterSpec,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Add adapter ``name`` (active), its split factors slices of a full-shape init
+        drawn from ``generator`` (None: the default RNG)."""
         if name in self.lora_specs:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         tp, world = self._tp_rank_world()
@@ -131,7 +184,7 @@ class _LoraMixin:
             self._check_segment(seg, world)
             full_in = self.input_size
             full_out = seg.local_rows * (world if self.parallel_mode == "column" else 1)
-            a, b = _initial_factors(seg, full_in, full_out, spec.init, dtype)
+            a, b = _initial_factors(seg, full_in, full_out, spec.init, dtype, generator)
             if self.parallel_mode == "column":
                 b = shard_rows(b, seg.blocks, tp, world)
             else:
@@ -170,7 +223,8 @@ class _LoraMixin:
         return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
 
     # -- forward ------------------------------------------------------------------------
-    def _lora_input(self, x: torch.Tensor, p: float) -> torch.Tensor:
+    def lora_input(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """``x`` after LoRA dropout ``p`` (in training)."""
         if not self.training or p == 0.0:
             return x
         if self.parallel_mode == "column":
@@ -179,77 +233,46 @@ class _LoraMixin:
         with get_cuda_rng_tracker().fork():
             return F.dropout(x, p, True)
 
-    def _factors(self, adapter: str, seg: Segment) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, adapter: str, seg: Segment, activation: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one segment as the LoRA term uses them: replicated factors sum their
+        gradient over TP (in the parameters' dtype), then both are cast to the compute dtype."""
         a, b = self.lora_A[adapter][seg.name], self.lora_B[adapter][seg.name]
         if self.parallel_mode == "column":
-            return collectives.replicated_factor(a, self.tp_group), b
-        return a, collectives.replicated_factor(b, self.tp_group)
+            a = collectives.replicated_factor(a, self.tp_group)
+        else:
+            b = collectives.replicated_factor(b, self.tp_group)
+        dtype = compute_dtype(self.lora_compute_dtype, a.dtype, activation)
+        return a.to(dtype), b.to(dtype)
 
-    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x W^T (+ bias) with the LoRA terms added, computed on [tokens, features]."""
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None, x_shard: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ bias) with the LoRA and extra terms added, computed on [tokens, features].
+
+        ``x_shard``: this rank's sequence-parallel rows of ``x`` (kept for backward instead of x).
+        """
         x2 = _flat(x)
         if self.lora_disabled:
             out = F.linear(x2, self.weight, bias)
-        elif self.xlora_source is not None:
-            out = self._add_xlora(F.linear(x2, self.weight, bias), x2)
         else:
-            out = self._lora_linear(x2, bias)
+            out = self._lora_linear(x2, bias, None if x_shard is None else _flat(x_shard))
+            for term in self.extra_terms:
+                out = term(self, x2, out)
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _lora_linear(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _lora_linear(self, x2: torch.Tensor, bias: torch.Tensor | None, x_shard: torch.Tensor | None) -> torch.Tensor:
         """x W^T (+ bias) + sum over active adapters and segments of s * (x A^T) B^T."""
         segments, inputs, a_s, b_s = [], [], [], []
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
             spec = self.lora_specs[name]
-            xin = self._lora_input(x2, spec.dropout)
+            xin = self.lora_input(x2, spec.dropout)
             for seg in spec.segments:
-                a, b = self._factors(name, seg)
+                a, b = self.factors(name, seg, x2.dtype)
                 segments.append(seg), inputs.append(xin), a_s.append(a), b_s.append(b)
         if not segments:
             return F.linear(x2, self.weight, bias)
-        return _LinearWithLora.apply(x2, self.weight, bias, tuple(segments), *inputs, *a_s, *b_s)
-
-    def _add_xlora(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """out += sum_i s_i S_i(token, layer) (x A_i^T) B_i^T per segment (DESIGN 5).
-
-        Without active dropout the experts of a segment are stacked: one GEMM with the
-        [sum r, in] stacked A, per-token scaling of each expert's r columns, one GEMM with
-        the [out, sum r] stacked B. With active dropout each expert draws its own mask.
-        """
-        if self.merged_adapters:
-            raise ValueError("X-LoRA cannot run with merged adapters: call unmerge_lora first")
-        source = self.xlora_source
-        out2, x2 = _flat(out), _flat(x)
-        for seg_name, index in self.xlora_layer_index.items():
-            experts = [
-                (i, name, seg)
-                for i, name in enumerate(source.experts)
-                if name in self.lora_specs
-                for seg in self.lora_specs[name].segments
-                if seg.name == seg_name
-            ]
-            if not experts:
-                continue
-            scalings = source.for_layer(index)  # [tokens, n_experts], None: all zero
-            if scalings is None:
-                continue
-            seg0 = dataclasses.replace(experts[0][2], scaling=1.0)
-            factors = [self._factors(name, seg) for _, name, seg in experts]
-            coef = [scalings[:, i : i + 1] * seg.scaling for i, _, seg in experts]
-            dropouts = [self.lora_specs[name].dropout for _, name, _ in experts]
-            if self.training and any(p > 0.0 for p in dropouts):
-                for (a, b), c, p in zip(factors, coef, dropouts):
-                    h = F.linear(self._lora_input(x2, p).to(a.dtype), a) * c.to(a.dtype)
-                    _add_rows(out2, seg0, h, b)
-                continue
-            a = torch.cat([a for a, _ in factors], 0)
-            b = torch.cat([b for _, b in factors], 1)
-            ranks = torch.tensor([f[0].shape[0] for f in factors], device=x2.device)
-            h = F.linear(x2.to(a.dtype), a) * torch.cat(coef, 1).to(a.dtype).repeat_interleave(ranks, 1)
-            _add_rows(out2, seg0, h, b)
-        return out2.view(out.shape)
+        group = self.tp_group if x_shard is not None else None
+        return _LinearWithLora.apply(x2, x_shard, self.weight, bias, tuple(segments), group, *inputs, *a_s, *b_s)
 
     # -- merge --------------------------------------------------------------------------
     @torch.no_grad()
@@ -335,21 +358,31 @@ class _LinearWithLora(torch.autograd.Function):
     forward ops as the plain composition; one autograd node saves, for each term whose input
     is ``x``, a separate [tokens, in] input-gradient sum (its ``gh A`` is added into the
     base's ``g W`` with addmm_), and writes into output rows without autograd view copies.
-    Arguments after ``segments``: the n inputs x_k, the n A's, the n B's.
+
+    ``x_shard`` (sequence parallelism, else None): this rank's rows of ``x``; then only the
+    rows of this rank of every input are saved, the ``gh`` terms are reduce-scattered over
+    ``group`` for A's gradients, and ``x`` is re-gathered only if W needs a gradient.
+    Arguments after ``group``: the n inputs x_k, the n A's, the n B's.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, segments, *tensors):
+    def forward(ctx, x, x_shard, weight, bias, segments, group, *tensors):
         n = len(segments)
         inputs, a_s, b_s = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
         out = F.linear(x, weight, bias)
         hs = []
         for seg, xin, a, b in zip(segments, inputs, a_s, b_s):
             hs.append(F.linear(xin.to(a.dtype), a))
-            _add_rows(out, seg, hs[-1], b)
+            add_rows(out, seg, hs[-1], b)
         ctx.segments = segments
         ctx.has_bias = bias is not None
         ctx.input_is_x = [xin is x for xin in inputs]
+        ctx.group = group
+        if x_shard is not None:
+            rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+            # A copy, so the gathered dropped-out input is not kept alive by a view.
+            inputs = [x_shard if is_x else xin.chunk(world, 0)[rank].clone() for xin, is_x in zip(inputs, ctx.input_is_x)]
+            x = x_shard
         ctx.save_for_backward(x, weight, *inputs, *a_s, *b_s, *hs)
         return out
 
@@ -358,18 +391,29 @@ class _LinearWithLora(torch.autograd.Function):
         n = len(ctx.segments)
         x, weight, *rest = ctx.saved_tensors
         inputs, a_s, b_s, hs = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n], rest[3 * n :]
-        need = ctx.needs_input_grad[4:]  # of inputs, A's, B's
+        need = ctx.needs_input_grad[6:]  # of inputs, A's, B's
+        sharded = ctx.group is not None
         grad_x = g.mm(weight) if ctx.needs_input_grad[0] else None
-        grad_w = g.t().mm(x) if ctx.needs_input_grad[1] else None
-        grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            grad_w = g.t().mm(collectives.all_gather_rows(x, ctx.group) if sharded else x)
+        grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         grad_in, grad_a, grad_b = [None] * n, [None] * n, [None] * n
-        for k, (seg, xin, a, b, h) in enumerate(zip(ctx.segments, inputs, a_s, b_s, hs)):
+        ghs = []
+        for k, (seg, b, h) in enumerate(zip(ctx.segments, b_s, hs)):
             gs = _rows(g, seg).to(b.dtype)  # gradient of this term's output rows
-            gh = gs.mm(b).mul_(seg.scaling)  # gradient of h = x_k A^T
+            ghs.append(gs.mm(b).mul_(seg.scaling))  # gradient of h = x_k A^T
             if need[2 * n + k]:
                 grad_b[k] = gs.t().mm(h).mul_(seg.scaling)
+        # A's gradient: gh^T x_k. gh is a partial sum over TP; under sequence parallelism the
+        # reduce-scatter completes this rank's rows, and A's TP gradient sum adds the rows up.
+        gh_rows = ghs
+        if sharded and any(need[n : 2 * n]):
+            ranks = [gh.shape[1] for gh in ghs]
+            gh_rows = collectives.reduce_scatter_rows(torch.cat(ghs, 1), ctx.group).split(ranks, 1)
+        for k, (xin, a, gh) in enumerate(zip(inputs, a_s, ghs)):
             if need[n + k]:
-                grad_a[k] = gh.t().mm(xin.to(a.dtype))
+                grad_a[k] = gh_rows[k].t().to(a.dtype).mm(xin.to(a.dtype))
             if ctx.input_is_x[k]:
                 if grad_x is not None and grad_x.dtype == gh.dtype:
                     grad_x.addmm_(gh, a)
@@ -377,7 +421,7 @@ class _LinearWithLora(torch.autograd.Function):
                     grad_x.add_(gh.mm(a).to(grad_x.dtype))
             elif need[k]:
                 grad_in[k] = gh.mm(a).to(xin.dtype)
-        return (grad_x, grad_w, grad_bias, None, *grad_in, *grad_a, *grad_b)
+        return (grad_x, None, grad_w, grad_bias, None, None, *grad_in, *grad_a, *grad_b)
 
 
 def _rows(t: torch.Tensor, seg: Segment) -> torch.Tensor:
@@ -394,22 +438,30 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
-def _add_rows(out2: torch.Tensor, seg: Segment, h: torch.Tensor, b: torch.Tensor) -> None:
-    """out2[:, rows of seg] += scaling * h @ b^T, in place (out2 is [tokens, out_local])."""
+def add_rows(out2: torch.Tensor, seg: Segment, h: torch.Tensor, b: torch.Tensor) -> None:
+    """out2[:, rows of seg] += scaling * h @ b^T, in place (out2 is [tokens, out_local]).
+
+    A term in another dtype than the output is added in the wider dtype and rounded once,
+    as PEFT adds an fp32 LoRA term to a half-precision base output.
+    """
     whole = seg.groups == 1 and seg.width == out2.shape[1]
     if whole and out2.dtype == h.dtype:
         out2.addmm_(h, b.t(), alpha=seg.scaling)
         return
     delta = F.linear(h, b)
     if whole:
-        out2.add_(delta.to(out2.dtype), alpha=seg.scaling)
-        return
-    period = seg.period or out2.shape[1]
-    rows = out2.view(out2.shape[0], seg.groups, period)[:, :, seg.offset : seg.offset + seg.width]
-    rows.add_(delta.view(rows.shape).to(out2.dtype), alpha=seg.scaling)
+        rows = out2
+    else:
+        period = seg.period or out2.shape[1]
+        rows = out2.view(out2.shape[0], seg.groups, period)[:, :, seg.offset : seg.offset + seg.width]
+        delta = delta.view(rows.shape)
+    if delta.dtype == out2.dtype:
+        rows.add_(delta, alpha=seg.scaling)
+    else:
+        rows.copy_(torch.add(rows, delta, alpha=seg.scaling))
 
 
-class LoraColumnParallelLinear(_LoraMixin, ColumnParallelLinear):
+class LoraColumnParallelLinear(LoraLayer, ColumnParallelLinear):
     """ColumnParallelLinear with LoRA adapters: A replicated, B split like W."""
 
     parallel_mode = "column"
@@ -424,13 +476,14 @@ class LoraColumnParallelLinear(_LoraMixin, ColumnParallelLinear):
             raise NotImplementedError("LoRA on a column layer with an external weight or expert comm")
         x = collectives.column_input(input_, self.sequence_parallel, self.tp_group)
         bias = self.bias if not self.skip_bias_add else None
-        out = self._linear(x, bias)
+        shard = self.sequence_parallel and self.lora_sp_shard_input and self.tp_group.size() > 1
+        out = self._linear(x, bias, input_ if shard else None)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         out = collectives.column_output(out, gather, self.tp_group)
         return out, (self.bias if self.skip_bias_add else None)
 
 
-class LoraRowParallelLinear(_LoraMixin, RowParallelLinear):
+class LoraRowParallelLinear(LoraLayer, RowParallelLinear):
     """RowParallelLinear with LoRA adapters: A split like W, B replicated."""
 
     parallel_mode = "row"
@@ -459,7 +512,7 @@ LORA_CLASSES: dict[type, type] = {
 }
 
 
-def add_lora_support(module: nn.Module) -> _LoraMixin:
+def add_lora_support(module: nn.Module) -> LoraLayer:
     """Turn a ColumnParallelLinear / RowParallelLinear into its LoRA subclass, in place.
 
     Parameters, buffers, hooks and state-dict keys stay as they are; the instance only
@@ -477,5 +530,20 @@ def add_lora_support(module: nn.Module) -> _LoraMixin:
     return module
 
 
-def lora_layers(model: nn.Module) -> Iterable[tuple[str, _LoraMixin]]:
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, _LoraMixin))
+def lora_layers(model: nn.Module) -> Iterable[tuple[str, LoraLayer]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer))
+
+
+def configure_lora_layers(
+    model: nn.Module,
+    compute_dtype: LoraComputeDtype | str | None = None,
+    sp_shard_input: bool | None = None,
+) -> nn.Module:
+    """Set every LoRA layer's precision mode and sequence-parallel input saving (None: keep)."""
+    mode = None if compute_dtype is None else LoraComputeDtype(compute_dtype)
+    for _, layer in lora_layers(model):
+        if mode is not None:
+            layer.lora_compute_dtype = mode
+        if sp_shard_input is not None:
+            layer.lora_sp_shard_input = sp_shard_input
+    return model

@@ -12,7 +12,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_lora.hf.layout import ModelFacts, hf_module_name, megatron_full_to_hf
 from megatron_lora.model.lora import iter_linear_modules
-from megatron_lora.parallel.lora_layers import _LoraMixin, unshard_rows
+from megatron_lora.parallel.lora_layers import LoraLayer, unshard_rows
 
 TOL = 1e-5  # max |diff| <= TOL * max |logit| (fp32)
 
@@ -72,7 +72,7 @@ def _full_factors(model, adapter: str, value) -> dict[str, tuple[torch.Tensor, t
     """HF module name -> full (value(A), value(B)) of every per-projection segment."""
     out = {}
     for _, layer, kind, module in iter_linear_modules(model):
-        if not isinstance(module, _LoraMixin) or adapter not in module.lora_specs:
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_specs:
             continue
         for seg in module.lora_specs[adapter].segments:
             a = value(module.lora_A[adapter][seg.name])

@@ -1,5 +1,6 @@
-"""Layer-level LoRA at TP=2 (real megatron-core over gloo): sequence parallelism, dropout,
-bf16 bases, and a count of every collective against the base model.
+"""Layer-level LoRA at TP=2 (real megatron-core over gloo): sequence parallelism (saving the
+gathered input or only this rank's shard), dropout, bf16 bases, a count of every
+collective against the base model, and the memory autograd saves under sequence parallelism.
 
 References are plain single-device math on the full weights: y = x W^T + b + s (x A^T) B^T.
 Tolerance: max |diff| <= 1e-5 x max |reference| (fp32).
@@ -21,7 +22,7 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def _layers(world, sequence_parallel, dtype=torch.float32, dropout=0.0):
+def _layers(world, sequence_parallel, dtype=torch.float32, dropout=0.0, shard=True):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     from megatron_lora.model.gpt import gpt_config
@@ -40,6 +41,7 @@ def _layers(world, sequence_parallel, dtype=torch.float32, dropout=0.0):
         layer.bias.requires_grad_(False)
         spec = AdapterSpec((Segment(name="x", r=R, scaling=SCALE, width=out_local),), dropout=dropout, init=False)
         add_lora_support(layer).add_adapter("default", spec)
+        layer.lora_sp_shard_input = shard
     return col, row
 
 
@@ -67,9 +69,10 @@ def _gather_and_scatter_paths(rank, world):
             "bias_returned": torch.equal(h_bias.detach(), col.bias.detach()) and y_bias is None}
 
 
-def _sp_and_grads(rank, world, sequence_parallel):
+def _sp_and_grads(rank, world, sequence_parallel, shard=True, train_base=False):
     """Column then row layer (an MLP without activation) vs the full-weight math."""
-    col, row = _layers(world, sequence_parallel)
+    col, row = _layers(world, sequence_parallel, shard=shard)
+    col.weight.requires_grad_(train_base)
     s, b = 8, 2
     x_full = torch.randn(s, b, IN, generator=torch.Generator().manual_seed(4))
     g_full = torch.randn(s, b, IN, generator=torch.Generator().manual_seed(5))
@@ -91,7 +94,12 @@ def _sp_and_grads(rank, world, sequence_parallel):
     (yr * g_full).sum().backward()
     y_full = torch.cat([t for t in [_full(y, 0)]], 0) if sequence_parallel else y.detach()
     gx = _full(x.grad, 0) if sequence_parallel else x.grad
-    return {
+    extra = {}
+    if train_base:
+        xr2 = x_full.reshape(-1, IN)
+        gh = g_full.reshape(-1, IN).mm(W2 + SCALE * B2.detach().mm(_full(A2, 1)))
+        extra["grad_W1"] = _rel(_full(col.weight.grad, 0), gh.t().mm(xr2))
+    return extra | {
         "y": _rel(y_full, yr.detach()),
         "grad_x": _rel(gx, xr.grad),
         "grad_A1": _rel(A1.grad, ref["A1"].grad),
@@ -137,7 +145,7 @@ class _CommLog:
             setattr(owner, attr, fn)
 
     def summary(self):
-        return len(self.calls), sum(n for _, n in self.calls)
+        return len(self.calls), sum(n for _, n in self.calls), tuple(self.calls)
 
 
 def _comm_of(run):
@@ -170,8 +178,8 @@ def _model_comm(world, tokens, lora):
     return _comm_of(run)
 
 
-def _layer_comm(world, tokens, lora):
-    col, row = _layers(world, sequence_parallel=True)
+def _layer_comm(world, tokens, lora, shard=False):
+    col, row = _layers(world, sequence_parallel=True, shard=shard)
     if not lora:
         for layer in (col, row):
             layer.lora_disabled = True
@@ -183,6 +191,38 @@ def _layer_comm(world, tokens, lora):
     return _comm_of(run)
 
 
+SAVED_TOKENS = 256
+
+
+def _saved_bytes(world, shard):
+    """Bytes of the distinct storages autograd saves in a sequence-parallel column layer's
+    forward (frozen base, trainable LoRA, input requiring grad)."""
+    col, _ = _layers(world, sequence_parallel=True, shard=shard)
+    x = torch.randn(SAVED_TOKENS // world, 1, IN, requires_grad=True)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        col(x)
+    return sum(storages.values())
+
+
+def _generator_draw(world):
+    """An adapter drawn from a seeded generator: the TP-split factors are slices of the TP=1
+    draw from the same seed, whatever the default RNG's state."""
+    from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, _initial_factors
+
+    col, _ = _layers(world, False)
+    seg = Segment(name="x", r=R, scaling=SCALE, width=OUT // world)
+    torch.manual_seed(torch.distributed.get_rank())  # the default RNG differs per rank
+    col.add_adapter("seeded", AdapterSpec((seg,), init=False), generator=torch.Generator().manual_seed(11))
+    a, b = _initial_factors(seg, IN, OUT, False, torch.float32, torch.Generator().manual_seed(11))
+    return torch.equal(col.lora_A["seeded"]["x"].detach(), a) and torch.equal(_full(col.lora_B["seeded"]["x"], 0), b)
+
+
 def _checks(rank, world):
     from megatron.core import parallel_state as ps
 
@@ -190,9 +230,14 @@ def _checks(rank, world):
 
     init_distributed(world, seed=3)
     out = {"plain": _sp_and_grads(rank, world, False), "sp": _sp_and_grads(rank, world, True),
+           "sp_gathered": _sp_and_grads(rank, world, True, shard=False),
+           "sp_train_base": _sp_and_grads(rank, world, True, train_base=True),
            "paths": _gather_and_scatter_paths(rank, world)}
     out["comm_model"] = {(t, l): _model_comm(world, t, l) for t in (8, 16) for l in (False, True)}
     out["comm_layer_sp"] = {(t, l): _layer_comm(world, t, l) for t in (8, 16) for l in (False, True)}
+    out["comm_layer_sp_shard"] = {t: _layer_comm(world, t, True, shard=True) for t in (8, 16)}
+    out["saved_bytes"] = {shard: _saved_bytes(world, shard) for shard in (False, True)}
+    out["generator_draw"] = _generator_draw(world)
 
     # Column dropout: the same mask on every TP rank, so TP=2 equals the full-tensor math
     # under the same default-RNG seed.
@@ -229,10 +274,11 @@ def results():
     return run_ranks(_checks, 2)
 
 
-@pytest.mark.parametrize("mode", ["plain", "sp"])
+@pytest.mark.parametrize("mode", ["plain", "sp", "sp_gathered", "sp_train_base"])
 def test_column_row_pair_matches_full_math(results, mode):
     for r in results:
-        for key in ("y", "grad_x", "grad_A1", "grad_B1", "grad_A2", "grad_B2"):
+        keys = ("y", "grad_x", "grad_A1", "grad_B1", "grad_A2", "grad_B2") + (("grad_W1",) if mode == "sp_train_base" else ())
+        for key in keys:
             assert r[mode][key] <= TOL, (mode, key, r[mode][key])
     # Replicated factors: identical on both ranks.
     assert torch.equal(results[0][mode]["A1"], results[1][mode]["A1"])
@@ -255,6 +301,31 @@ def test_no_collective_grows_with_tokens(results, which):
         assert extra_small == extra_large, (c, extra_small, extra_large)
         # ... and the only additions are the replicated factors' gradient sums.
         assert extra_small[0] > 0
+
+
+def test_sp_shard_input_adds_one_rank_r_reduce_scatter(results):
+    """Keeping the shard: the same collectives as saving the gathered input, plus one
+    reduce-scatter of [tokens, r] in the column layer's backward."""
+    for r in results:
+        for tokens in (8, 16):
+            gathered = list(r["comm_layer_sp"][(tokens, True)][2])
+            shard = list(r["comm_layer_sp_shard"][tokens][2])
+            assert len(shard) == len(gathered) + 1
+            extra = ("reduce_scatter_tensor", tokens * R)
+            assert extra in shard and extra not in gathered
+            shard.remove(extra)
+            assert shard == gathered, (shard, gathered)
+
+
+def test_sp_shard_input_saves_tp_times_less_input(results):
+    for r in results:
+        saved = r["saved_bytes"]
+        # The [tokens, in] fp32 input: the whole of it, or this rank's half.
+        assert saved[False] - saved[True] == SAVED_TOKENS * IN * 4 // 2, saved
+
+
+def test_add_adapter_draws_from_the_given_generator(results):
+    assert all(r["generator_draw"] for r in results)
 
 
 def test_column_dropout_same_mask_on_all_ranks(results):

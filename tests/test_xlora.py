@@ -128,14 +128,16 @@ def _ours(rank: int, world: int, base_dir: str, experts: dict, cases: dict, clas
     results = {}
     for name, case in cases.items():
         model, _ = load_hf_base(base_dir)
-        xm = apply_xlora(model, XLoraConfig(**case), adapters=experts)
+        config = XLoraConfig(**case)
+        xm = apply_xlora(model, config, adapters=experts)
         xm.eval()
         xm.xlora_classifier.load_full_state(classifiers[name])
         logits = gather_from_tensor_model_parallel_region(xm(IDS, positions_for(IDS), None))
         res = {"logits": logits.detach(), "scalings": xm.get_latest_scalings().detach(), "n_layers": xm.n_layers,
                "classifier_numel": sum(p.numel() for p in xm.xlora_classifier.parameters()),
                "classifier_weight_numel": sum(lin.weight.numel() for lin in xm.xlora_classifier.linears),
-               "trainable": sorted(n for n, p in xm.named_parameters() if p.requires_grad)}
+               "trainable": sorted(n for n, p in xm.named_parameters() if p.requires_grad),
+               "config_untouched": config == XLoraConfig(**case)}
         weight = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
         (logits * weight).sum().backward()
         if name == GRAD_CASE:
@@ -246,6 +248,7 @@ def test_xlora_matches_peft(runs, dirs):
         for tag, res in (("tp1", tp1), ("tp2 rank0", tp2[0]), ("tp2 rank1", tp2[1])):
             r = res[name]
             assert r["n_layers"] == N_LAYERS
+            assert r["config_untouched"]  # apply_xlora copies the caller's config
             assert r["scalings"].shape == ref["scalings"].shape == (2, 12, N_LAYERS, 3)
             assert _rel(r["scalings"], ref["scalings"]) <= TOL, (name, tag, _rel(r["scalings"], ref["scalings"]))
             assert _rel(r["logits"], ref["logits"]) <= TOL, (name, tag, _rel(r["logits"], ref["logits"]))

@@ -38,6 +38,7 @@ from megatron_lora.formats.peft import (
     peft_plan,
 )
 from megatron_lora.formats.xlora import check_bundle, is_xlora_dir, read_xlora, write_megatron_xlora, write_peft_xlora
+from megatron_lora.parallel.lora_layers import LoraComputeDtype, configure_lora_layers
 
 #: --verify tolerance: max |logit diff| <= VERIFY_TOL x max |logit| (fp32).
 VERIFY_TOL = 1e-5
@@ -211,6 +212,7 @@ def verify(hf_dir: str | Path, peft_dir: str | Path, megatron_dir: str | Path, s
     init_distributed(1)
     model, facts = load_hf_base(hf_dir, torch.float32)
     load_any_adapter(model, megatron_dir)
+    configure_lora_layers(model, compute_dtype=LoraComputeDtype.FP32)  # PEFT's precision rule
     ids = torch.randint(0, facts.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
     ours = forward_logits(model, ids)
     hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)

@@ -24,7 +24,7 @@ from megatron_lora.config import LoraConfig
 from megatron_lora.model.gpt import real_vocab_size
 from megatron_lora.hf.layout import ModelFacts, hf_module_name, megatron_module_name
 from megatron_lora.model.lora import freeze_base, iter_linear_modules
-from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, _LoraMixin, add_lora_support
+from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, LoraLayer, add_lora_support
 
 
 def _tp() -> tuple[int, int]:
@@ -35,7 +35,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """This rank's tensors of ``adapter_name`` under checkpoint keys (global layer indices)."""
     out = {}
     for _, layer, kind, module in iter_linear_modules(model):
-        if isinstance(module, _LoraMixin) and adapter_name in module.lora_specs:
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_specs:
             for factor in ("lora_A", "lora_B"):
                 for seg, p in getattr(module, factor)[adapter_name].items():
                     out[make_key(layer, kind, factor, seg)] = p.detach()

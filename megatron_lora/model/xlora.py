@@ -2,7 +2,7 @@
 
 ``apply_xlora(model, config, adapters)`` loads the experts as adapters "0".."n-1" on the
 model's LoRA layers and returns an :class:`XLoraModel` that wraps it. Its forward is
-PEFT's XLoraModel's (DESIGN 5):
+PEFT's XLoraModel's:
 
 1. scaling pass, under no_grad: every LoRA layer mixes its experts with scalings filled
    with ``scaling_pass_value``; the hidden state entering the output layer (after the
@@ -22,6 +22,7 @@ has its own index.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,9 @@ from megatron_lora.hf.layout import HF_PROJECTIONS, ModelFacts, segment_projecti
 from megatron_lora.model.lora import enable_adapters, iter_linear_modules
 from megatron_lora.formats.peft import load_any_adapter
 from megatron_lora.parallel import collectives
-from megatron_lora.parallel.lora_layers import _LoraMixin
+from megatron_lora.parallel.lora_layers import LoraLayer
 from megatron_lora.parallel.xlora_classifier import ShardedXLoraClassifier
+from megatron_lora.parallel.xlora_mixing import XLoraMixing
 
 
 @dataclass
@@ -148,8 +150,10 @@ class _ScalingsSource:
 class XLoraModel(nn.Module):
     """A GPTModel with X-LoRA experts and a sharded classifier (PEFT's XLoraModel API)."""
 
-    def __init__(self, model: nn.Module, config: XLoraConfig, experts: list[str], n_layers: int,
-                 expert_configs: list[LoraConfig]):
+    def __init__(self, model: nn.Module, config: XLoraConfig, experts: list[str],
+                 layer_indices: dict[LoraLayer, dict[str, int]], n_layers: int, expert_configs: list[LoraConfig]):
+        """``layer_indices``: per LoRA layer, segment name -> X-LoRA layer index (see
+        :func:`assign_layer_indices`); the experts become mixing terms of those layers."""
         super().__init__()
         self.model = model
         self.config = config
@@ -173,8 +177,10 @@ class XLoraModel(nn.Module):
             dtype=dtype,
         )
         self._source = _ScalingsSource(config, experts)
-        for _, layer in _xlora_layers(model):
-            layer.xlora_source = self._source
+        for layer, index in layer_indices.items():
+            # The experts are mixed by the term, never added as plain LoRA.
+            layer.set_active_adapters([a for a in layer.active_adapters if a not in experts])
+            layer.extra_terms.append(XLoraMixing(layer, self._source, experts, index))
         self.disabled = False
         self.scalings_logging = False
         self._log: list[torch.Tensor] = []
@@ -220,8 +226,8 @@ class XLoraModel(nn.Module):
     def _set_constant_scalings(self, b: int, s: int) -> None:
         value = self.config.scaling_pass_value
         value = 1.0 / len(self.experts) if value is None else value
-        dtype = next(self.xlora_classifier.parameters()).dtype
-        self._source.scalings = torch.full((b, s, self.n_layers, len(self.experts)), value, dtype=dtype)
+        p = next(self.xlora_classifier.parameters())
+        self._source.scalings = torch.full((b, s, self.n_layers, len(self.experts)), value, dtype=p.dtype, device=p.device)
         self._source.all_zero = value == 0
 
     def _scaling_pass(self, input_ids, position_ids, attention_mask, **kwargs) -> torch.Tensor:
@@ -255,8 +261,8 @@ class XLoraModel(nn.Module):
             self._source.all_zero = False
             if handle is not None:
                 handle.remove()
-        dtype = next(self.xlora_classifier.parameters()).dtype
-        scalings = torch.empty(b, s, self.n_layers, len(self.experts), dtype=dtype)
+        p = next(self.xlora_classifier.parameters())
+        scalings = torch.empty(b, s, self.n_layers, len(self.experts), dtype=p.dtype, device=p.device)
         if last:
             scalings = self.xlora_classifier(captured[0].transpose(0, 1))
         scalings = collectives.broadcast_from_last_stage(
@@ -336,20 +342,16 @@ def base_gpt(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, XLoraModel) else model
 
 
-def _xlora_layers(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _LoraMixin) and m.xlora_layer_index]
-
-
-def assign_layer_indices(model: nn.Module, experts: list[str]) -> int:
-    """Give every adapted segment its X-LoRA layer index; return n_layers.
+def assign_layer_indices(model: nn.Module, experts: list[str]) -> tuple[dict[LoraLayer, dict[str, int]], int]:
+    """Every adapted segment's X-LoRA layer index, per LoRA layer; and n_layers.
 
     The index counts adapted HF projections in HF order over GLOBAL layers; under pipeline
     parallelism the stages exchange which (layer, projection) pairs they adapt.
     """
     facts = ModelFacts.from_transformer_config(model.config, vocab_size=0)
-    found: dict[tuple[int, str], list[tuple[_LoraMixin, str]]] = {}
+    found: dict[tuple[int, str], list[tuple[LoraLayer, str]]] = {}
     for _, layer, kind, module in iter_linear_modules(model):
-        if not isinstance(module, _LoraMixin):
+        if not isinstance(module, LoraLayer):
             continue
         for name in experts:
             for seg in module.lora_specs[name].segments if name in module.lora_specs else ():
@@ -362,10 +364,11 @@ def assign_layer_indices(model: nn.Module, experts: list[str]) -> int:
         adapted = {tuple(p) for part in parts for p in part}
     order = sorted(adapted, key=lambda lp: (lp[0], HF_PROJECTIONS.index(lp[1])))
     index = {lp: i for i, lp in enumerate(order)}
+    per_layer: dict[LoraLayer, dict[str, int]] = {}
     for lp, users in found.items():
         for module, seg_name in users:
-            module.xlora_layer_index[seg_name] = index[lp]
-    return len(order)
+            per_layer.setdefault(module, {})[seg_name] = index[lp]
+    return per_layer, len(order)
 
 
 def apply_xlora(
@@ -378,7 +381,9 @@ def apply_xlora(
     ``adapters`` ({name: directory}, default ``config.adapters``) lists the experts in
     order; expert i becomes adapter ``str(i)`` on the layers. The base model is frozen,
     the classifier trainable, the experts trainable only with ``use_trainable_adapters``.
+    ``config`` is copied, never changed.
     """
+    config = copy.deepcopy(config)
     adapters = dict(config.adapters if adapters is None else adapters)
     if not adapters:
         raise ValueError("X-LoRA needs at least one expert: adapters is empty")
@@ -396,14 +401,14 @@ def apply_xlora(
     expert_configs = [load_any_adapter(model, d, name) for name, d in zip(experts, adapters.values())]
     if config.scaling_pass_value is None:
         config.scaling_pass_value = 1.0 / len(experts)
-    n_layers = assign_layer_indices(model, experts)
+    layer_indices, n_layers = assign_layer_indices(model, experts)
     if n_layers == 0:
         raise ValueError(f"the experts {list(adapters.values())} adapt no module of the model")
-    xmodel = XLoraModel(model, config, experts, n_layers, expert_configs)
+    xmodel = XLoraModel(model, config, experts, layer_indices, n_layers, expert_configs)
     for p in model.parameters():
         p.requires_grad_(False)
     if config.use_trainable_adapters:
-        for _, layer in _xlora_layers(model):
+        for layer in layer_indices:
             for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]:
                 p.requires_grad_(True)
     return xmodel

@@ -32,6 +32,7 @@ from megatron_lora.hf.importer import eos_token_ids, hf_model_facts, load_hf_bas
 from megatron_lora.formats.peft import load_any_adapter
 from megatron_lora.model.xlora import XLoraModel, base_gpt
 from megatron_lora.formats.xlora import detect_xlora_format, load_xlora
+from megatron_lora.parallel.lora_layers import LoraComputeDtype, configure_lora_layers
 
 
 def _check_length(model, length: int) -> None:
@@ -253,6 +254,7 @@ def generate_from_dirs(
         model = load_xlora(model, adapter).eval()
     elif adapter is not None:
         load_any_adapter(model, adapter, adapter_name="default")
+    configure_lora_layers(model, compute_dtype=LoraComputeDtype.FP32)  # equal to HF + PEFT
     logits = scalings = None
     if logits_out or scalings_out:
         logits = forward_logits(model, torch.tensor([ids]))[0]
