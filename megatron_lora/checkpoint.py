@@ -11,16 +11,13 @@ Directory layout::
 ``segment`` is an HF projection (``q_proj`` ...: per-projection LoRA) or the Megatron
 module name (``linear_qkv`` ...: one shared-A LoRA over the fused module). Each rank's
 tensors have the shape that rank holds (``layout.factor_split``); pipeline stages are
-merged. Writers go through :func:`write_checkpoint` (temporary directory, then rename).
+merged. Writers go through :func:`write_checkpoint` (``outputs.atomic_directory``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -29,6 +26,7 @@ from safetensors.torch import save_file
 
 from megatron_lora.files import json_field, open_safetensors, read_json
 from megatron_lora.layout import MODULE_PATH, ModelFacts, factor_split
+from megatron_lora.outputs import atomic_directory
 from parallel.lora_layers import shard_rows, unshard_rows
 
 FORMAT = "megatron-lora"
@@ -148,54 +146,30 @@ def write_checkpoint(
     shards: Iterable[Callable[[], dict[str, torch.Tensor]] | dict[str, torch.Tensor]],
     overwrite: bool = False,
 ) -> Path:
-    """Write a checkpoint atomically: into a temporary sibling directory, then rename.
+    """Write a checkpoint atomically (``outputs.atomic_directory``).
 
     ``shards`` yields, per TP rank in order, that rank's tensors (or a callable producing
     them, so a converter holds one rank's tensors at a time).
     """
-    tmp = begin_write(directory, overwrite)
-    try:
+    with atomic_directory(directory, overwrite) as tmp:
         n = 0
         for j, shard in enumerate(shards):
             write_shard(tmp, j, shard() if callable(shard) else shard)
             n += 1
         if n != config["tp_size"]:
             raise ValueError(f"wrote {n} rank files for tp_size={config['tp_size']}")
-        finish_write(tmp, directory, config)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_config(tmp, config)
     return Path(directory)
-
-
-def begin_write(directory: str | Path, overwrite: bool) -> Path:
-    """Check the destination and create the temporary directory to write into."""
-    directory = Path(directory)
-    if directory.exists() and not overwrite:
-        raise FileExistsError(f"{directory} already exists (pass overwrite to replace it)")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
 
 
 def write_shard(tmp: Path, tp_rank: int, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(shard_file(tmp, tp_rank)))
 
 
-def finish_write(tmp: Path, directory: str | Path, config: dict) -> None:
+def write_config(tmp: Path, config: dict) -> None:
+    """adapter_config.json of a checkpoint being written into ``tmp``."""
     full_config = {"format": FORMAT, "version": VERSION, **config}
     (tmp / CONFIG_NAME).write_text(json.dumps(full_config, indent=2, sort_keys=True) + "\n")
-    replace_directory(tmp, Path(directory))
-
-
-def replace_directory(src: Path, dst: Path) -> None:
-    """Move a finished temporary directory into place (replacing ``dst`` if present)."""
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def checkpoint_config(kind: str, tp_size: int, facts: ModelFacts, adapter_config: dict, key: str = "lora_config") -> dict:

@@ -39,7 +39,7 @@ files and such experts from the paths in ``adapters``.
     experts/<i>/                expert i as a megatron-lora LoRA checkpoint at the same TP
 
 Classifier shards follow ``parallel.xlora_classifier`` (counted from the last linear:
-row-parallel, column-parallel, ...). Writers go through a temporary directory and rename.
+row-parallel, column-parallel, ...). Writers go through ``outputs.atomic_directory``.
 """
 
 from __future__ import annotations
@@ -60,18 +60,17 @@ from megatron_lora.adapters import model_facts, save_adapter
 from megatron_lora.checkpoint import (
     CONFIG_NAME,
     ShardReader,
-    begin_write,
     checkpoint_config,
-    finish_write,
     open_shard,
     parse_key,
     read_config,
-    replace_directory,
     write_checkpoint,
+    write_config,
     write_shard,
 )
 from megatron_lora.files import open_safetensors, read_json, read_safetensors
 from megatron_lora.layout import PEFT_PREFIX, ModelFacts, segment_projection
+from megatron_lora.outputs import atomic_directory, shared_atomic_directory
 from megatron_lora.peft_format import (
     WEIGHTS_NAME,
     detect_format,
@@ -144,10 +143,26 @@ def is_xlora_dir(directory: str | Path) -> bool:
     return True
 
 
-def read_xlora(directory: str | Path) -> XLoraBundle:
-    """Read an X-LoRA directory in any of the layouts of this module."""
+def read_xlora(directory: str | Path, confine_experts: bool = False) -> XLoraBundle:
+    """Read an X-LoRA directory in any of the layouts of this module.
+
+    Expert paths in the config may point anywhere (as PEFT allows); ``confine_experts``
+    refuses those that resolve outside ``directory``.
+    """
     reader = {"megatron": _read_megatron, "peft": _read_peft, "xlora": _read_xlora_package}
-    return reader[detect_xlora_format(directory)](Path(directory))
+    bundle = reader[detect_xlora_format(directory)](Path(directory))
+    if confine_experts:
+        for name, path in bundle.experts.items():
+            if not expert_inside(directory, path):
+                raise ValueError(f"{directory}: expert {name!r} is at {Path(path).resolve()}, outside the "
+                                 "directory (refused by --confine-experts)")
+    return bundle
+
+
+def expert_inside(directory: str | Path, expert: str | Path) -> bool:
+    """Whether an expert directory resolves (symbolic links followed) inside ``directory``."""
+    root, path = Path(directory).resolve(), Path(expert).resolve()
+    return path == root or root in path.parents
 
 
 def _expert_dir(directory: Path, name: str, path: str) -> Path:
@@ -296,8 +311,7 @@ def write_peft_xlora(
     """
     check_bundle(bundle, facts)
     names = [str(i) for i in range(len(bundle.experts))]
-    tmp = begin_write(directory, overwrite)
-    try:
+    with atomic_directory(directory, overwrite) as tmp:
         idx = sequential_indices(bundle.config)
         tensors = {}
         for k, (w, b) in zip(idx, bundle.classifier):
@@ -307,10 +321,6 @@ def write_peft_xlora(
         for name, src in zip(names, bundle.experts.values()):
             _write_peft_expert(Path(src), tmp / name)
         (tmp / CONFIG_NAME).write_text(json.dumps(_peft_config_dict(bundle.config, names), indent=2) + "\n")
-        replace_directory(tmp, Path(directory))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Path(directory)
 
 
@@ -344,8 +354,7 @@ def write_megatron_xlora(
         raise ValueError(
             f"experts {peft_experts} are PEFT LoRA directories: the base model's facts (--base) are needed"
         )
-    tmp = begin_write(directory, overwrite)
-    try:
+    with atomic_directory(directory, overwrite) as tmp:
         styles = linear_styles(bundle.config.xlora_depth)
         for j in range(tp):
             shard = {}
@@ -365,10 +374,7 @@ def write_megatron_xlora(
         config = bundle.config.to_dict()
         config["adapters"] = {bundle_name: f"experts/{i}" for i, bundle_name in enumerate(bundle.experts)}
         full = checkpoint_config("xlora", tp, facts, config, key="xlora_config")
-        finish_write(tmp, directory, {**full, "n_layers": n_layers})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_config(tmp, {**full, "n_layers": n_layers})
     return Path(directory)
 
 
@@ -391,12 +397,7 @@ def save_xlora(xmodel: XLoraModel, directory: str | Path, overwrite: bool = Fals
     the classifier shards to one file per TP rank (written by the last pipeline stage of
     the first data-parallel replica); the directory appears only when complete.
     """
-    rank0 = dist.get_rank() == 0
-    box = [str(begin_write(directory, overwrite)) if rank0 else None]
-    dist.broadcast_object_list(box, src=0)
-    tmp = Path(box[0])
-    ok = torch.tensor([1])
-    try:
+    with shared_atomic_directory(directory, overwrite) as tmp:
         for i, name in enumerate(xmodel.experts):
             save_adapter(xmodel.model, tmp / "experts" / str(i), xmodel.expert_configs[i], adapter_name=name)
         if ps.get_data_parallel_rank() == 0 and ps.is_pipeline_last_stage():
@@ -404,17 +405,9 @@ def save_xlora(xmodel: XLoraModel, directory: str | Path, overwrite: bool = Fals
             for k, (w, b) in enumerate(xmodel.xlora_classifier.local_state()):
                 shard[megatron_key(k, "weight")], shard[megatron_key(k, "bias")] = w, b
             write_shard(tmp, ps.get_tensor_model_parallel_rank(), shard)
-    except Exception:
-        ok.zero_()
-        raise
-    finally:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if rank0 and ok.item():
+        if dist.get_rank() == 0:
             config = xmodel.config.to_dict()
             config["adapters"] = {n: f"experts/{i}" for i, n in enumerate(xmodel.config.adapters)}
             tp = ps.get_tensor_model_parallel_world_size()
             full = checkpoint_config("xlora", tp, model_facts(xmodel.model), config, key="xlora_config")
-            finish_write(tmp, directory, {**full, "n_layers": xmodel.n_layers})
-        elif rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
+            write_config(tmp, {**full, "n_layers": xmodel.n_layers})
