@@ -106,8 +106,8 @@ def load_adapter(
     a mismatch names the module and both shapes. Returns the adapter's LoraConfig.
     """
     reader = ShardReader(directory)
+    config = reader.require_lora()
     reader.check_model(model_facts(model))
-    config = LoraConfig.from_dict(reader.config["lora_config"])
     add_adapter_from_reader(model, reader, config, adapter_name, str(directory))
     if freeze:
         freeze_base(model)
@@ -124,11 +124,13 @@ def add_adapter_from_reader(model: nn.Module, reader, config: LoraConfig, adapte
     tp_rank, tp = _tp()
     keys = reader.keys()
     specs = adapter_specs_from_keys(keys, reader, config, facts, tp)
+    modules = [(layer, kind, module) for _, layer, kind, module in iter_linear_modules(model) if (layer, kind) in specs]
+    taken = [m for _, _, m in modules if adapter_name in getattr(m, "lora_specs", {})]
+    if taken:  # checked before any module changes
+        raise ValueError(f"adapter {adapter_name!r} already exists on this model")
     used = set()
-    for _, layer, kind, module in iter_linear_modules(model):
-        spec = specs.get((layer, kind))
-        if spec is None:
-            continue
+    for layer, kind, module in modules:
+        spec = specs[(layer, kind)]
         lora = add_lora_support(module)
         lora.add_adapter(adapter_name, spec)
         for factor in ("lora_A", "lora_B"):

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from safetensors.torch import save_file
@@ -185,8 +186,20 @@ def _expert_dir(directory: Path, name: str, path: str) -> Path:
     return candidate
 
 
+def _xlora_config(d: dict, path: Path) -> XLoraConfig:
+    try:
+        config = XLoraConfig.from_dict(d)
+    except (ValueError, TypeError) as e:  # TypeError: a field of the wrong type
+        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(config.adapters, dict) or not config.adapters:
+        raise ValueError(f"{path}: adapters must name at least one expert, got {d.get('adapters')!r}")
+    if config.top_k_lora is not None and config.top_k_lora > len(config.adapters):
+        raise ValueError(f"{path}: top_k_lora={config.top_k_lora} exceeds the {len(config.adapters)} experts")
+    return config
+
+
 def _read_peft(directory: Path) -> XLoraBundle:
-    config = XLoraConfig.from_dict(read_json(directory / CONFIG_NAME))
+    config = _xlora_config(read_json(directory / CONFIG_NAME), directory / CONFIG_NAME)
     top = read_safetensors(directory / WEIGHTS_NAME)
     classifier, layout = [], "peft-xlora"
     for k in sequential_indices(config):
@@ -221,7 +234,7 @@ def _read_xlora_package(directory: Path) -> XLoraBundle:
             "ReLU) cannot be expressed as a PEFT X-LoRA classifier"
         )
     fields = {k: v for k, v in raw.items() if k not in _XLORA_PACKAGE_IGNORED | {"use_mean_pool"}}
-    config = XLoraConfig.from_dict(fields)
+    config = _xlora_config(fields, directory / XLORA_PACKAGE_CONFIG)
     tensors = read_safetensors(directory / XLORA_PACKAGE_WEIGHTS)
     # inner = [Linear, ReLU, Dropout] per hidden linear (the Dropout exists even at p = 0).
     names = [f"inner.{3 * k}" for k in range(depth - 1)] + ["last"]
@@ -238,14 +251,14 @@ def _read_xlora_package(directory: Path) -> XLoraBundle:
 
 def _read_megatron(directory: Path) -> XLoraBundle:
     cfg = read_config(directory)
-    config = XLoraConfig.from_dict(cfg["xlora_config"])
+    config = _xlora_config(cfg["xlora_config"], directory / CONFIG_NAME)
     files = [open_shard(directory, j) for j in range(cfg["tp_size"])]
     classifier = []
     for k, style in enumerate(linear_styles(config.xlora_depth)):
         try:
             ws = [f.get_tensor(megatron_key(k, "weight")) for f in files]
             bs = [f.get_tensor(megatron_key(k, "bias")) for f in files]
-        except Exception as e:
+        except SafetensorError as e:
             raise ValueError(f"{directory}: classifier linear {k} is missing or unreadable: {e}") from None
         classifier.append(unshard_linear(ws, bs, style))
     experts = {name: directory / path for name, path in config.adapters.items()}
