@@ -45,7 +45,7 @@ class Cases:
         self.tried.append(name)
         try:
             yield
-        except Exception:
+        except (Exception, SystemExit, pytest.fail.Exception):  # pytest's Failed is a BaseException
             self.failed.append(f"{name}: {traceback.format_exc(limit=-2)}")
 
     def done(self) -> None:
@@ -98,6 +98,14 @@ def _copy_dir(src: Path, dst: Path, config_update: dict | None = None) -> Path:
 
 
 _DELETE = object()
+
+
+def _fresh(parent: Path) -> Path:
+    """An output path not used yet (so one case's output cannot fail the next)."""
+    i = 0
+    while (parent / f"out{i}").exists():
+        i += 1
+    return parent / f"out{i}"
 
 
 def _xlora_dir(root: Path, experts: dict[str, str], **config) -> Path:
@@ -178,12 +186,13 @@ def test_03_tensor_rank_must_be_the_effective_rank(base, adapter, meg, tmp_path)
         with cases(name):
             src = _copy_dir(adapter, tmp_path / name.split(":")[0], update)
             with pytest.raises(ValueError, match=r"has rank 4, but the config gives it r=(8|2)"):
-                convert(src, tmp_path / "out", "megatron", facts=facts, tp=2, progress=False)
+                convert(src, _fresh(tmp_path), "megatron", facts=facts, tp=2, progress=False)
     with cases("megatron checkpoint"):
         src = _copy_dir(meg, tmp_path / "meg", {"lora_config/r": 8})
         with pytest.raises(ValueError, match="has rank 4, but the config gives it r=8"):
-            convert(src, tmp_path / "out", "peft", progress=False)
-    assert not (tmp_path / "out").exists()
+            convert(src, _fresh(tmp_path), "peft", progress=False)
+    with cases("nothing written"):
+        assert not list(tmp_path.glob("out*"))
     cases.done()
 
 
@@ -198,14 +207,15 @@ def test_04_tensors_must_be_what_the_config_adapts(base, adapter, tmp_path):
         with cases(name):
             src = _copy_dir(adapter, tmp_path / name.replace(" ", "_"), update)
             with pytest.raises(ValueError, match=match):
-                convert(src, tmp_path / "out", "megatron", facts=facts, tp=1, progress=False)
+                convert(src, _fresh(tmp_path), "megatron", facts=facts, tp=1, progress=False)
     with cases("config adapts modules without tensors"):
         t = tensors(adapter / PEFT_WEIGHTS)
         src = _copy_peft(adapter, tmp_path / "missing")
         save_file({k: v for k, v in t.items() if "k_proj" not in k}, str(src / PEFT_WEIGHTS))
         with pytest.raises(ValueError, match="k_proj.*no tensors"):
-            convert(src, tmp_path / "out", "megatron", facts=facts, tp=1, progress=False)
-    assert not (tmp_path / "out").exists()
+            convert(src, _fresh(tmp_path), "megatron", facts=facts, tp=1, progress=False)
+    with cases("nothing written"):
+        assert not list(tmp_path.glob("out*"))
     cases.done()
 
 
@@ -232,14 +242,15 @@ def test_06_rank_files_are_checked_against_tp_size(meg, tmp_path):
     for to, tp in (("megatron", 2), ("megatron", 1), ("peft", None)):
         with cases(f"--to {to} --tp {tp}"):
             with pytest.raises(ValueError, match=r"tp_rank_00.safetensors: .* has shape .* tp_size=1 .* need"):
-                convert(lie, tmp_path / "out", to, tp=tp, progress=False)
+                convert(lie, _fresh(tmp_path), to, tp=tp, progress=False)
     with cases("rank files disagree"):
         odd = _copy_dir(meg, tmp_path / "odd")
         t = tensors(odd / "tp_rank_01.safetensors")
         save_file(dict(list(t.items())[1:]), str(odd / "tp_rank_01.safetensors"))
         with pytest.raises(ValueError, match="holds other tensors"):
-            convert(odd, tmp_path / "out", "megatron", tp=1, progress=False)
-    assert not (tmp_path / "out").exists()
+            convert(odd, _fresh(tmp_path), "megatron", tp=1, progress=False)
+    with cases("nothing written"):
+        assert not list(tmp_path.glob("out*"))
     cases.done()
 
 
@@ -375,30 +386,31 @@ def test_13_invalid_values_are_refused_up_front(base, adapter, tmp_path):
         with cases(name):
             src = _copy_dir(adapter, tmp_path / name.replace(" ", "_"), update)
             with pytest.raises(ValueError, match=match):
-                convert(src, tmp_path / "out", "megatron", facts=facts, tp=1, progress=False)
+                convert(src, _fresh(tmp_path), "megatron", facts=facts, tp=1, progress=False)
     with cases("lora_alpha nan"):
         with pytest.raises(ValueError, match="lora_alpha must be a finite number"):
             LoraConfig(lora_alpha=float("nan"))
     with cases("top_k_lora > experts"):
         xl = _xlora_dir(tmp_path / "topk", {"0": str(adapter), "1": str(adapter)}, top_k_lora=5)
         with pytest.raises(ValueError, match="top_k_lora=5 exceeds the 2 experts"):
-            convert(xl, tmp_path / "out", "megatron", facts=facts, tp=1, progress=False)
+            convert(xl, _fresh(tmp_path), "megatron", facts=facts, tp=1, progress=False)
     with cases("X-LoRA without experts"):
         xl = _xlora_dir(tmp_path / "none", {})
         with pytest.raises(ValueError, match="at least one expert"):
-            convert(xl, tmp_path / "out", "megatron", facts=facts, tp=1, progress=False)
+            convert(xl, _fresh(tmp_path), "megatron", facts=facts, tp=1, progress=False)
     with cases("LoRA without tensors"):
         src = _copy_peft(adapter, tmp_path / "empty")
         save_file({}, str(src / PEFT_WEIGHTS))
         with pytest.raises(ValueError, match="holds no LoRA tensors"):
-            convert(src, tmp_path / "out", "megatron", facts=facts, tp=1, progress=False)
+            convert(src, _fresh(tmp_path), "megatron", facts=facts, tp=1, progress=False)
     for name, kwargs, match in (("max_new_tokens -5", {"max_new_tokens": -5}, "max_new_tokens"),
                                 ("temperature nan", {"max_new_tokens": 2, "temperature": float("nan")}, "temperature"),
                                 ("top_p nan", {"max_new_tokens": 2, "top_p": float("nan")}, "top_p")):
         with cases(name):
             with pytest.raises(ValueError, match=match):
                 generate(None, [1, 2], **kwargs)  # refused before the model is touched
-    assert not (tmp_path / "out").exists()
+    with cases("nothing written"):
+        assert not list(tmp_path.glob("out*"))
     cases.done()
 
 
@@ -486,7 +498,7 @@ def test_16_errors_give_the_right_reason(base, adapter, tmp_path):
         (src / PEFT_WEIGHTS).unlink()
         os.mkfifo(src / PEFT_WEIGHTS)
         with pytest.raises(ValueError, match="is not a regular file"):
-            convert(src, tmp_path / "out", "megatron", facts=base_facts(base), tp=1, progress=False)
+            convert(src, _fresh(tmp_path), "megatron", facts=base_facts(base), tp=1, progress=False)
     with cases("parent is a file"):
         (tmp_path / "afile").write_text("x")
         with pytest.raises(NotADirectoryError, match="afile is not a directory"):
