@@ -58,6 +58,19 @@ class LoraConfig:
         _check_positive_rank("r", self.r)
         for key, r in self.rank_pattern.items():
             _check_positive_rank(f"rank_pattern[{key!r}]", r)
+        _check_alpha("lora_alpha", self.lora_alpha)
+        for key, alpha in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", alpha)
+        # A regex that does not compile would otherwise fail at the first match.
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                _check_regex(f"{name}={value!r}", value)
+            elif value is not None and not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
+                raise ValueError(f"{name} must be a list of names or a regex string, got {value!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                _check_regex(f"{name} key {key!r}", rf"(.*\.)?({key})$")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={self.lora_dropout}")
         unsupported = {
@@ -145,6 +158,18 @@ _BOOKKEEPING_FIELDS = {
 def _check_positive_rank(field_name: str, r: Any) -> None:
     if not isinstance(r, int) or r <= 0:
         raise ValueError(f"{field_name} must be a positive integer, got {r!r}")
+
+
+def _check_alpha(field_name: str, alpha: Any) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"{field_name} must be a finite number, got {alpha!r}")
+
+
+def _check_regex(what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{what} is not a valid regex ({e})") from None
 
 
 def _matches(spec: Optional[Union[list[str], str]], name: str) -> bool:

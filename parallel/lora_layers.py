@@ -35,7 +35,7 @@ for A's gradient. With ``lora_sp_shard_input`` (the default) it keeps only this 
 per column layer and backward pass, TP times less saved input. Off: the gathered input is
 saved and no collective is added.
 
-X-LoRA and other mixtures plug in through ``extra_terms`` (see ``parallel.xlora_mixing``).
+X-LoRA and other mixtures plug in through ``extra_terms`` (see ``megatron_lora.parallel.xlora_mixing``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ experts each segment has, and the column layout of their stacked factors, are fi
 when the term is built. Without active dropout the experts of a segment are stacked: one
 GEMM with the [sum r, in] stacked A, per-token scaling of each expert's r columns, one GEMM
 with the [out, sum r] stacked B. With active dropout each expert draws its own mask.
-The compute dtype follows the layer's precision rule (``parallel.lora_layers``).
+The compute dtype follows the layer's precision rule (``megatron_lora.parallel.lora_layers``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
+from megatron_lora.cli import run_entry  # noqa: E402
 from megatron_lora.runtime.generation import generate_from_dirs  # noqa: E402
 
 
@@ -44,5 +45,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def main(argv=None) -> int:
+    """Input errors end in one line on rank 0 and exit status 1 (``cli.run_entry``)."""
+    args = parse_args(argv)
+
+    def run() -> int:
+        generate_from_dirs(**vars(args))
+        return 0
+
+    return run_entry(run, "generate.py")
+
+
 if __name__ == "__main__":
-    generate_from_dirs(**vars(parse_args()))
+    sys.exit(main())

@@ -8,46 +8,84 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-#: Errors from bad input: reported in one line, exit status 1.
-_INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+from megatron_lora.errors import INPUT_ERRORS
+
+def run_entry(fn: Callable[[], Optional[int]], prog: str) -> int:
+    """Run an entry point's ``fn``; return its exit status.
+
+    Bad input (:data:`errors.INPUT_ERRORS`) is printed as one line, by rank 0 only under
+    torchrun (every rank checks the same input), and gives status 1; any other exception
+    is a bug and propagates with its traceback.
+    """
+    try:
+        return fn() or 0
+    except INPUT_ERRORS as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 1
+
+
+class VerificationFailed(ValueError):
+    """--verify found logits that differ from HF + PEFT's."""
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from megatron_lora.formats.convert import VERIFY_TOL, base_facts, convert, verify
+    from megatron_lora.formats.convert import base_facts, convert
     from megatron_lora.formats.peft import detect_format
-    from megatron_lora.formats.xlora import is_xlora_dir
+    from megatron_lora.formats.xlora import is_xlora_dir, read_xlora
 
-    facts = base_facts(args.base) if args.base else None
-    if args.verify and is_xlora_dir(args.src):
-        raise ValueError(f"--verify runs LoRA adapters only; {args.src} is an X-LoRA directory")
-    source_format = detect_format(args.src) if args.verify else None
-    convert(args.src, args.dst, args.to, facts=facts, tp=args.tp, overwrite=args.overwrite)
-    print(f"wrote {args.dst}", file=sys.stderr)
-    if not args.verify:
-        return 0
-    if args.base is None:
+    # Flags first: nothing is read or written for a command that cannot run.
+    xlora = is_xlora_dir(args.src)
+    if args.verify and args.base is None:
         raise ValueError("--verify needs --base (the HF model to run)")
+    if args.verify and xlora:
+        raise ValueError(f"--verify runs LoRA adapters only; {args.src} is an X-LoRA directory")
+    if args.confine_experts and not xlora:
+        raise ValueError(f"--confine-experts applies to X-LoRA directories; {args.src} is not one")
+    facts = base_facts(args.base) if args.base else None
+    check = None
+    if args.verify:
+        source_format = detect_format(args.src)
+        check = lambda tmp: _verify_output(args, source_format, tmp)  # noqa: E731
+    if xlora:
+        _print_expert_origins(args.src, read_xlora(args.src, args.confine_experts).experts, args.dst)
+    convert(args.src, args.dst, args.to, facts=facts, tp=args.tp, overwrite=args.overwrite, check=check,
+            confine_experts=args.confine_experts)
+    print(f"wrote {args.dst}", file=sys.stderr)
+    return 0
+
+
+def _verify_output(args: argparse.Namespace, source_format: str, out: Path) -> None:
+    """--verify on the finished output ``out``, before it is renamed to DST."""
+    from megatron_lora.formats.convert import VERIFY_TOL, convert, verify
+
     with tempfile.TemporaryDirectory() as scratch:
         if args.to == "peft":
-            peft_dir, megatron_dir = args.dst, args.src
+            peft_dir, megatron_dir = out, args.src
         elif source_format == "peft":
-            peft_dir, megatron_dir = args.src, args.dst
+            peft_dir, megatron_dir = args.src, out
         else:  # megatron -> megatron: compare against the new checkpoint exported to PEFT
-            peft_dir, megatron_dir = convert(args.dst, Path(scratch) / "peft", "peft", progress=False), args.dst
+            peft_dir, megatron_dir = convert(out, Path(scratch) / "peft", "peft", progress=False), out
         diff, scale = verify(args.base, peft_dir, megatron_dir)
     print(f"verify: max |logit diff| = {diff:.3e} (max |logit| = {scale:.3e}, tolerance {VERIFY_TOL:g} x that)")
     if diff > VERIFY_TOL * scale:
-        shutil.rmtree(args.dst, ignore_errors=True)
-        print(f"megatron-lora: error: verification failed: {diff:.3e} > {VERIFY_TOL:g} x {scale:.3e}; "
-              f"removed {args.dst}", file=sys.stderr)
-        return 1
-    return 0
+        raise VerificationFailed(f"verification failed: {diff:.3e} > {VERIFY_TOL:g} x {scale:.3e}; "
+                                 f"{args.dst} not written")
+
+
+def _print_expert_origins(src: str, experts: dict, dst: str) -> None:
+    """Where each X-LoRA expert comes from (a config may point outside the directory)."""
+    from megatron_lora.formats.xlora import expert_inside
+
+    for name, path in experts.items():
+        where = "inside" if expert_inside(src, path) else "OUTSIDE"
+        print(f"expert {name!r}: {Path(path).resolve()} ({where} {src}; copied into {dst})", file=sys.stderr)
 
 
 def add_convert(sub: argparse._SubParsersAction) -> None:
@@ -71,15 +109,24 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
                    help="tensor-parallel size of a megatron-lora output (default: the source's, 1 for PEFT)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--verify", action="store_true",
-                   help="run HF + PEFT and the megatron-lora model (TP=1, fp32) on one prompt and fail "
-                   "if the logits differ by more than 1e-5 x the logit scale (needs peft)")
+                   help="run HF + PEFT and the megatron-lora model (TP=1, fp32) on one prompt before DST "
+                   "is put in place; nothing is written if the logits differ by more than 1e-5 x the "
+                   "logit scale (needs peft)")
+    _add_confine_experts(p)
     p.set_defaults(func=_run_convert)
+
+
+def _add_confine_experts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--confine-experts", action="store_true",
+                   help="X-LoRA: refuse expert paths (in the config's adapters) that resolve outside the "
+                   "directory; without it they may point anywhere, as in PEFT, and each expert's location "
+                   "is printed")
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
     from megatron_lora.formats.convert import describe
 
-    info = describe(args.dir)
+    info = describe(args.dir, args.confine_experts)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -110,7 +157,8 @@ def _print_xlora(info: dict) -> int:
     print("options:      " + ", ".join(f"{k} {v}" for k, v in c.items()))
     print(f"parameters:   classifier {info['parameters']['classifier']:,}, experts {info['parameters']['experts']:,}")
     for name, e in info["experts"].items():
-        print(f"expert {name!r}:  {e['format']} at {e['path']}")
+        where = "inside" if e["inside"] else "OUTSIDE"
+        print(f"expert {name!r}:  {e['format']} at {e['path']} ({where} the directory)")
         print(f"  targets {e['target_modules']}  use_rslora {e['use_rslora']}  parameters {e['parameters']:,}")
         _print_segments(e["segments"], indent="    ")
     return 0
@@ -126,6 +174,7 @@ def add_inspect(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
+    _add_confine_experts(p)
     p.set_defaults(func=_run_inspect)
 
 
@@ -188,11 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except _INPUT_ERRORS as e:
-        print(f"megatron-lora: error: {e}", file=sys.stderr)
-        return 1
+    return run_entry(lambda: args.func(args), "megatron-lora")
 
 
 if __name__ == "__main__":

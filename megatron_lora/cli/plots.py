@@ -12,7 +12,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_lora.errors import require
 from megatron_lora.formats.files import read_safetensors
+from megatron_lora.formats.outputs import atomic_file
 
 
 def read_scalings(path: str | Path) -> tuple[torch.Tensor, Optional[list[int]]]:
@@ -45,8 +47,7 @@ def token_labels(ids: Optional[Sequence[int]], seq: int, tokenizer_dir: Optional
 def plot_scalings(scalings: torch.Tensor, out: str | Path, labels: Sequence[str], average: bool = False) -> Path:
     """Write a PNG heatmap of ``scalings`` [seq, n_layers, n_experts]: experts down, tokens
     across, one panel per X-LoRA layer (or one panel averaged over layers)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot-scalings", "pip install 'megatron-lora[plot]'")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -69,12 +70,9 @@ def plot_scalings(scalings: torch.Tensor, out: str | Path, labels: Sequence[str]
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, shrink=0.8, label="scaling")
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    try:  # write then rename, so a failure leaves no partial PNG
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(out)
+    try:
+        with atomic_file(out) as tmp:  # a failure leaves no partial PNG
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return out
+    return Path(out)

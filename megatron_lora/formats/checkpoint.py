@@ -11,32 +11,41 @@ Directory layout::
 ``segment`` is an HF projection (``q_proj`` ...: per-projection LoRA) or the Megatron
 module name (``linear_qkv`` ...: one shared-A LoRA over the fused module). Each rank's
 tensors have the shape that rank holds (``layout.factor_split``); pipeline stages are
-merged. Writers go through :func:`write_checkpoint` (temporary directory, then rename).
+merged. Writers go through :func:`write_checkpoint` (``outputs.atomic_directory``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from megatron_lora.config import LoraConfig
+from megatron_lora.errors import check_positive_int
 from megatron_lora.formats.files import json_field, open_safetensors, read_json
-from megatron_lora.hf.layout import MODULE_PATH, ModelFacts, factor_split
+from megatron_lora.hf.layout import (
+    LAYER_INDEX,
+    MODULE_PATH,
+    ModelFacts,
+    factor_split,
+    hf_module_name,
+    megatron_module_name,
+)
+from megatron_lora.formats.outputs import atomic_directory
 from megatron_lora.parallel.lora_layers import shard_rows, unshard_rows
 
 FORMAT = "megatron-lora"
 VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 _KEY = re.compile(
-    r"decoder\.layers\.(?P<layer>\d+)\.(?P<path>self_attention\.linear_\w+|mlp\.linear_\w+)"
-    r"\.(?P<factor>lora_A|lora_B)\.(?P<segment>\w+)$"
+    rf"decoder\.layers\.(?P<layer>{LAYER_INDEX})\.(?P<path>self_attention\.linear_\w+|mlp\.linear_\w+)"
+    r"\.(?P<factor>lora_A|lora_B)\.(?P<segment>\w+)",
+    re.ASCII,
 )
 _MODULE_OF_PATH = {v: k for k, v in MODULE_PATH.items()}
 
@@ -47,7 +56,7 @@ def shard_file(directory: str | Path, tp_rank: int) -> Path:
 
 def parse_key(key: str) -> tuple[int, str, str, str]:
     """(global layer, Megatron module, factor, segment) of a checkpoint key."""
-    m = _KEY.match(key)
+    m = _KEY.fullmatch(key)
     if m is None or m["path"] not in _MODULE_OF_PATH:
         raise ValueError(f"not a megatron-lora adapter key: {key!r}")
     return int(m["layer"]), _MODULE_OF_PATH[m["path"]], m["factor"], m["segment"]
@@ -58,12 +67,28 @@ def make_key(layer: int, module: str, factor: str, segment: str) -> str:
 
 
 def read_config(directory: str | Path) -> dict:
-    """Read and check adapter_config.json of a megatron-lora checkpoint."""
-    cfg = read_json(Path(directory) / CONFIG_NAME)
+    """Read and check adapter_config.json of a megatron-lora checkpoint.
+
+    Every field the readers use is checked here, so a damaged config fails with one error
+    naming the file rather than a KeyError later.
+    """
+    path = Path(directory) / CONFIG_NAME
+    cfg = read_json(path)
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{directory} is not a megatron-lora checkpoint (format={cfg.get('format')!r})")
     if cfg.get("version") != VERSION:
         raise ValueError(f"{directory}: unsupported megatron-lora checkpoint version {cfg.get('version')!r}")
+    try:
+        check_positive_int("tp_size", cfg.get("tp_size"))
+        kind = cfg.get("kind")
+        if kind not in ("lora", "xlora"):
+            raise ValueError(f"kind={kind!r} is not 'lora' or 'xlora'")
+        key = f"{kind}_config"
+        if not isinstance(cfg.get(key), dict):
+            raise ValueError(f"{key} is {'missing' if key not in cfg else 'not an object'}")
+        ModelFacts.from_dict(cfg.get("model"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     for i in range(cfg["tp_size"]):
         if not shard_file(directory, i).is_file():
             raise FileNotFoundError(f"{shard_file(directory, i)} is missing")
@@ -75,8 +100,53 @@ def open_shard(directory: str | Path, tp_rank: int):
     return open_safetensors(shard_file(directory, tp_rank))
 
 
+def check_against_config(keys: Iterable[str], rank_of: Callable[[str], int], config: LoraConfig, source: str,
+                         facts: Optional[ModelFacts] = None) -> None:
+    """Refuse tensors that PEFT would not load or apply as the config says.
+
+    Each adapted module (HF name of a per-projection segment, Megatron name of a shared
+    one) must be one the config's targets adapt, and its rank (``rank_of`` its lora_A key)
+    must be its effective rank (``rank_pattern``, then ``r``, whose default is PEFT's 8).
+    With ``facts``, every module the config adapts must have tensors.
+    """
+    adapted = set()
+    for key in keys:
+        layer, module, factor, seg = parse_key(key)
+        if factor != "lora_A":
+            continue
+        name = megatron_module_name(layer, module) if seg == module else hf_module_name(layer, seg)
+        if not config.matches(name, layer):
+            raise ValueError(
+                f"{source}: holds tensors for {name}, which the config does not adapt (target_modules="
+                f"{config.target_modules!r}, layers_to_transform={config.layers_to_transform!r}, "
+                f"exclude_modules={config.exclude_modules!r}): PEFT would not apply them"
+            )
+        r, want = rank_of(key), config.rank_alpha(name)[0]
+        if r != want:
+            raise ValueError(f"{source}: {name} has rank {r}, but the config gives it r={want} "
+                             "(rank_pattern, then r): its scaling would be wrong")
+        adapted.add(name)
+    if not adapted:
+        raise ValueError(f"{source} holds no LoRA tensors")
+    if facts is None:
+        return
+    expected = set()
+    for layer in range(facts.num_layers):
+        for module in MODULE_PATH:
+            names = [megatron_module_name(layer, module)] + [hf_module_name(layer, p) for p in facts.projections(module)]
+            expected.update(n for n in names if config.matches(n, layer))
+    missing = sorted(expected - adapted)
+    if missing:
+        raise ValueError(f"{source}: the config adapts {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                         f"but no tensors for {'them' if len(missing) > 1 else 'it'} are present")
+
+
 class ShardReader:
-    """Reads tensors of a checkpoint saved at any TP size, resharded to ``tp_size``."""
+    """Reads tensors of a checkpoint saved at any TP size, resharded to ``tp_size``.
+
+    Every rank file's tensors are checked against ``tp_size`` and the model facts of the
+    config (headers only) and, for a LoRA checkpoint, against its ``lora_config``.
+    """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -84,6 +154,55 @@ class ShardReader:
         self.facts = ModelFacts.from_dict(self.config["model"])
         self.saved_tp = self.config["tp_size"]
         self._files = [open_shard(directory, j) for j in range(self.saved_tp)]
+        self.lora_config: Optional[LoraConfig] = None
+        if self.config["kind"] == "lora":
+            try:
+                self.lora_config = LoraConfig.from_dict(self.config["lora_config"])
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{self.directory / CONFIG_NAME}: lora_config: {e}") from None
+            self._check_shapes()
+            check_against_config(self.keys(), lambda k: self.shape(k)[0], self.lora_config, str(self.directory))
+
+    def _check_shapes(self) -> None:
+        """Every rank file holds the same keys, each in the shape its rank holds."""
+        keys = set(self._files[0].keys())
+        for j, f in enumerate(self._files):
+            if set(f.keys()) != keys:
+                raise ValueError(f"{shard_file(self.directory, j)} holds other tensors than {shard_file(self.directory, 0)}")
+        facts, tp = self.facts, self.saved_tp
+        try:
+            facts.check_tp(tp)
+        except ValueError as e:
+            raise ValueError(f"{self.directory / CONFIG_NAME}: tp_size={tp}: {e}") from None
+        for key in sorted(keys):
+            layer, module, factor, seg = parse_key(key)
+            if layer >= facts.num_layers:
+                raise ValueError(f"{self.directory}: {key} is beyond the model's {facts.num_layers} layers")
+            if seg != module and seg not in facts.projections(module):
+                raise ValueError(f"{self.directory}: {key}: segment {seg!r} does not belong to {module}")
+            fan_in, fan_out = facts.module_shape(module) if seg == module else facts.projection_shape(seg)
+            a_key = make_key(layer, module, "lora_A", seg)
+            b_key = make_key(layer, module, "lora_B", seg)
+            if a_key not in keys or b_key not in keys:
+                raise ValueError(f"{self.directory}: {key} has no matching {'lora_B' if factor == 'lora_A' else 'lora_A'}")
+            r = self.shape(a_key)[0]
+            want = [r, fan_in] if factor == "lora_A" else [fan_out, r]
+            dim, _ = factor_split(module, factor, seg, facts)
+            if dim is not None:
+                want[dim] //= tp
+            for j in range(tp):
+                got = list(self._files[j].get_slice(key).get_shape())
+                if got != want:
+                    raise ValueError(
+                        f"{shard_file(self.directory, j)}: {key} has shape {got}, but tp_size={tp} and the "
+                        f"model facts in {CONFIG_NAME} need {want} on every rank"
+                    )
+
+    def require_lora(self) -> LoraConfig:
+        """The LoRA config; an X-LoRA checkpoint is refused."""
+        if self.lora_config is None:
+            raise ValueError(f"{self.directory} holds a {self.config['kind']!r} checkpoint, not a LoRA adapter")
+        return self.lora_config
 
     def keys(self) -> list[str]:
         return sorted(self._files[0].keys())
@@ -97,7 +216,7 @@ class ShardReader:
     def shape(self, key: str) -> list[int]:
         try:
             return self._files[0].get_slice(key).get_shape()
-        except Exception as e:
+        except SafetensorError as e:
             raise ValueError(f"{shard_file(self.directory, 0)}: cannot read {key!r}: {e}") from None
 
     def dtype(self, key: str) -> str:
@@ -138,7 +257,7 @@ class ShardReader:
     def _get(self, rank: int, key: str) -> torch.Tensor:
         try:
             return self._files[rank].get_tensor(key)
-        except Exception as e:
+        except SafetensorError as e:
             raise ValueError(f"{shard_file(self.directory, rank)}: cannot read {key!r}: {e}") from None
 
 
@@ -148,54 +267,30 @@ def write_checkpoint(
     shards: Iterable[Callable[[], dict[str, torch.Tensor]] | dict[str, torch.Tensor]],
     overwrite: bool = False,
 ) -> Path:
-    """Write a checkpoint atomically: into a temporary sibling directory, then rename.
+    """Write a checkpoint atomically (``outputs.atomic_directory``).
 
     ``shards`` yields, per TP rank in order, that rank's tensors (or a callable producing
     them, so a converter holds one rank's tensors at a time).
     """
-    tmp = begin_write(directory, overwrite)
-    try:
+    with atomic_directory(directory, overwrite) as tmp:
         n = 0
         for j, shard in enumerate(shards):
             write_shard(tmp, j, shard() if callable(shard) else shard)
             n += 1
         if n != config["tp_size"]:
             raise ValueError(f"wrote {n} rank files for tp_size={config['tp_size']}")
-        finish_write(tmp, directory, config)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_config(tmp, config)
     return Path(directory)
-
-
-def begin_write(directory: str | Path, overwrite: bool) -> Path:
-    """Check the destination and create the temporary directory to write into."""
-    directory = Path(directory)
-    if directory.exists() and not overwrite:
-        raise FileExistsError(f"{directory} already exists (pass overwrite to replace it)")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
 
 
 def write_shard(tmp: Path, tp_rank: int, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(shard_file(tmp, tp_rank)))
 
 
-def finish_write(tmp: Path, directory: str | Path, config: dict) -> None:
+def write_config(tmp: Path, config: dict) -> None:
+    """adapter_config.json of a checkpoint being written into ``tmp``."""
     full_config = {"format": FORMAT, "version": VERSION, **config}
     (tmp / CONFIG_NAME).write_text(json.dumps(full_config, indent=2, sort_keys=True) + "\n")
-    replace_directory(tmp, Path(directory))
-
-
-def replace_directory(src: Path, dst: Path) -> None:
-    """Move a finished temporary directory into place (replacing ``dst`` if present)."""
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def checkpoint_config(kind: str, tp_size: int, facts: ModelFacts, adapter_config: dict, key: str = "lora_config") -> dict:

@@ -8,25 +8,27 @@ Streaming: each output file is written tensor by tensor from a plan
 (``peft_format.TensorPlan``): the safetensors header is computed from the source headers
 first, then every tensor is read (only the slice the output needs), written and dropped, so
 peak memory is about one tensor, not the adapter. Output goes to a temporary sibling
-directory renamed into place at the end; on any error nothing is left behind.
+directory renamed into place at the end (``outputs.atomic_directory``); on any error
+nothing is left behind.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import struct
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
-from megatron_lora.formats.checkpoint import begin_write, finish_write, parse_key, replace_directory, shard_file
+from megatron_lora.formats.checkpoint import parse_key, shard_file, write_config
+from megatron_lora.errors import check_positive_int
 from megatron_lora.hf.importer import hf_model_facts, read_hf_config
 from megatron_lora.hf.layout import HF_PROJECTIONS, ModelFacts, hf_module_name, megatron_module_name
+from megatron_lora.formats.outputs import atomic_directory, check_destination
 from megatron_lora.formats.peft import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -37,7 +39,14 @@ from megatron_lora.formats.peft import (
     load_any_adapter,
     peft_plan,
 )
-from megatron_lora.formats.xlora import check_bundle, is_xlora_dir, read_xlora, write_megatron_xlora, write_peft_xlora
+from megatron_lora.formats.xlora import (
+    check_bundle,
+    expert_inside,
+    is_xlora_dir,
+    read_xlora,
+    write_megatron_xlora,
+    write_peft_xlora,
+)
 from megatron_lora.parallel.lora_layers import LoraComputeDtype, configure_lora_layers
 
 #: --verify tolerance: max |logit diff| <= VERIFY_TOL x max |logit| (fp32).
@@ -85,21 +94,30 @@ def convert(
     tp: Optional[int] = None,
     overwrite: bool = False,
     progress: bool = True,
+    check: Optional[Callable[[Path], None]] = None,
+    confine_experts: bool = False,
 ) -> Path:
     """Convert the adapter in ``src`` (PEFT or megatron-lora, detected) into ``dst``.
 
     ``to="megatron"``: a checkpoint at TP=``tp`` (default: the source's TP, 1 for PEFT);
     from a megatron-lora source this reshards. ``to="peft"``: a PEFT LoRA directory.
     ``facts`` (the base model's, :func:`base_facts`) is required for a PEFT source and
-    checked against a megatron-lora source.
+    checked against a megatron-lora source. ``check(tmp)`` runs on the finished output
+    before it is renamed to ``dst`` (``--verify``): if it raises, nothing is written.
 
     An X-LoRA ``src`` becomes our X-LoRA checkpoint (``to="megatron"``, experts as
-    sub-checkpoints) or the intended PEFT X-LoRA layout (``to="peft"``, from any layout).
+    sub-checkpoints) or the intended PEFT X-LoRA layout (``to="peft"``, from any layout);
+    ``confine_experts`` refuses experts outside ``src``.
     """
     if to not in ("peft", "megatron"):
         raise ValueError(f"to={to!r}: expected 'peft' or 'megatron'")
+    if tp is not None:
+        check_positive_int("--tp", tp)
+    check_destination(dst, overwrite)  # before reading anything
     if is_xlora_dir(src):
-        return _convert_xlora(src, dst, to, facts, tp, overwrite)
+        if check is not None:
+            raise ValueError(f"{src} is an X-LoRA directory: only LoRA conversions can be checked")
+        return _convert_xlora(src, dst, to, facts, tp, overwrite, confine_experts)
     fmt = detect_format(src)
     if fmt == "peft" and facts is None:
         raise ValueError(f"{src} is a PEFT adapter: the base model's facts (--base) are needed")
@@ -116,40 +134,40 @@ def convert(
     else:
         peft_config, plans = peft_plan(reader, config)
         files = [(None, plans)]
-    tmp = begin_write(dst, overwrite)
-    try:
+    with atomic_directory(dst, overwrite) as tmp:
         with tqdm(total=sum(len(p) for _, p in files), desc=f"{Path(src).name} -> {to}", unit="tensor",
                   file=sys.stderr, disable=not progress) as bar:
             for j, plans in files:
                 write_safetensors(shard_file(tmp, j) if j is not None else tmp / WEIGHTS_NAME, plans, bar)
         if to == "megatron":
-            finish_write(tmp, dst, ckpt_config)
+            write_config(tmp, ckpt_config)
         else:
             (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-            replace_directory(tmp, Path(dst))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if check is not None:
+            check(tmp)
     return Path(dst)
 
 
 def _convert_xlora(
-    src: str | Path, dst: str | Path, to: str, facts: Optional[ModelFacts], tp: Optional[int], overwrite: bool
+    src: str | Path, dst: str | Path, to: str, facts: Optional[ModelFacts], tp: Optional[int], overwrite: bool,
+    confine_experts: bool,
 ) -> Path:
-    bundle = read_xlora(src)
+    bundle = read_xlora(src, confine_experts)
     if to == "peft":
         return write_peft_xlora(bundle, dst, overwrite=overwrite, facts=facts)
     return write_megatron_xlora(bundle, dst, tp or bundle.saved_tp, facts=facts, overwrite=overwrite)
 
 
-def describe(directory: str | Path) -> dict:
+def describe(directory: str | Path, confine_experts: bool = False) -> dict:
     """Format, kind, TP size, targets, per-projection ranks and alphas, and parameter count.
 
     For an X-LoRA directory: its layout, the classifier's options and shapes,
-    n_layers x n_experts, each expert's description, and parameter counts.
+    n_layers x n_experts, each expert's description and where it lives (``path``, resolved;
+    ``inside`` the directory or not), and parameter counts. ``confine_experts`` refuses
+    experts outside the directory.
     """
     if is_xlora_dir(directory):
-        return _describe_xlora(directory)
+        return _describe_xlora(directory, confine_experts)
     fmt = detect_format(directory)
     reader, config = open_adapter(directory)
     segments: dict[str, dict] = {}
@@ -179,10 +197,11 @@ def describe(directory: str | Path) -> dict:
     }
 
 
-def _describe_xlora(directory: str | Path) -> dict:
-    bundle = read_xlora(directory)
+def _describe_xlora(directory: str | Path, confine_experts: bool) -> dict:
+    bundle = read_xlora(directory, confine_experts)
     n_layers = check_bundle(bundle)
-    experts = {name: {"path": str(d), **describe(d)} for name, d in bundle.experts.items()}
+    experts = {name: {"path": str(Path(d).resolve()), "inside": expert_inside(directory, d), **describe(d)}
+               for name, d in bundle.experts.items()}
     options = {k: v for k, v in bundle.config.to_dict().items() if k not in ("peft_type", "adapters")}
     return {
         "format": bundle.layout,

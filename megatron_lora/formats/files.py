@@ -7,14 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+
+def _check_regular(path: Path) -> None:
+    """FileNotFoundError for a missing file, ValueError for a directory, FIFO or device."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file")
 
 
 def read_json(path: str | Path) -> dict:
     """The object in ``path``; FileNotFoundError / ValueError naming the file otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    _check_regular(path)
     try:
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -35,11 +42,10 @@ def json_field(path: str | Path, key: str) -> Any:
 def open_safetensors(path: str | Path):
     """``safe_open`` a file, turning a missing, corrupt or truncated file into a clear error."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    _check_regular(path)
     try:
         return safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises several error types for damaged files
+    except SafetensorError as e:  # damaged; an OSError (permissions, I/O) stays what it is
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
 
 

@@ -21,10 +21,18 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from megatron_lora.model.adapters import add_adapter_from_reader, load_adapter, model_facts
-from megatron_lora.formats.checkpoint import ShardReader, checkpoint_config, is_megatron_checkpoint, make_key, parse_key
+from megatron_lora.formats.checkpoint import (
+    ShardReader,
+    check_against_config,
+    checkpoint_config,
+    is_megatron_checkpoint,
+    make_key,
+    parse_key,
+)
 from megatron_lora.config import LoraConfig
 from megatron_lora.formats.files import json_field, open_safetensors, read_json
 from megatron_lora.hf.layout import (
@@ -42,7 +50,7 @@ from megatron_lora.model.lora import freeze_base
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_KEY = re.compile(rf"{re.escape(PEFT_PREFIX)}(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
+_PEFT_KEY = re.compile(rf"{re.escape(PEFT_PREFIX)}(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight")
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ def read_peft_config(directory: str | Path) -> LoraConfig:
         raise ValueError(f"{path}: peft_type={d.get('peft_type')!r} is not a LoRA adapter (expected 'LORA')")
     try:
         return LoraConfig.from_dict(d)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a field of the wrong type
         raise ValueError(f"{path}: {e}") from None
 
 
@@ -115,7 +123,7 @@ class PeftReader:
         self._file = open_safetensors(self.path)
         self._peft_keys: dict[str, str] = {}
         for pk in self._file.keys():
-            m = _PEFT_KEY.match(pk)
+            m = _PEFT_KEY.fullmatch(pk)
             if m is None:
                 raise ValueError(
                     f"{self.path}: tensor {pk!r} is not a LoRA factor of a linear projection "
@@ -125,8 +133,12 @@ class PeftReader:
                 layer, proj = parse_hf_module_name(m["module"])
             except ValueError as e:
                 raise ValueError(f"{self.path}: tensor {pk!r}: {e}") from None
-            self._peft_keys[make_key(layer, PROJECTION[proj][1], m["factor"], proj)] = pk
+            key = make_key(layer, PROJECTION[proj][1], m["factor"], proj)
+            if key in self._peft_keys:
+                raise ValueError(f"{self.path}: tensors {self._peft_keys[key]!r} and {pk!r} name the same module")
+            self._peft_keys[key] = pk
         self._check()
+        check_against_config(self.keys(), lambda k: self.shape(k)[0], self.lora_config, str(self.path), facts)
 
     def _check(self) -> None:
         for key in self.keys():
@@ -180,7 +192,7 @@ class PeftReader:
     def _read(self, key: str, take) -> torch.Tensor:
         try:
             return take(self._file.get_slice(self._peft_keys[key])).contiguous()
-        except Exception as e:
+        except SafetensorError as e:
             raise ValueError(f"{self.path}: cannot read {self._peft_keys[key]!r}: {e}") from None
 
 
@@ -193,11 +205,10 @@ def open_adapter(directory: str | Path, facts: Optional[ModelFacts] = None):
         reader = PeftReader(directory, facts)
         return reader, reader.lora_config
     reader = ShardReader(directory)
-    if reader.config.get("kind") != "lora":
-        raise ValueError(f"{directory} holds a {reader.config.get('kind')!r} checkpoint, not a LoRA adapter")
+    config = reader.require_lora()
     if facts is not None:
         reader.check_model(facts)
-    return reader, LoraConfig.from_dict(reader.config["lora_config"])
+    return reader, config
 
 
 # -- plans ------------------------------------------------------------------------------------

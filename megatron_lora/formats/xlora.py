@@ -39,7 +39,7 @@ files and such experts from the paths in ``adapters``.
     experts/<i>/                expert i as a megatron-lora LoRA checkpoint at the same TP
 
 Classifier shards follow ``megatron_lora.parallel.xlora_classifier`` (counted from the last linear:
-row-parallel, column-parallel, ...). Writers go through a temporary directory and rename.
+row-parallel, column-parallel, ...). Writers go through ``outputs.atomic_directory``.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from safetensors.torch import save_file
@@ -60,18 +61,17 @@ from megatron_lora.model.adapters import model_facts, save_adapter
 from megatron_lora.formats.checkpoint import (
     CONFIG_NAME,
     ShardReader,
-    begin_write,
     checkpoint_config,
-    finish_write,
     open_shard,
     parse_key,
     read_config,
-    replace_directory,
     write_checkpoint,
+    write_config,
     write_shard,
 )
 from megatron_lora.formats.files import open_safetensors, read_json, read_safetensors
 from megatron_lora.hf.layout import PEFT_PREFIX, ModelFacts, segment_projection
+from megatron_lora.formats.outputs import atomic_directory, shared_atomic_directory
 from megatron_lora.formats.peft import (
     WEIGHTS_NAME,
     detect_format,
@@ -144,10 +144,26 @@ def is_xlora_dir(directory: str | Path) -> bool:
     return True
 
 
-def read_xlora(directory: str | Path) -> XLoraBundle:
-    """Read an X-LoRA directory in any of the layouts of this module."""
+def read_xlora(directory: str | Path, confine_experts: bool = False) -> XLoraBundle:
+    """Read an X-LoRA directory in any of the layouts of this module.
+
+    Expert paths in the config may point anywhere (as PEFT allows); ``confine_experts``
+    refuses those that resolve outside ``directory``.
+    """
     reader = {"megatron": _read_megatron, "peft": _read_peft, "xlora": _read_xlora_package}
-    return reader[detect_xlora_format(directory)](Path(directory))
+    bundle = reader[detect_xlora_format(directory)](Path(directory))
+    if confine_experts:
+        for name, path in bundle.experts.items():
+            if not expert_inside(directory, path):
+                raise ValueError(f"{directory}: expert {name!r} is at {Path(path).resolve()}, outside the "
+                                 "directory (refused by --confine-experts)")
+    return bundle
+
+
+def expert_inside(directory: str | Path, expert: str | Path) -> bool:
+    """Whether an expert directory resolves (symbolic links followed) inside ``directory``."""
+    root, path = Path(directory).resolve(), Path(expert).resolve()
+    return path == root or root in path.parents
 
 
 def _expert_dir(directory: Path, name: str, path: str) -> Path:
@@ -170,8 +186,20 @@ def _expert_dir(directory: Path, name: str, path: str) -> Path:
     return candidate
 
 
+def _xlora_config(d: dict, path: Path) -> XLoraConfig:
+    try:
+        config = XLoraConfig.from_dict(d)
+    except (ValueError, TypeError) as e:  # TypeError: a field of the wrong type
+        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(config.adapters, dict) or not config.adapters:
+        raise ValueError(f"{path}: adapters must name at least one expert, got {d.get('adapters')!r}")
+    if config.top_k_lora is not None and config.top_k_lora > len(config.adapters):
+        raise ValueError(f"{path}: top_k_lora={config.top_k_lora} exceeds the {len(config.adapters)} experts")
+    return config
+
+
 def _read_peft(directory: Path) -> XLoraBundle:
-    config = XLoraConfig.from_dict(read_json(directory / CONFIG_NAME))
+    config = _xlora_config(read_json(directory / CONFIG_NAME), directory / CONFIG_NAME)
     top = read_safetensors(directory / WEIGHTS_NAME)
     classifier, layout = [], "peft-xlora"
     for k in sequential_indices(config):
@@ -206,7 +234,7 @@ def _read_xlora_package(directory: Path) -> XLoraBundle:
             "ReLU) cannot be expressed as a PEFT X-LoRA classifier"
         )
     fields = {k: v for k, v in raw.items() if k not in _XLORA_PACKAGE_IGNORED | {"use_mean_pool"}}
-    config = XLoraConfig.from_dict(fields)
+    config = _xlora_config(fields, directory / XLORA_PACKAGE_CONFIG)
     tensors = read_safetensors(directory / XLORA_PACKAGE_WEIGHTS)
     # inner = [Linear, ReLU, Dropout] per hidden linear (the Dropout exists even at p = 0).
     names = [f"inner.{3 * k}" for k in range(depth - 1)] + ["last"]
@@ -223,14 +251,14 @@ def _read_xlora_package(directory: Path) -> XLoraBundle:
 
 def _read_megatron(directory: Path) -> XLoraBundle:
     cfg = read_config(directory)
-    config = XLoraConfig.from_dict(cfg["xlora_config"])
+    config = _xlora_config(cfg["xlora_config"], directory / CONFIG_NAME)
     files = [open_shard(directory, j) for j in range(cfg["tp_size"])]
     classifier = []
     for k, style in enumerate(linear_styles(config.xlora_depth)):
         try:
             ws = [f.get_tensor(megatron_key(k, "weight")) for f in files]
             bs = [f.get_tensor(megatron_key(k, "bias")) for f in files]
-        except Exception as e:
+        except SafetensorError as e:
             raise ValueError(f"{directory}: classifier linear {k} is missing or unreadable: {e}") from None
         classifier.append(unshard_linear(ws, bs, style))
     experts = {name: directory / path for name, path in config.adapters.items()}
@@ -296,8 +324,7 @@ def write_peft_xlora(
     """
     check_bundle(bundle, facts)
     names = [str(i) for i in range(len(bundle.experts))]
-    tmp = begin_write(directory, overwrite)
-    try:
+    with atomic_directory(directory, overwrite) as tmp:
         idx = sequential_indices(bundle.config)
         tensors = {}
         for k, (w, b) in zip(idx, bundle.classifier):
@@ -307,10 +334,6 @@ def write_peft_xlora(
         for name, src in zip(names, bundle.experts.values()):
             _write_peft_expert(Path(src), tmp / name)
         (tmp / CONFIG_NAME).write_text(json.dumps(_peft_config_dict(bundle.config, names), indent=2) + "\n")
-        replace_directory(tmp, Path(directory))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Path(directory)
 
 
@@ -344,8 +367,7 @@ def write_megatron_xlora(
         raise ValueError(
             f"experts {peft_experts} are PEFT LoRA directories: the base model's facts (--base) are needed"
         )
-    tmp = begin_write(directory, overwrite)
-    try:
+    with atomic_directory(directory, overwrite) as tmp:
         styles = linear_styles(bundle.config.xlora_depth)
         for j in range(tp):
             shard = {}
@@ -365,10 +387,7 @@ def write_megatron_xlora(
         config = bundle.config.to_dict()
         config["adapters"] = {bundle_name: f"experts/{i}" for i, bundle_name in enumerate(bundle.experts)}
         full = checkpoint_config("xlora", tp, facts, config, key="xlora_config")
-        finish_write(tmp, directory, {**full, "n_layers": n_layers})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_config(tmp, {**full, "n_layers": n_layers})
     return Path(directory)
 
 
@@ -391,12 +410,7 @@ def save_xlora(xmodel: XLoraModel, directory: str | Path, overwrite: bool = Fals
     the classifier shards to one file per TP rank (written by the last pipeline stage of
     the first data-parallel replica); the directory appears only when complete.
     """
-    rank0 = dist.get_rank() == 0
-    box = [str(begin_write(directory, overwrite)) if rank0 else None]
-    dist.broadcast_object_list(box, src=0)
-    tmp = Path(box[0])
-    ok = torch.tensor([1])
-    try:
+    with shared_atomic_directory(directory, overwrite) as tmp:
         for i, name in enumerate(xmodel.experts):
             save_adapter(xmodel.model, tmp / "experts" / str(i), xmodel.expert_configs[i], adapter_name=name)
         if ps.get_data_parallel_rank() == 0 and ps.is_pipeline_last_stage():
@@ -404,17 +418,9 @@ def save_xlora(xmodel: XLoraModel, directory: str | Path, overwrite: bool = Fals
             for k, (w, b) in enumerate(xmodel.xlora_classifier.local_state()):
                 shard[megatron_key(k, "weight")], shard[megatron_key(k, "bias")] = w, b
             write_shard(tmp, ps.get_tensor_model_parallel_rank(), shard)
-    except Exception:
-        ok.zero_()
-        raise
-    finally:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if rank0 and ok.item():
+        if dist.get_rank() == 0:
             config = xmodel.config.to_dict()
             config["adapters"] = {n: f"experts/{i}" for i, n in enumerate(xmodel.config.adapters)}
             tp = ps.get_tensor_model_parallel_world_size()
             full = checkpoint_config("xlora", tp, model_facts(xmodel.model), config, key="xlora_config")
-            finish_write(tmp, directory, {**full, "n_layers": xmodel.n_layers})
-        elif rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
+            write_config(tmp, {**full, "n_layers": xmodel.n_layers})

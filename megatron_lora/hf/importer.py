@@ -28,11 +28,22 @@ _REFUSED_FIELDS = ("quantization_config", "attn_logit_softcapping", "final_logit
 _MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
+#: HF config fields every supported model has (the model facts come from them).
+_REQUIRED_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
 def read_hf_config(hf_dir: str | Path) -> dict:
+    """config.json of an HF model directory, with the fields the model facts need checked."""
     path = Path(hf_dir) / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no HF config.json (is {hf_dir} an HF model directory?)")
-    return read_json(path)
+    cfg = read_json(path)
+    for name in _REQUIRED_FIELDS:
+        value = cfg.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: {name} is {'missing' if name not in cfg else f'{value!r}'}; "
+                             "expected a positive integer")
+    return cfg
 
 
 def _model_type(hf_config: dict) -> str:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -73,7 +74,19 @@ class ModelFacts:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelFacts":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        """Facts from a dict; ValueError naming the first missing or mistyped field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"model facts must be an object, got {d!r}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                raise ValueError(f"model facts lack {f.name!r}")
+            v = d[f.name]
+            ok = isinstance(v, bool) if f.type == "bool" else (type(v) is int and (v > 0 or f.name == "vocab_size"))
+            if not ok:
+                raise ValueError(f"model facts: {f.name}={v!r} is not a {'boolean' if f.type == 'bool' else 'positive integer'}")
+            values[f.name] = v
+        return cls(**values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -277,16 +290,21 @@ def megatron_full_to_hf(full_state_dict: dict, facts: ModelFacts, biases: Option
 # --- LoRA factors: HF PEFT module names <-> Megatron segments ------------------------------
 
 
+#: A layer index as written in keys: ASCII digits without leading zeros, so that no two
+#: spellings (``1`` and ``01``, a fullwidth digit) name one layer.
+LAYER_INDEX = r"(?:0|[1-9][0-9]*)"
+
+
 def parse_hf_module_name(name: str) -> tuple[int, str]:
     """(global layer, projection) of ``model.layers.{i}.<parent>.<proj>``; ValueError otherwise."""
     parts = name.split(".")
-    if len(parts) == 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+    if len(parts) == 5 and parts[:2] == ["model", "layers"] and re.fullmatch(LAYER_INDEX, parts[2]):
         layer, parent, proj = int(parts[2]), parts[3], parts[4]
         if proj in PROJECTION and PROJECTION[proj][0] == parent:
             return layer, proj
     raise ValueError(
         f"{name!r} is not a linear projection of a LLaMA-family layer "
-        f"(model.layers.N.self_attn|mlp.{{{','.join(HF_PROJECTIONS)}}})"
+        f"(model.layers.N.self_attn|mlp.{{{','.join(HF_PROJECTIONS)}}}, N without leading zeros)"
     )
 
 

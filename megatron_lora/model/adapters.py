@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -11,19 +10,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
-from megatron_lora.formats.checkpoint import (
-    ShardReader,
-    begin_write,
-    checkpoint_config,
-    finish_write,
-    make_key,
-    parse_key,
-    write_shard,
-)
+from megatron_lora.formats.checkpoint import ShardReader, checkpoint_config, make_key, parse_key, write_config, write_shard
 from megatron_lora.config import LoraConfig
 from megatron_lora.model.gpt import real_vocab_size
 from megatron_lora.hf.layout import ModelFacts, hf_module_name, megatron_module_name
 from megatron_lora.model.lora import freeze_base, iter_linear_modules
+from megatron_lora.formats.outputs import shared_atomic_directory
 from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, LoraLayer, add_lora_support
 
 
@@ -66,28 +58,12 @@ def save_adapter(
         parts = [None] * ps.get_pipeline_model_parallel_world_size()
         dist.all_gather_object(parts, state, group=ps.get_pipeline_model_parallel_group())
         state = {k: v for part in parts for k, v in part.items()}
-    rank0 = dist.get_rank() == 0
-    box = [None]
-    if rank0:
-        box[0] = str(begin_write(directory, overwrite))
-    dist.broadcast_object_list(box, src=0)
-    tmp = Path(box[0])
-    ok = torch.tensor([1])
-    try:
+    with shared_atomic_directory(directory, overwrite) as tmp:
         if ps.get_data_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
             write_shard(tmp, tp_rank, state)
-    except Exception:
-        ok.zero_()
-        raise
-    finally:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if rank0:
-            if ok.item():
-                cfg = checkpoint_config(kind, tp, model_facts(model), config.to_dict())
-                finish_write(tmp, directory, {**cfg, **(extra or {})})
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
+        if dist.get_rank() == 0:
+            cfg = checkpoint_config(kind, tp, model_facts(model), config.to_dict())
+            write_config(tmp, {**cfg, **(extra or {})})
 
 
 def adapter_specs_from_keys(
@@ -130,8 +106,8 @@ def load_adapter(
     a mismatch names the module and both shapes. Returns the adapter's LoraConfig.
     """
     reader = ShardReader(directory)
+    config = reader.require_lora()
     reader.check_model(model_facts(model))
-    config = LoraConfig.from_dict(reader.config["lora_config"])
     add_adapter_from_reader(model, reader, config, adapter_name, str(directory))
     if freeze:
         freeze_base(model)
@@ -148,11 +124,13 @@ def add_adapter_from_reader(model: nn.Module, reader, config: LoraConfig, adapte
     tp_rank, tp = _tp()
     keys = reader.keys()
     specs = adapter_specs_from_keys(keys, reader, config, facts, tp)
+    modules = [(layer, kind, module) for _, layer, kind, module in iter_linear_modules(model) if (layer, kind) in specs]
+    taken = [m for _, _, m in modules if adapter_name in getattr(m, "lora_specs", {})]
+    if taken:  # checked before any module changes
+        raise ValueError(f"adapter {adapter_name!r} already exists on this model")
     used = set()
-    for _, layer, kind, module in iter_linear_modules(model):
-        spec = specs.get((layer, kind))
-        if spec is None:
-            continue
+    for layer, kind, module in modules:
+        spec = specs[(layer, kind)]
         lora = add_lora_support(module)
         lora.add_adapter(adapter_name, spec)
         for factor in ("lora_A", "lora_B"):

@@ -61,15 +61,22 @@ def adapter_spec_for(config: LoraConfig, facts: ModelFacts, layer: int, kind: st
 
 
 def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "default", dtype: torch.dtype = torch.float32) -> int:
-    """Add adapter ``adapter_name`` to every matching parallel linear; return how many."""
-    matched = 0
-    for _, layer, kind, module in iter_linear_modules(model):
+    """Add adapter ``adapter_name`` to every matching parallel linear; return how many.
+
+    Every module is checked before any is changed, so an error leaves the model as it was.
+    """
+    planned = []
+    for name, layer, kind, module in iter_linear_modules(model):
         tp = module.tp_group.size() if module.tp_group is not None else 1
         spec = adapter_spec_for(config, _model_facts(module), layer, kind, tp)
-        if spec is not None:
-            add_lora_support(module).add_adapter(adapter_name, spec, dtype=dtype)
-            matched += 1
-    return matched
+        if spec is None:
+            continue
+        if adapter_name in getattr(module, "lora_specs", {}):
+            raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
+        planned.append((module, spec))
+    for module, spec in planned:
+        add_lora_support(module).add_adapter(adapter_name, spec, dtype=dtype)
+    return len(planned)
 
 
 def apply_lora(

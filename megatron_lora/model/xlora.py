@@ -387,6 +387,8 @@ def apply_xlora(
     adapters = dict(config.adapters if adapters is None else adapters)
     if not adapters:
         raise ValueError("X-LoRA needs at least one expert: adapters is empty")
+    if config.top_k_lora is not None and config.top_k_lora > len(adapters):
+        raise ValueError(f"top_k_lora={config.top_k_lora} exceeds the {len(adapters)} experts")
     if config.adapters and list(config.adapters) != list(adapters):
         raise ValueError(
             f"adapters {list(adapters)} disagree with the config's experts {list(config.adapters)}"

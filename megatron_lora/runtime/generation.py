@@ -15,6 +15,7 @@ same seeded generator, so all ranks pick the same tokens.
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -27,11 +28,13 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from safetensors.torch import save_file
 
 from megatron_lora.runtime.distributed import init_distributed
+from megatron_lora.errors import check_positive_int
 from megatron_lora.model.gpt import positions_for, real_vocab_size
 from megatron_lora.hf.importer import eos_token_ids, hf_model_facts, load_hf_base, read_hf_config
+from megatron_lora.formats.outputs import atomic_file, check_output_file
 from megatron_lora.formats.peft import load_any_adapter
 from megatron_lora.model.xlora import XLoraModel, base_gpt
-from megatron_lora.formats.xlora import detect_xlora_format, load_xlora
+from megatron_lora.formats.xlora import is_xlora_dir, load_xlora
 from megatron_lora.parallel.lora_layers import LoraComputeDtype, configure_lora_layers
 
 
@@ -149,8 +152,12 @@ def generate(
     step's fp32 logits [vocab] (the distribution the step chose from, before temperature /
     top-p).
     """
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not 0 < top_p <= 1:  # also refuses nan
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     prompt = list(prompt_ids)
     if not prompt:
         raise ValueError("empty prompt")
@@ -190,25 +197,6 @@ def _tokenizer(base: Path, required: bool):
     return AutoTokenizer.from_pretrained(str(base))
 
 
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` then rename, so a failure never leaves a partial file at ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def is_xlora_directory(directory: str | Path) -> bool:
-    """Whether ``directory`` holds an X-LoRA adapter (any layout of ``xlora_format``)."""
-    try:
-        detect_xlora_format(directory)
-    except ValueError:  # a LoRA directory (or a damaged one: the LoRA loader names the problem)
-        return False
-    return True
-
-
 def generate_from_dirs(
     base: str,
     prompt: Optional[str] = None,
@@ -245,7 +233,16 @@ def generate_from_dirs(
             raise ValueError(f"--input-ids must be comma-separated integers, got {input_ids!r}") from e
     if not ids or max(ids) >= vocab or min(ids) < 0:
         raise ValueError(f"prompt ids must be in [0, {vocab}), got {ids}")
-    xlora = adapter is not None and is_xlora_directory(adapter)
+    check_positive_int("--tp", tp)
+    for flag, out in (("--logits-out", logits_out), ("--tokens-out", tokens_out), ("--scalings-out", scalings_out)):
+        if out is not None:
+            try:
+                check_output_file(out)
+            except OSError as e:
+                raise type(e)(f"{flag}: {e}") from None
+    if adapter is not None and not Path(adapter).is_dir():
+        raise FileNotFoundError(f"--adapter {adapter} does not exist (or is not a directory)")
+    xlora = adapter is not None and is_xlora_dir(adapter)
     if (scalings_out or xlora_scalings_once) and not xlora:
         raise ValueError(f"--scalings-out and --xlora-scalings-once need an X-LoRA --adapter, got {adapter!r}")
     init_distributed(tp)
@@ -263,11 +260,14 @@ def generate_from_dirs(
                    xlora_scalings_once=xlora_scalings_once)
     if dist.get_rank() == 0:
         if logits_out:
-            _write_atomic(Path(logits_out), lambda p: save_file({"logits": logits.contiguous()}, str(p)))
+            with atomic_file(logits_out) as tmp:
+                save_file({"logits": logits.contiguous()}, str(tmp))
         if scalings_out:
-            tensors = {"scalings": scalings.contiguous(), "input_ids": torch.tensor(ids, dtype=torch.int64)}
-            _write_atomic(Path(scalings_out), lambda p: save_file(tensors, str(p)))
+            with atomic_file(scalings_out) as tmp:
+                save_file({"scalings": scalings.contiguous(), "input_ids": torch.tensor(ids, dtype=torch.int64)},
+                          str(tmp))
         if tokens_out:
-            _write_atomic(Path(tokens_out), lambda p: p.write_text(json.dumps(new)))
+            with atomic_file(tokens_out) as tmp:
+                tmp.write_text(json.dumps(new))
         print(tokenizer.decode(new, skip_special_tokens=True) if tokenizer else new, flush=True)
     return new

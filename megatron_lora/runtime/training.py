@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -37,6 +36,7 @@ from megatron_lora.runtime.distributed import init_distributed
 from megatron_lora.model.gpt import build_gpt, gpt_config, positions_for, real_vocab_size
 from megatron_lora.hf.layout import HF_PROJECTIONS
 from megatron_lora.model.lora import add_adapters, apply_lora, trainable_parameters_report
+from megatron_lora.formats.outputs import shared_temp_dir
 from megatron_lora.model.xlora import XLoraConfig, XLoraModel, apply_xlora, base_gpt
 from megatron_lora.formats.xlora import read_xlora, save_xlora, write_peft_xlora
 
@@ -116,16 +116,6 @@ def add_lora(model: nn.Module, options: FinetuneOptions) -> LoraConfig:
 def save_lora(model: nn.Module, options: FinetuneOptions, config: LoraConfig) -> None:
     overwrite = Path(options.out) == Path(DEFAULT_OUT)
     save_adapter(model, options.out, config, overwrite=overwrite, extra={"finetune": asdict(options)})
-
-
-def _shared_scratch(near: Path) -> Path:
-    """A temporary directory next to ``near``, created by rank 0, the same path on every rank."""
-    box = [None]
-    if dist.get_rank() == 0:
-        near.parent.mkdir(parents=True, exist_ok=True)
-        box[0] = tempfile.mkdtemp(prefix=f".{near.name}.scratch.", dir=near.parent)
-    dist.broadcast_object_list(box, src=0)
-    return Path(box[0])
 
 
 def make_random_experts(options: FinetuneOptions, directory: Path) -> dict[str, str]:
@@ -265,7 +255,7 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
         raise FileExistsError(f"--out {options.out} already exists (only the default {DEFAULT_OUT} is overwritten)")
     init_distributed(options.tp, seed=options.seed)
     model = build_base(options)
-    scratch = _shared_scratch(Path(options.out)) if options.xlora else None
+    scratch = shared_temp_dir(options.out) if options.xlora else None
     try:
         if options.xlora:
             model = add_xlora(model, options, scratch)
