@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 from megatron_lora.errors import INPUT_ERRORS
 
+
 def run_entry(fn: Callable[[], Optional[int]], prog: str) -> int:
     """Run an entry point's ``fn``; return its exit status.
 

@@ -200,7 +200,11 @@ def _commit(tmp: Path, dst: Path, overwrite: bool) -> None:
             return
         aside = _tmp_path(dst)
         os.rename(dst, aside)
-        os.rename(tmp, dst)
+        try:
+            os.rename(tmp, dst)
+        except BaseException:
+            os.rename(aside, dst)  # put the old destination back
+            raise
         _remove(aside)
         return
     try:
