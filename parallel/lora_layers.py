@@ -29,11 +29,13 @@ Precision, one rule (:class:`LoraComputeDtype`, the layer's ``lora_compute_dtype
 On an fp32 base with fp32 or half-precision factors the two modes compute the same thing.
 
 Sequence parallelism: a column layer's LoRA needs its gathered ``[tokens, in]`` input only
-for A's gradient. With ``lora_sp_shard_input`` (the default) it keeps only this rank's
+for A's gradient. By default it saves that gathered input (TP times the shard megatron keeps)
+and adds no collective. With ``lora_sp_shard_input`` it keeps only this rank's
 ``[tokens / TP, in]`` shard and, in backward, reduce-scatters the rank-r term
-``g B`` (``[tokens, sum r]``) instead: one extra collective of ``tokens x sum r`` elements
-per column layer and backward pass, TP times less saved input. Off: the gathered input is
-saved and no collective is added.
+``g B`` (``[tokens, sum r]``) instead: TP times less saved input for one extra collective of
+``tokens x sum r`` elements per column layer and backward pass (about r / in of the base's
+all-gather). The default keeps the package's rule of no activation collective beyond the
+base's; memory-bound runs switch it on with ``configure_lora_layers``.
 
 X-LoRA and other mixtures plug in through ``extra_terms`` (see ``megatron_lora.parallel.xlora_mixing``).
 """
@@ -159,7 +161,7 @@ class LoraLayer:
         self.merged_adapters: list[str] = []
         self._merge_fixups: dict[str, list] = {}
         self.lora_compute_dtype = LoraComputeDtype.BASE
-        self.lora_sp_shard_input = True
+        self.lora_sp_shard_input = False
         #: Terms added after the active adapters' (X-LoRA's mixing of its experts); skipped
         #: while the adapters are disabled.
         self.extra_terms: list[ExtraTerm] = []
