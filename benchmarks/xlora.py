@@ -66,12 +66,12 @@ def build(base_dir: str, experts: list[str]) -> dict:
 
     from megatron_lora.model.gpt import positions_for
     from megatron_lora.hf.importer import load_hf_base
-    from megatron_lora.formats.peft import load_any_adapter
+    from megatron_lora.model.adapters import load_adapter
     from megatron_lora.model.xlora import XLoraConfig as OurXLoraConfig
     from megatron_lora.model.xlora import apply_xlora
 
     single, _ = load_hf_base(base_dir)
-    load_any_adapter(single, experts[0], "default")
+    load_adapter(single, experts[0], "default")
     mixed, _ = load_hf_base(base_dir)
     xmodel = apply_xlora(mixed, OurXLoraConfig(xlora_depth=1), {str(i): d for i, d in enumerate(experts)}).eval()
     hf = LlamaForCausalLM.from_pretrained(base_dir).float().eval()

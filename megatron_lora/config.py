@@ -146,7 +146,7 @@ class LoraConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-#: PEFT config fields that never change the math of a LoRA.
+#: PEFT config fields that never change the math of a LoRA or an X-LoRA.
 _BOOKKEEPING_FIELDS = {
     "peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
     "inference_mode", "peft_version", "megatron_config", "megatron_core", "loftq_config",
@@ -185,3 +185,66 @@ def _pattern_key(patterns: dict, name: str) -> Optional[str]:
         if re.match(rf"(.*\.)?({key})$", name):
             return key
     return None
+
+
+@dataclass
+class XLoraConfig:
+    """X-LoRA options, named and defaulted as in ``peft.XLoraConfig``."""
+
+    #: Hidden size of the base model (None: taken from the model).
+    hidden_size: Optional[int] = None
+    #: Expert name -> LoRA directory (PEFT LoRA or megatron-lora checkpoint); expert i is
+    #: the i-th entry.
+    adapters: dict[str, str] = field(default_factory=dict)
+    #: Softmax over the experts of the classifier's output.
+    enable_softmax: bool = True
+    #: Softmax over the experts kept by top_k_lora (no temperature).
+    enable_softmax_topk: bool = False
+    #: One scaling per X-LoRA layer (True) or one broadcast to every layer (False).
+    layerwise_scalings: bool = False
+    #: Number of linears of the classifier.
+    xlora_depth: int = 1
+    #: Hidden size of the classifier (xlora_depth >= 2).
+    xlora_size: int = 2048
+    #: Dropout after each hidden linear of the classifier (xlora_depth >= 2).
+    xlora_dropout_p: float = 0.2
+    #: Train the experts along with the classifier.
+    use_trainable_adapters: bool = False
+    #: Temperature of the enable_softmax softmax.
+    softmax_temperature: float = 1.0
+    #: Keep only the k largest scalings per token and layer (None: all).
+    top_k_lora: Optional[int] = None
+    #: Scalings of the scaling pass (None: 1 / n_experts, stored as that number).
+    scaling_pass_value: Optional[float] = 0.0
+    #: Factor on every expert's output.
+    global_scaling_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.xlora_depth < 1:
+            raise ValueError(f"xlora_depth must be at least 1, got {self.xlora_depth}")
+        if self.xlora_depth > 1 and self.xlora_size < 1:
+            raise ValueError(f"xlora_size must be positive, got {self.xlora_size}")
+        if not 0.0 <= self.xlora_dropout_p < 1.0:
+            raise ValueError(f"xlora_dropout_p must be in [0, 1), got {self.xlora_dropout_p}")
+        if self.top_k_lora is not None and self.top_k_lora < 1:
+            raise ValueError(f"top_k_lora must be at least 1 or None, got {self.top_k_lora}")
+        if self.softmax_temperature <= 0:
+            raise ValueError(f"softmax_temperature must be positive, got {self.softmax_temperature}")
+        self.adapters = dict(self.adapters or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peft_type": "XLORA", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "XLoraConfig":
+        """Build from a dict (ours or a PEFT X-LoRA adapter_config.json).
+
+        PEFT bookkeeping fields are ignored; any other unknown field is refused by name.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        for k, v in d.items():
+            if k not in names and k not in _BOOKKEEPING_FIELDS:
+                raise ValueError(f"unsupported X-LoRA config field {k}={v!r}")
+        if d.get("peft_type", "XLORA") != "XLORA":
+            raise ValueError(f"not an X-LoRA config: peft_type={d['peft_type']!r}")
+        return cls(**{k: v for k, v in d.items() if k in names})

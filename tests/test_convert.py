@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from megatron_lora.formats.checkpoint import shard_file
 from megatron_lora.cli.main import main as cli_main
 from megatron_lora.config import LoraConfig
-from megatron_lora.formats.convert import base_facts, convert, describe, verify
+from megatron_lora.cli.convert import verify
+from megatron_lora.formats.convert import base_facts, convert, describe
 from megatron_lora.hf.layout import HF_PROJECTIONS, hf_module_name
 from megatron_lora.formats.peft import megatron_to_peft, peft_to_megatron, read_peft_config, reshard
 
@@ -158,13 +159,13 @@ def _tp2_body(rank, world, base, peft_dir, tp2_dir, shared_dir, ids):
     from megatron_lora import apply_lora, init_distributed, save_adapter
     from megatron_lora.runtime.generation import forward_logits
     from megatron_lora.hf.importer import load_hf_base
-    from megatron_lora.formats.peft import load_any_adapter
+    from megatron_lora.model.adapters import load_adapter
 
     init_distributed(world, seed=7)
     out = {}
     for name, directory in (("peft", peft_dir), ("megatron", tp2_dir)):
         model, _ = load_hf_base(base)
-        load_any_adapter(model, directory)
+        load_adapter(model, directory)
         out[name] = forward_logits(model, ids)
     # A shared-A adapter (Megatron names), trained-like random factors, saved at TP=2.
     model, _ = load_hf_base(base)
@@ -278,7 +279,7 @@ def test_bad_input(base, adapter, tmp_path):
         ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] is not supported"),
         ({"target_modules": ["embed_tokens"]}, "target_modules contains unknown target 'embed_tokens'"),
         ({"fan_in_fan_out": True}, "fan_in_fan_out=True is not supported"),
-        ({"peft_type": "LOHA"}, "peft_type='LOHA' is not a LoRA adapter"),
+        ({"peft_type": "LOHA"}, "peft_type='LOHA' is not a LoRA or X-LoRA adapter"),
     ]):
         _expect_error(tmp_path, _copy_peft(adapter, tmp_path / f"opt{i}", update), ValueError, match, facts=facts)
     embedding = _copy_peft(adapter, tmp_path / "embedding", tensors_update={

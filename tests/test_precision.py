@@ -205,7 +205,8 @@ def _generate_logits(rank, world, base, adapters, outdir):
 def test_peft_rule_equals_hf_peft_with_half_adapters(half_adapters, tmp_path):
     from safetensors.torch import load_file
 
-    from megatron_lora.formats.convert import base_facts, convert, verify
+    from megatron_lora.cli.convert import verify
+    from megatron_lora.formats.convert import base_facts, convert
 
     base, adapters = half_adapters
     run_ranks(_generate_logits, 2, str(base), {k: str(v) for k, v in adapters.items()}, str(tmp_path))

@@ -255,7 +255,7 @@ def test_06_rank_files_are_checked_against_tp_size(meg, tmp_path):
 
 
 def test_09_verify_decides_before_the_rename(base, adapter, meg, tmp_path, capsys, monkeypatch):
-    import megatron_lora.formats.convert as conv
+    import megatron_lora.cli.convert as conv
 
     cases = Cases("09 verify before rename")
     with cases("--verify without --base"):

@@ -174,7 +174,7 @@ def _format_checks(world: int, base_dir: str, formats: dict) -> dict:
 
     from megatron_lora.model.gpt import positions_for
     from megatron_lora.hf.importer import load_hf_base
-    from megatron_lora.formats.xlora import load_xlora, save_xlora
+    from megatron_lora.model.xlora import load_xlora, save_xlora
 
     out = {}
     for tag, directory in formats["load"].items():

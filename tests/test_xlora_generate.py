@@ -144,7 +144,7 @@ def _decode_checks(xm) -> dict:
 def _ranks_body(rank, world, d) -> dict:
     from megatron_lora import init_distributed
     from megatron_lora.hf.importer import load_hf_base
-    from megatron_lora.formats.xlora import load_xlora
+    from megatron_lora.model.xlora import load_xlora
 
     script = _generate_script()
     out = {}

@@ -6,6 +6,8 @@ backend, so no display is needed.
 
 from __future__ import annotations
 
+import argparse
+import sys
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -76,3 +78,34 @@ def plot_scalings(scalings: torch.Tensor, out: str | Path, labels: Sequence[str]
     finally:
         plt.close(fig)
     return Path(out)
+
+
+def _run_plot_scalings(args: argparse.Namespace) -> int:
+    from megatron_lora.cli.plots import plot_scalings, read_scalings, token_labels
+
+    scalings, ids = read_scalings(args.file)
+    if args.input_ids is not None:
+        try:
+            ids = [int(t) for t in args.input_ids.split(",")]
+        except ValueError:
+            raise ValueError(f"--input-ids must be comma-separated integers, got {args.input_ids!r}") from None
+    labels = token_labels(ids, scalings.shape[0], args.tokenizer)
+    print(f"wrote {plot_scalings(scalings, args.output, labels, args.average)}", file=sys.stderr)
+    return 0
+
+
+def add_plot_scalings(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plot-scalings",
+        help="draw X-LoRA scalings as a heatmap (PNG)",
+        description="Heatmap of the X-LoRA scalings in FILE (generate.py --scalings-out: key scalings "
+        "[seq, n_layers, n_experts]) per token and expert, one panel per X-LoRA layer or averaged "
+        "over layers. Needs matplotlib (pip install 'megatron-lora[plot]').",
+    )
+    p.add_argument("file", metavar="F.safetensors", help="scalings file")
+    p.add_argument("-o", "--output", required=True, metavar="F.png", help="PNG to write")
+    p.add_argument("--tokenizer", metavar="HF_DIR", help="label the tokens with this HF tokenizer")
+    p.add_argument("--input-ids", metavar="IDS",
+                   help="comma-separated prompt ids (default: the input_ids stored in FILE, if any)")
+    p.add_argument("--average", action="store_true", help="one panel: the mean over layers")
+    p.set_defaults(func=_run_plot_scalings)

@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 
 from megatron_lora.config import LoraConfig
 from megatron_lora.errors import check_positive_int
-from megatron_lora.formats.files import json_field, open_safetensors, read_json
+from megatron_lora.formats.detect import CONFIG_NAME, MEGATRON_FORMAT
+from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.hf.layout import (
     LAYER_INDEX,
     MODULE_PATH,
@@ -39,9 +40,8 @@ from megatron_lora.hf.layout import (
 from megatron_lora.formats.outputs import atomic_directory
 from megatron_lora.parallel.lora_layers import shard_rows, unshard_rows
 
-FORMAT = "megatron-lora"
+
 VERSION = 1
-CONFIG_NAME = "adapter_config.json"
 _KEY = re.compile(
     rf"decoder\.layers\.(?P<layer>{LAYER_INDEX})\.(?P<path>self_attention\.linear_\w+|mlp\.linear_\w+)"
     r"\.(?P<factor>lora_A|lora_B)\.(?P<segment>\w+)",
@@ -74,7 +74,7 @@ def read_config(directory: str | Path) -> dict:
     """
     path = Path(directory) / CONFIG_NAME
     cfg = read_json(path)
-    if cfg.get("format") != FORMAT:
+    if cfg.get("format") != MEGATRON_FORMAT:
         raise ValueError(f"{directory} is not a megatron-lora checkpoint (format={cfg.get('format')!r})")
     if cfg.get("version") != VERSION:
         raise ValueError(f"{directory}: unsupported megatron-lora checkpoint version {cfg.get('version')!r}")
@@ -289,13 +289,9 @@ def write_shard(tmp: Path, tp_rank: int, tensors: dict[str, torch.Tensor]) -> No
 
 def write_config(tmp: Path, config: dict) -> None:
     """adapter_config.json of a checkpoint being written into ``tmp``."""
-    full_config = {"format": FORMAT, "version": VERSION, **config}
+    full_config = {"format": MEGATRON_FORMAT, "version": VERSION, **config}
     (tmp / CONFIG_NAME).write_text(json.dumps(full_config, indent=2, sort_keys=True) + "\n")
 
 
 def checkpoint_config(kind: str, tp_size: int, facts: ModelFacts, adapter_config: dict, key: str = "lora_config") -> dict:
     return {"kind": kind, "tp_size": tp_size, "model": facts.to_dict(), key: adapter_config}
-
-
-def is_megatron_checkpoint(directory: str | Path) -> bool:
-    return json_field(Path(directory) / CONFIG_NAME, "format") == FORMAT

@@ -28,29 +28,24 @@ from megatron_lora.formats.checkpoint import parse_key, shard_file, write_config
 from megatron_lora.errors import check_positive_int
 from megatron_lora.hf.importer import hf_model_facts, read_hf_config
 from megatron_lora.hf.layout import HF_PROJECTIONS, ModelFacts, hf_module_name, megatron_module_name
+from megatron_lora.formats.detect import Format, detect
 from megatron_lora.formats.outputs import atomic_directory, check_destination
 from megatron_lora.formats.peft import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     TensorPlan,
-    detect_format,
     megatron_plan,
     open_adapter,
-    load_any_adapter,
     peft_plan,
 )
 from megatron_lora.formats.xlora import (
     check_bundle,
     expert_inside,
-    is_xlora_dir,
     read_xlora,
     write_megatron_xlora,
     write_peft_xlora,
 )
-from megatron_lora.parallel.lora_layers import LoraComputeDtype, configure_lora_layers
 
-#: --verify tolerance: max |logit diff| <= VERIFY_TOL x max |logit| (fp32).
-VERIFY_TOL = 1e-5
 #: safetensors dtype names of the float dtypes adapters are stored in.
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -114,21 +109,21 @@ def convert(
     if tp is not None:
         check_positive_int("--tp", tp)
     check_destination(dst, overwrite)  # before reading anything
-    if is_xlora_dir(src):
+    fmt = detect(src)
+    if fmt.is_xlora:
         if check is not None:
             raise ValueError(f"{src} is an X-LoRA directory: only LoRA conversions can be checked")
         return _convert_xlora(src, dst, to, facts, tp, overwrite, confine_experts)
-    fmt = detect_format(src)
-    if fmt == "peft" and facts is None:
+    if fmt is Format.PEFT_LORA and facts is None:
         raise ValueError(f"{src} is a PEFT adapter: the base model's facts (--base) are needed")
-    if to == "peft" and fmt == "peft":
+    if to == "peft" and fmt is Format.PEFT_LORA:
         raise ValueError(f"{src} is already a PEFT LoRA directory")
     if to == "megatron" and facts is not None and tp is not None:
         facts.check_tp(tp)  # before reading anything
     reader, config = open_adapter(src, facts)
     facts = facts or reader.facts
     if to == "megatron":
-        tp = tp or getattr(reader, "saved_tp", 1)
+        tp = tp or reader.saved_tp
         ckpt_config, ranks = megatron_plan(reader, config, facts, tp)
         files = [(j, plans) for j, plans in enumerate(ranks)]
     else:
@@ -166,9 +161,9 @@ def describe(directory: str | Path, confine_experts: bool = False) -> dict:
     ``inside`` the directory or not), and parameter counts. ``confine_experts`` refuses
     experts outside the directory.
     """
-    if is_xlora_dir(directory):
+    fmt = detect(directory)
+    if fmt.is_xlora:
         return _describe_xlora(directory, confine_experts)
-    fmt = detect_format(directory)
     reader, config = open_adapter(directory)
     segments: dict[str, dict] = {}
     params = 0
@@ -184,9 +179,9 @@ def describe(directory: str | Path, confine_experts: bool = False) -> dict:
         info["lora_alpha"].add(config.rank_alpha(name)[1])
     order = {s: i for i, s in enumerate(HF_PROJECTIONS)}
     return {
-        "format": "peft-lora" if fmt == "peft" else "megatron-lora",
+        "format": fmt.value,
         "kind": "lora",
-        "tp_size": getattr(reader, "saved_tp", 1),
+        "tp_size": reader.saved_tp,
         "target_modules": config.target_modules,
         "use_rslora": config.use_rslora,
         "segments": {
@@ -216,26 +211,3 @@ def _describe_xlora(directory: str | Path, confine_experts: bool) -> dict:
             "experts": sum(e["parameters"] for e in experts.values()),
         },
     }
-
-
-def verify(hf_dir: str | Path, peft_dir: str | Path, megatron_dir: str | Path, seq_len: int = 16) -> tuple[float, float]:
-    """(max |logit difference|, max |logit|) of HF + PEFT(``peft_dir``) vs our TP=1 model
-    with ``megatron_dir``, in fp32 on one fixed prompt. Runs in this single process."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from megatron_lora.runtime.distributed import init_distributed
-    from megatron_lora.runtime.generation import forward_logits
-    from megatron_lora.hf.importer import load_hf_base
-
-    init_distributed(1)
-    model, facts = load_hf_base(hf_dir, torch.float32)
-    load_any_adapter(model, megatron_dir)
-    configure_lora_layers(model, compute_dtype=LoraComputeDtype.FP32)  # PEFT's precision rule
-    ids = torch.randint(0, facts.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
-    ours = forward_logits(model, ids)
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-    hf = PeftModel.from_pretrained(hf, str(peft_dir)).eval()
-    with torch.no_grad():
-        theirs = hf(input_ids=ids).logits.float()
-    return (ours - theirs).abs().max().item(), theirs.abs().max().item()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,14 +29,6 @@ def read_json(path: str | Path) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{path} does not hold a JSON object")
     return value
-
-
-def json_field(path: str | Path, key: str) -> Any:
-    """``key`` of the object in ``path``, or None if the file is absent or unreadable (detection)."""
-    try:
-        return read_json(path).get(key)
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def open_safetensors(path: str | Path):

@@ -22,19 +22,17 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError
-from torch import nn
 
-from megatron_lora.model.adapters import add_adapter_from_reader, load_adapter, model_facts
 from megatron_lora.formats.checkpoint import (
     ShardReader,
     check_against_config,
     checkpoint_config,
-    is_megatron_checkpoint,
     make_key,
     parse_key,
 )
 from megatron_lora.config import LoraConfig
-from megatron_lora.formats.files import json_field, open_safetensors, read_json
+from megatron_lora.formats.detect import CONFIG_NAME, Format, detect_lora
+from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.hf.layout import (
     HF_PROJECTIONS,
     PEFT_PREFIX,
@@ -46,9 +44,7 @@ from megatron_lora.hf.layout import (
     parse_hf_module_name,
     split_shared_b,
 )
-from megatron_lora.model.lora import freeze_base
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_KEY = re.compile(rf"{re.escape(PEFT_PREFIX)}(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight")
 
@@ -64,28 +60,6 @@ class TensorPlan:
 
 
 # -- formats ----------------------------------------------------------------------------------
-
-
-def is_peft_lora_dir(directory: str | Path) -> bool:
-    return json_field(Path(directory) / CONFIG_NAME, "peft_type") == "LORA"
-
-
-def detect_format(directory: str | Path) -> str:
-    """``"peft"`` (PEFT LoRA directory) or ``"megatron"`` (our checkpoint); errors otherwise."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"adapter directory {directory} does not exist")
-    if is_megatron_checkpoint(directory):
-        return "megatron"
-    if is_peft_lora_dir(directory):
-        return "peft"
-    config = directory / CONFIG_NAME
-    if config.is_file():
-        peft_type = read_json(config).get("peft_type")
-        raise ValueError(f"{config}: peft_type={peft_type!r} is not a LoRA adapter (expected 'LORA')")
-    raise FileNotFoundError(
-        f"{directory} holds no {CONFIG_NAME}: expected a PEFT LoRA directory or a megatron-lora checkpoint"
-    )
 
 
 def read_peft_config(directory: str | Path) -> LoraConfig:
@@ -110,10 +84,13 @@ def peft_key(layer: int, proj: str, factor: str) -> str:
 class PeftReader:
     """A PEFT LoRA directory seen through checkpoint keys, sliced to any TP rank.
 
-    Same interface as :class:`checkpoint.ShardReader` (``keys``, ``shape``, ``dtype``,
-    ``full_shape``, ``full``, ``local``). With ``facts`` every tensor is checked against the
+    An :class:`~megatron_lora.formats.detect.AdapterReader`, like
+    :class:`~megatron_lora.formats.checkpoint.ShardReader`. With ``facts`` every tensor is checked against the
     base model's projection shapes; ``local`` reads only the rows or columns a rank holds.
     """
+
+    #: PEFT files hold the whole (TP=1) tensors.
+    saved_tp = 1
 
     def __init__(self, directory: str | Path, facts: Optional[ModelFacts] = None):
         self.directory = Path(directory)
@@ -201,7 +178,7 @@ def open_adapter(directory: str | Path, facts: Optional[ModelFacts] = None):
 
     With ``facts``, a checkpoint made for another model is refused.
     """
-    if detect_format(directory) == "peft":
+    if detect_lora(directory) is Format.PEFT_LORA:
         reader = PeftReader(directory, facts)
         return reader, reader.lora_config
     reader = ShardReader(directory)
@@ -333,21 +310,3 @@ def megatron_to_peft(megatron_dir: str | Path, facts: Optional[ModelFacts] = Non
         raise ValueError(f"{megatron_dir} is already a PEFT LoRA directory")
     peft_config, plans = peft_plan(reader, config)
     return peft_config, {p.key: p.read() for p in plans}
-
-
-# -- loading onto a model ---------------------------------------------------------------------
-
-
-def load_any_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> LoraConfig:
-    """Add ``adapter_name`` from a PEFT LoRA directory or a megatron-lora checkpoint.
-
-    Call on every rank after ``init_distributed``; each rank reads only its own slices.
-    A PEFT adapter is checked against the model's shapes (an error names the module and
-    both shapes). The base is frozen. Returns the adapter's LoraConfig.
-    """
-    if detect_format(directory) == "megatron":
-        return load_adapter(model, directory, adapter_name)
-    reader = PeftReader(directory, model_facts(model))
-    add_adapter_from_reader(model, reader, reader.lora_config, adapter_name, str(directory))
-    freeze_base(model)
-    return reader.lora_config

@@ -52,12 +52,8 @@ from typing import Optional
 
 import torch
 from safetensors import SafetensorError
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from safetensors.torch import save_file
-from torch import nn
 
-from megatron_lora.model.adapters import model_facts, save_adapter
 from megatron_lora.formats.checkpoint import (
     CONFIG_NAME,
     ShardReader,
@@ -69,22 +65,21 @@ from megatron_lora.formats.checkpoint import (
     write_config,
     write_shard,
 )
+from megatron_lora.formats.detect import XLORA_PACKAGE_CONFIG, Format, detect
+from megatron_lora.config import XLoraConfig
 from megatron_lora.formats.files import open_safetensors, read_json, read_safetensors
 from megatron_lora.hf.layout import PEFT_PREFIX, ModelFacts, segment_projection
-from megatron_lora.formats.outputs import atomic_directory, shared_atomic_directory
+from megatron_lora.formats.outputs import atomic_directory
 from megatron_lora.formats.peft import (
     WEIGHTS_NAME,
-    detect_format,
     megatron_to_peft,
     open_adapter,
     peft_to_megatron,
     reshard,
 )
-from megatron_lora.model.xlora import XLoraConfig, XLoraModel, apply_xlora
 from megatron_lora.parallel.xlora_classifier import check_tp, linear_shapes, linear_styles, shard_linear, unshard_linear
 
 PEFT_CLASSIFIER = "base_model.internal_xlora_classifier.layers"
-XLORA_PACKAGE_CONFIG = "xlora_config.json"
 XLORA_PACKAGE_WEIGHTS = "xlora_classifier.safetensors"
 _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
@@ -118,40 +113,18 @@ def megatron_key(k: int, part: str) -> str:
 # -- readers -------------------------------------------------------------------------------------
 
 
-def detect_xlora_format(directory: str | Path) -> str:
-    """``"megatron"``, ``"peft"`` or ``"xlora"`` (original package); errors otherwise."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"X-LoRA directory {directory} does not exist")
-    if (directory / XLORA_PACKAGE_CONFIG).is_file():
-        return "xlora"
-    config = read_json(directory / CONFIG_NAME)
-    if config.get("format") == "megatron-lora":
-        if config.get("kind") != "xlora":
-            raise ValueError(f"{directory} holds a {config.get('kind')!r} checkpoint, not an X-LoRA one")
-        return "megatron"
-    if config.get("peft_type") == "XLORA":
-        return "peft"
-    raise ValueError(f"{directory / CONFIG_NAME}: peft_type={config.get('peft_type')!r} is not X-LoRA")
-
-
-def is_xlora_dir(directory: str | Path) -> bool:
-    """Whether ``directory`` holds an X-LoRA adapter in one of the layouts of this module."""
-    try:
-        detect_xlora_format(directory)
-    except (ValueError, FileNotFoundError):
-        return False
-    return True
-
-
 def read_xlora(directory: str | Path, confine_experts: bool = False) -> XLoraBundle:
     """Read an X-LoRA directory in any of the layouts of this module.
 
     Expert paths in the config may point anywhere (as PEFT allows); ``confine_experts``
     refuses those that resolve outside ``directory``.
     """
-    reader = {"megatron": _read_megatron, "peft": _read_peft, "xlora": _read_xlora_package}
-    bundle = reader[detect_xlora_format(directory)](Path(directory))
+    fmt = detect(directory)
+    if not fmt.is_xlora:
+        raise ValueError(f"{directory} holds a LoRA adapter ({fmt.value}), not an X-LoRA one")
+    reader = {Format.MEGATRON_XLORA: _read_megatron, Format.PEFT_XLORA: _read_peft,
+              Format.XLORA_PACKAGE: _read_xlora_package}
+    bundle = reader[fmt](Path(directory))
     if confine_experts:
         for name, path in bundle.experts.items():
             if not expert_inside(directory, path):
@@ -362,7 +335,7 @@ def write_megatron_xlora(
     check_tp(bundle.config.xlora_depth, bundle.classifier[0][0].shape[1], bundle.config.xlora_size, tp)
     if facts is not None:
         facts.check_tp(tp)
-    peft_experts = [name for name, d in bundle.experts.items() if detect_format(d) == "peft"]
+    peft_experts = [name for name, d in bundle.experts.items() if detect(d) is Format.PEFT_LORA]
     if peft_experts and facts is None:
         raise ValueError(
             f"experts {peft_experts} are PEFT LoRA directories: the base model's facts (--base) are needed"
@@ -389,38 +362,3 @@ def write_megatron_xlora(
         full = checkpoint_config("xlora", tp, facts, config, key="xlora_config")
         write_config(tmp, {**full, "n_layers": n_layers})
     return Path(directory)
-
-
-# -- on a model ---------------------------------------------------------------------------------------
-
-
-def load_xlora(model: nn.Module, directory: str | Path) -> XLoraModel:
-    """apply_xlora with the experts and classifier of an X-LoRA directory (any layout)."""
-    bundle = read_xlora(directory)
-    check_bundle(bundle, model_facts(model))
-    xmodel = apply_xlora(model, bundle.config, bundle.experts)
-    xmodel.xlora_classifier.load_full_state(bundle.classifier)
-    return xmodel
-
-
-def save_xlora(xmodel: XLoraModel, directory: str | Path, overwrite: bool = False) -> None:
-    """Save an XLoraModel as our X-LoRA checkpoint; call on every rank.
-
-    The experts go to ``experts/<i>`` as megatron-lora LoRA checkpoints (``save_adapter``),
-    the classifier shards to one file per TP rank (written by the last pipeline stage of
-    the first data-parallel replica); the directory appears only when complete.
-    """
-    with shared_atomic_directory(directory, overwrite) as tmp:
-        for i, name in enumerate(xmodel.experts):
-            save_adapter(xmodel.model, tmp / "experts" / str(i), xmodel.expert_configs[i], adapter_name=name)
-        if ps.get_data_parallel_rank() == 0 and ps.is_pipeline_last_stage():
-            shard = {}
-            for k, (w, b) in enumerate(xmodel.xlora_classifier.local_state()):
-                shard[megatron_key(k, "weight")], shard[megatron_key(k, "bias")] = w, b
-            write_shard(tmp, ps.get_tensor_model_parallel_rank(), shard)
-        if dist.get_rank() == 0:
-            config = xmodel.config.to_dict()
-            config["adapters"] = {n: f"experts/{i}" for i, n in enumerate(xmodel.config.adapters)}
-            tp = ps.get_tensor_model_parallel_world_size()
-            full = checkpoint_config("xlora", tp, model_facts(xmodel.model), config, key="xlora_config")
-            write_config(tmp, {**full, "n_layers": xmodel.n_layers})

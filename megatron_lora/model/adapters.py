@@ -10,8 +10,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
-from megatron_lora.formats.checkpoint import ShardReader, checkpoint_config, make_key, parse_key, write_config, write_shard
+from megatron_lora.formats.checkpoint import checkpoint_config, make_key, parse_key, write_config, write_shard
 from megatron_lora.config import LoraConfig
+from megatron_lora.formats.detect import AdapterReader
+from megatron_lora.formats.peft import open_adapter
 from megatron_lora.model.gpt import real_vocab_size
 from megatron_lora.hf.layout import ModelFacts, hf_module_name, megatron_module_name
 from megatron_lora.model.lora import freeze_base, iter_linear_modules
@@ -67,7 +69,7 @@ def save_adapter(
 
 
 def adapter_specs_from_keys(
-    keys: list[str], reader: ShardReader, config: LoraConfig, facts: ModelFacts, tp: int
+    keys: list[str], reader: AdapterReader, config: LoraConfig, facts: ModelFacts, tp: int
 ) -> dict[tuple[int, str], AdapterSpec]:
     """Per (global layer, module): the segments present in a checkpoint's keys.
 
@@ -100,21 +102,23 @@ def load_adapter(
     adapter_name: str = "default",
     freeze: bool = True,
 ) -> LoraConfig:
-    """Add ``adapter_name`` from a megatron-lora checkpoint saved at any TP size.
+    """Add ``adapter_name`` from a PEFT LoRA directory or a megatron-lora checkpoint (any TP).
 
-    The checkpoint's model facts must match the model; each tensor's shape is checked and
-    a mismatch names the module and both shapes. Returns the adapter's LoraConfig.
+    Call on every rank after ``init_distributed``; each rank reads only its own slices. The
+    adapter must fit the model (a checkpoint's model facts, a PEFT tensor's shape: an error
+    names the module and both shapes). The base is frozen unless ``freeze=False``. Returns
+    the adapter's LoraConfig.
     """
-    reader = ShardReader(directory)
-    config = reader.require_lora()
-    reader.check_model(model_facts(model))
+    reader, config = open_adapter(directory, model_facts(model))
     add_adapter_from_reader(model, reader, config, adapter_name, str(directory))
     if freeze:
         freeze_base(model)
     return config
 
 
-def add_adapter_from_reader(model: nn.Module, reader, config: LoraConfig, adapter_name: str, source: str) -> None:
+def add_adapter_from_reader(
+    model: nn.Module, reader: AdapterReader, config: LoraConfig, adapter_name: str, source: str
+) -> None:
     """Add ``adapter_name`` with the segments of ``reader``'s keys and copy this rank's tensors.
 
     ``reader`` has ``keys()``, ``shape(key)`` and ``local(key, tp_rank, tp_size)`` over

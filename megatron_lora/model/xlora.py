@@ -23,94 +23,25 @@ has its own index.
 from __future__ import annotations
 
 import copy
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
-from megatron_lora.config import LoraConfig
+from megatron_lora.config import LoraConfig, XLoraConfig
 from megatron_lora.hf.layout import HF_PROJECTIONS, ModelFacts, segment_projection
 from megatron_lora.model.lora import enable_adapters, iter_linear_modules
-from megatron_lora.formats.peft import load_any_adapter
+from megatron_lora.formats.checkpoint import checkpoint_config, write_config, write_shard
+from megatron_lora.formats.outputs import shared_atomic_directory
+from megatron_lora.formats.xlora import check_bundle, megatron_key, read_xlora
+from megatron_lora.model.adapters import load_adapter, model_facts, save_adapter
 from megatron_lora.parallel import collectives
 from megatron_lora.parallel.lora_layers import LoraLayer
 from megatron_lora.parallel.xlora_classifier import ShardedXLoraClassifier
 from megatron_lora.parallel.xlora_mixing import XLoraMixing
-
-
-@dataclass
-class XLoraConfig:
-    """X-LoRA options, named and defaulted as in ``peft.XLoraConfig``."""
-
-    #: Hidden size of the base model (None: taken from the model).
-    hidden_size: Optional[int] = None
-    #: Expert name -> LoRA directory (PEFT LoRA or megatron-lora checkpoint); expert i is
-    #: the i-th entry.
-    adapters: dict[str, str] = field(default_factory=dict)
-    #: Softmax over the experts of the classifier's output.
-    enable_softmax: bool = True
-    #: Softmax over the experts kept by top_k_lora (no temperature).
-    enable_softmax_topk: bool = False
-    #: One scaling per X-LoRA layer (True) or one broadcast to every layer (False).
-    layerwise_scalings: bool = False
-    #: Number of linears of the classifier.
-    xlora_depth: int = 1
-    #: Hidden size of the classifier (xlora_depth >= 2).
-    xlora_size: int = 2048
-    #: Dropout after each hidden linear of the classifier (xlora_depth >= 2).
-    xlora_dropout_p: float = 0.2
-    #: Train the experts along with the classifier.
-    use_trainable_adapters: bool = False
-    #: Temperature of the enable_softmax softmax.
-    softmax_temperature: float = 1.0
-    #: Keep only the k largest scalings per token and layer (None: all).
-    top_k_lora: Optional[int] = None
-    #: Scalings of the scaling pass (None: 1 / n_experts, stored as that number).
-    scaling_pass_value: Optional[float] = 0.0
-    #: Factor on every expert's output.
-    global_scaling_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.xlora_depth < 1:
-            raise ValueError(f"xlora_depth must be at least 1, got {self.xlora_depth}")
-        if self.xlora_depth > 1 and self.xlora_size < 1:
-            raise ValueError(f"xlora_size must be positive, got {self.xlora_size}")
-        if not 0.0 <= self.xlora_dropout_p < 1.0:
-            raise ValueError(f"xlora_dropout_p must be in [0, 1), got {self.xlora_dropout_p}")
-        if self.top_k_lora is not None and self.top_k_lora < 1:
-            raise ValueError(f"top_k_lora must be at least 1 or None, got {self.top_k_lora}")
-        if self.softmax_temperature <= 0:
-            raise ValueError(f"softmax_temperature must be positive, got {self.softmax_temperature}")
-        self.adapters = dict(self.adapters or {})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"peft_type": "XLORA", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "XLoraConfig":
-        """Build from a dict (ours or a PEFT X-LoRA adapter_config.json).
-
-        PEFT bookkeeping fields are ignored; any other unknown field is refused by name.
-        """
-        names = {f.name for f in dataclasses.fields(cls)}
-        for k, v in d.items():
-            if k not in names and k not in _BOOKKEEPING_FIELDS:
-                raise ValueError(f"unsupported X-LoRA config field {k}={v!r}")
-        if d.get("peft_type", "XLORA") != "XLORA":
-            raise ValueError(f"not an X-LoRA config: peft_type={d['peft_type']!r}")
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-#: PEFT config fields that never change the math of X-LoRA.
-_BOOKKEEPING_FIELDS = {
-    "peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
-    "inference_mode", "peft_version",
-}
 
 
 class _ScalingsSource:
@@ -400,7 +331,7 @@ def apply_xlora(
         raise ValueError(f"XLoraConfig.hidden_size={config.hidden_size} but the model's hidden size is {hidden}")
     config.adapters = {k: str(v) for k, v in adapters.items()}
     experts = [str(i) for i in range(len(adapters))]
-    expert_configs = [load_any_adapter(model, d, name) for name, d in zip(experts, adapters.values())]
+    expert_configs = [load_adapter(model, d, name) for name, d in zip(experts, adapters.values())]
     if config.scaling_pass_value is None:
         config.scaling_pass_value = 1.0 / len(experts)
     layer_indices, n_layers = assign_layer_indices(model, experts)
@@ -414,3 +345,38 @@ def apply_xlora(
             for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]:
                 p.requires_grad_(True)
     return xmodel
+
+
+# -- X-LoRA directories ------------------------------------------------------------------------
+
+
+def load_xlora(model: nn.Module, directory: str | Path) -> XLoraModel:
+    """apply_xlora with the experts and classifier of an X-LoRA directory (any layout)."""
+    bundle = read_xlora(directory)
+    check_bundle(bundle, model_facts(model))
+    xmodel = apply_xlora(model, bundle.config, bundle.experts)
+    xmodel.xlora_classifier.load_full_state(bundle.classifier)
+    return xmodel
+
+
+def save_xlora(xmodel: XLoraModel, directory: str | Path, overwrite: bool = False) -> None:
+    """Save an XLoraModel as our X-LoRA checkpoint; call on every rank.
+
+    The experts go to ``experts/<i>`` as megatron-lora LoRA checkpoints (``save_adapter``),
+    the classifier shards to one file per TP rank (written by the last pipeline stage of
+    the first data-parallel replica); the directory appears only when complete.
+    """
+    with shared_atomic_directory(directory, overwrite) as tmp:
+        for i, name in enumerate(xmodel.experts):
+            save_adapter(xmodel.model, tmp / "experts" / str(i), xmodel.expert_configs[i], adapter_name=name)
+        if ps.get_data_parallel_rank() == 0 and ps.is_pipeline_last_stage():
+            shard = {}
+            for k, (w, b) in enumerate(xmodel.xlora_classifier.local_state()):
+                shard[megatron_key(k, "weight")], shard[megatron_key(k, "bias")] = w, b
+            write_shard(tmp, ps.get_tensor_model_parallel_rank(), shard)
+        if dist.get_rank() == 0:
+            config = xmodel.config.to_dict()
+            config["adapters"] = {n: f"experts/{i}" for i, n in enumerate(xmodel.config.adapters)}
+            tp = ps.get_tensor_model_parallel_world_size()
+            full = checkpoint_config("xlora", tp, model_facts(xmodel.model), config, key="xlora_config")
+            write_config(tmp, {**full, "n_layers": xmodel.n_layers})

@@ -32,9 +32,9 @@ from megatron_lora.errors import check_positive_int
 from megatron_lora.model.gpt import positions_for, real_vocab_size
 from megatron_lora.hf.importer import eos_token_ids, hf_model_facts, load_hf_base, read_hf_config
 from megatron_lora.formats.outputs import atomic_file, check_output_file
-from megatron_lora.formats.peft import load_any_adapter
-from megatron_lora.model.xlora import XLoraModel, base_gpt
-from megatron_lora.formats.xlora import is_xlora_dir, load_xlora
+from megatron_lora.model.adapters import load_adapter
+from megatron_lora.model.xlora import XLoraModel, base_gpt, load_xlora
+from megatron_lora.formats.detect import detect
 from megatron_lora.parallel.lora_layers import LoraComputeDtype, configure_lora_layers
 
 
@@ -242,7 +242,7 @@ def generate_from_dirs(
                 raise type(e)(f"{flag}: {e}") from None
     if adapter is not None and not Path(adapter).is_dir():
         raise FileNotFoundError(f"--adapter {adapter} does not exist (or is not a directory)")
-    xlora = adapter is not None and is_xlora_dir(adapter)
+    xlora = adapter is not None and detect(adapter).is_xlora
     if (scalings_out or xlora_scalings_once) and not xlora:
         raise ValueError(f"--scalings-out and --xlora-scalings-once need an X-LoRA --adapter, got {adapter!r}")
     init_distributed(tp)
@@ -250,7 +250,7 @@ def generate_from_dirs(
     if xlora:
         model = load_xlora(model, adapter).eval()
     elif adapter is not None:
-        load_any_adapter(model, adapter, adapter_name="default")
+        load_adapter(model, adapter, adapter_name="default")
     configure_lora_layers(model, compute_dtype=LoraComputeDtype.FP32)  # equal to HF + PEFT
     logits = scalings = None
     if logits_out or scalings_out:

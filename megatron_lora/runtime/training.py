@@ -37,8 +37,8 @@ from megatron_lora.model.gpt import build_gpt, gpt_config, positions_for, real_v
 from megatron_lora.hf.layout import HF_PROJECTIONS
 from megatron_lora.model.lora import add_adapters, apply_lora, trainable_parameters_report
 from megatron_lora.formats.outputs import shared_temp_dir
-from megatron_lora.model.xlora import XLoraConfig, XLoraModel, apply_xlora, base_gpt
-from megatron_lora.formats.xlora import read_xlora, save_xlora, write_peft_xlora
+from megatron_lora.model.xlora import XLoraConfig, XLoraModel, apply_xlora, base_gpt, save_xlora
+from megatron_lora.formats.xlora import read_xlora, write_peft_xlora
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_OUT = "out/finetune-adapter"
