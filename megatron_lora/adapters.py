@@ -24,6 +24,7 @@ from megatron_lora.config import LoraConfig
 from megatron_lora.gpt import real_vocab_size
 from megatron_lora.layout import ModelFacts, hf_module_name, megatron_module_name
 from megatron_lora.model import freeze_base, iter_linear_modules
+from parallel.device import device
 from parallel.lora_layers import AdapterSpec, Segment, _LoraMixin, add_lora_support
 
 
@@ -64,6 +65,8 @@ def save_adapter(
     state = adapter_state_dict(model, adapter_name)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         parts = [None] * ps.get_pipeline_model_parallel_world_size()
+        # Pickled for the gather: CPU tensors unpickle on any rank (they go to a file next).
+        state = {k: v.cpu() for k, v in state.items()}
         dist.all_gather_object(parts, state, group=ps.get_pipeline_model_parallel_group())
         state = {k: v for part in parts for k, v in part.items()}
     rank0 = dist.get_rank() == 0
@@ -72,7 +75,7 @@ def save_adapter(
         box[0] = str(begin_write(directory, overwrite))
     dist.broadcast_object_list(box, src=0)
     tmp = Path(box[0])
-    ok = torch.tensor([1])
+    ok = torch.tensor([1], device=device())
     try:
         if ps.get_data_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
             write_shard(tmp, tp_rank, state)

@@ -81,6 +81,7 @@ from megatron_lora.peft_format import (
     reshard,
 )
 from megatron_lora.xlora import XLoraConfig, XLoraModel, apply_xlora
+from parallel.device import device
 from parallel.xlora_classifier import check_tp, linear_shapes, linear_styles, shard_linear, unshard_linear
 
 PEFT_CLASSIFIER = "base_model.internal_xlora_classifier.layers"
@@ -395,7 +396,7 @@ def save_xlora(xmodel: XLoraModel, directory: str | Path, overwrite: bool = Fals
     box = [str(begin_write(directory, overwrite)) if rank0 else None]
     dist.broadcast_object_list(box, src=0)
     tmp = Path(box[0])
-    ok = torch.tensor([1])
+    ok = torch.tensor([1], device=device())
     try:
         for i, name in enumerate(xmodel.experts):
             save_adapter(xmodel.model, tmp / "experts" / str(i), xmodel.expert_configs[i], adapter_name=name)
