@@ -11,6 +11,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from parallel.attention import with_sdpa_attention
+from parallel.device import device
 
 
 def gpt_config(
@@ -84,7 +85,7 @@ def build_gpt(
     spec = layer_spec or with_sdpa_attention(
         get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
     )
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab_size,
@@ -94,6 +95,13 @@ def build_gpt(
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         **kwargs,
     )
+    # megatron-core allocates its own layers on the device; the local spec's torch norms
+    # (WrappedTorchNorm) come without a device or dtype. Give them the parameters' dtype
+    # too: a bf16 input with an fp32 norm weight misses torch's fused RMSNorm kernel.
+    for module in model.modules():
+        if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+            module.to(device=device(), dtype=config.params_dtype)
+    return model
 
 
 def real_vocab_size(model) -> int:
