@@ -63,7 +63,7 @@ def dirs(tmp_path_factory):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=False, use_cache=False)  # PEFT's X-LoRA refuses a cache
     base = LlamaForCausalLM(cfg).float().eval()
     base.save_pretrained(root / "base")
 
