@@ -226,3 +226,27 @@ def test_sdpa_attention():
         assert r["model_logit_err"] <= EXACT and r["model_grad_err"] <= 10 * EXACT, r
     # TP ranks hold different heads: each draws its own dropout mask from the model-parallel stream.
     assert not torch.equal(results[0]["dropout_mask"], results[1]["dropout_mask"])
+
+
+def test_with_sdpa_attention_specs():
+    """Layer, block and MLA specs get SDPAttention; the given spec is unchanged; others are refused."""
+    import pytest
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+
+    from parallel.attention import SDPAttention, with_sdpa_attention
+
+    def core(spec):
+        return spec.submodules.self_attention.submodules.core_attention
+
+    mla = get_gpt_layer_local_spec(multi_latent_attention=True, normalization="RMSNorm")
+    assert core(with_sdpa_attention(mla)) is SDPAttention and core(mla) is DotProductAttention
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    block = ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=[layer, layer]))
+    new = with_sdpa_attention(block)
+    assert [core(s) for s in new.submodules.layer_specs] == [SDPAttention, SDPAttention]
+    assert core(layer) is DotProductAttention
+    with pytest.raises(ValueError, match="no self_attention.core_attention"):
+        with_sdpa_attention(ModuleSpec(module=torch.nn.Identity))
