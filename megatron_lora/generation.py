@@ -97,6 +97,7 @@ class KVCache:
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [vocab] (fp32, gathered, unpadded) of the last of ``ids`` [1, s]."""
+        ids = ids.to(device())  # a no-op for the ids generate feeds back
         offset = self.context.sequence_len_offset
         positions = torch.arange(offset, offset + ids.shape[1], device=ids.device).unsqueeze(0)
         # In inference mode megatron-core computes only the last position and gathers over TP.
