@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from megatron.core.tensor_parallel import mappings
 
+from megatron_lora.parallel.device import device
+
 
 def column_input(x: torch.Tensor, sequence_parallel: bool, group) -> torch.Tensor:
     """The one input both the base GEMM and LoRA read in a column-parallel layer.
@@ -72,7 +74,7 @@ def send_to_next_stage(t: torch.Tensor, next_rank: int) -> None:
 
 
 def recv_from_previous_stage(shape, dtype: torch.dtype, prev_rank: int) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype)
+    out = torch.empty(shape, dtype=dtype, device=device())
     torch.distributed.recv(out, prev_rank)
     return out
 

@@ -27,6 +27,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch import nn
 
 from megatron_lora.parallel import collectives
+from megatron_lora.parallel.device import device
 
 
 def linear_styles(depth: int) -> list[str]:
@@ -120,11 +121,13 @@ class ShardedXLoraClassifier(nn.Module):
         check_tp(depth, hidden_size, size, world)
         linears = []
         for (fan_in, fan_out), style in zip(self.shapes, self.styles):
-            # nn.Linear's default init drawn at full shape, so TP=N starts where TP=1 does.
+            # nn.Linear's default init drawn at full shape from the CPU generator, so TP=N
+            # starts where TP=1 (and PEFT) does on any device; each rank keeps its shards.
             bound = 1.0 / math.sqrt(fan_in)
             w = torch.empty(fan_out, fan_in, dtype=dtype).uniform_(-bound, bound)
             b = torch.empty(fan_out, dtype=dtype).uniform_(-bound, bound)
-            linears.append(_ShardedLinear(*shard_linear(w, b, style, rank, world), style, world))
+            w, b = (t.to(device()) for t in shard_linear(w, b, style, rank, world))
+            linears.append(_ShardedLinear(w, b, style, world))
         self.linears = nn.ModuleList(linears)
 
     def _rank_world(self) -> tuple[int, int]:

@@ -312,7 +312,9 @@ def test_cli(base, adapter, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
     # The command and both scripts as processes (run side by side: each start imports torch).
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    # Extend PYTHONPATH: replacing it loses packages installed through it (a --target install).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
     meg, back = tmp_path / "meg", tmp_path / "back"
     procs = [
         subprocess.Popen([sys.executable, *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -88,6 +88,8 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
     )
     from megatron_lora.model.gpt import build_gpt, gpt_config
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_lora.parallel.attention import with_sdpa_attention
     from megatron_lora.parallel.lora_layers import lora_layers
 
     init_distributed(world, seed=11)
@@ -143,8 +145,8 @@ def _checks(rank: int, world: int, tmp: str) -> dict:
     set_adapters(model, ["default"])
     out["back_to_one_err"] = (_logits(model, IDS).detach() - logits).abs().max().item()
 
-    # The layer-spec path gives the same outputs for the same weights.
-    spec = lora_layer_spec(get_gpt_layer_local_spec(normalization="RMSNorm"), cfg)
+    # The layer-spec path (on build_gpt's default attention) gives the same outputs for the same weights.
+    spec = lora_layer_spec(with_sdpa_attention(get_gpt_layer_local_spec(normalization="RMSNorm")), cfg)
     torch.manual_seed(0)
     spec_model = build_gpt(gpt_config(2, 64, 8, 96, num_query_groups=2, tensor_model_parallel_size=world), 128, max_sequence_length=64, layer_spec=spec)
     own = {k: v for k, v in model.state_dict().items() if ".second" not in k}

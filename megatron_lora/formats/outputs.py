@@ -316,6 +316,8 @@ def shared_atomic_directory(path: str | Path, overwrite: bool = False, group=Non
     import torch
     import torch.distributed as dist
 
+    from megatron_lora.parallel.device import device
+
     rank0 = dist.get_rank(group) == 0
     src = dist.get_global_rank(group, 0) if group is not None else 0
     tmp = Path(_from_rank0(lambda: str(_begin(check_destination(path, overwrite), directory=True)), group))
@@ -327,7 +329,7 @@ def shared_atomic_directory(path: str | Path, overwrite: bool = False, group=Non
                 yield tmp
             except BaseException as e:
                 failure = e
-            ok = torch.tensor([0 if failure else 1])
+            ok = torch.tensor([0 if failure else 1], device=device())
             dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
             result: list = [None]
             if rank0 and ok.item():

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.model.gpt import build_gpt, gpt_config
 from megatron_lora.hf.layout import ModelFacts, base_weight_sources, fuse_base, padded_vocab_size
+from megatron_lora.parallel.device import device
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -220,22 +221,23 @@ class SafetensorsCheckpoint:
 
 def _local_part(ckpt: SafetensorsCheckpoint, name: str, dim: Optional[int], rank: int, tp: int,
                 rows: Optional[int] = None) -> torch.Tensor:
-    """This rank's slice of HF tensor ``name`` split along ``dim`` (None: all of it).
+    """This rank's slice of HF tensor ``name`` split along ``dim`` (None: all of it), on
+    this rank's device: only the slice is read from the memory-mapped file and copied over.
 
     ``rows`` (vocabulary tensors) is the padded row count: rows past the HF tensor are zeros.
     """
     sl = ckpt.slice(name)
     shape = sl.get_shape()
     if dim is None:
-        return sl[:]
+        return sl[:].to(device())
     total = rows or shape[dim]
     if total % tp:
         raise ValueError(f"tensor {name!r} of shape {tuple(shape)}: dim {dim} does not divide by TP={tp}")
     lo, hi = rank * total // tp, (rank + 1) * total // tp
     lo_in, hi_in = min(lo, shape[dim]), min(hi, shape[dim])
-    part = sl[lo_in:hi_in] if dim == 0 else sl[:, lo_in:hi_in]
+    part = (sl[lo_in:hi_in] if dim == 0 else sl[:, lo_in:hi_in]).to(device())
     if part.shape[dim] < hi - lo:  # vocabulary padding (dim 0)
-        pad = torch.zeros(hi - lo - part.shape[0], *part.shape[1:], dtype=part.dtype)
+        pad = torch.zeros(hi - lo - part.shape[0], *part.shape[1:], dtype=part.dtype, device=part.device)
         part = torch.cat([part, pad])
     return part
 
@@ -275,7 +277,8 @@ def load_base_weights(model: GPTModel, ckpt: SafetensorsCheckpoint, facts: Model
 
 
 def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPTModel, ModelFacts]:
-    """Build the GPTModel of an HF model directory and load this rank's weights.
+    """Build the GPTModel of an HF model directory (on this rank's device, SDPA attention)
+    and load this rank's weights.
 
     Call after :func:`megatron_lora.init_distributed` on every rank. The model is in eval
     mode; ``model.unpadded_vocab_size`` is the HF vocabulary (the output layer may carry

@@ -58,6 +58,8 @@ def save_adapter(
     state = adapter_state_dict(model, adapter_name)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         parts = [None] * ps.get_pipeline_model_parallel_world_size()
+        # Pickled for the gather: CPU tensors unpickle on any rank (they go to a file next).
+        state = {k: v.cpu() for k, v in state.items()}
         dist.all_gather_object(parts, state, group=ps.get_pipeline_model_parallel_group())
         state = {k: v for part in parts for k, v in part.items()}
     with shared_atomic_directory(directory, overwrite) as tmp:

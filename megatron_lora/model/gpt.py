@@ -10,6 +10,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
+from megatron_lora.parallel.attention import with_sdpa_attention
+from megatron_lora.parallel.device import device
+
 
 def gpt_config(
     num_layers: int,
@@ -21,12 +24,21 @@ def gpt_config(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     params_dtype: torch.dtype = torch.float32,
+    fusions: Optional[bool] = None,
     **overrides,
 ) -> TransformerConfig:
     """A LLaMA-style TransformerConfig (RMSNorm, SwiGLU, no linear bias, no dropout).
 
-    Fusions that need CUDA kernels are off so the same config runs on CPU.
+    With CUDA, parameters are created on the current device (megatron-core initialises each
+    rank's shard there from its model-parallel RNG stream); without it, megatron-core
+    initialises the full weights on the CPU and splits them, so a seed gives the same model
+    at every TP size. ``fusions`` (default: with CUDA) turns on megatron-core's fusions that
+    need neither Transformer Engine nor apex: SwiGLU (one function that keeps only its
+    input for backward) and bias-dropout-add. Both are ``torch.compile`` regions, which cost
+    about a minute of compilation per shape on a CPU; the rest need TE or apex and stay off.
     """
+    cuda = torch.cuda.is_available()
+    fusions = cuda if fusions is None else fusions
     kwargs = dict(
         num_layers=num_layers,
         hidden_size=hidden_size,
@@ -47,9 +59,9 @@ def gpt_config(
         pipeline_dtype=params_dtype,  # megatron-core requires it whenever PP > 1
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
-        use_cpu_initialization=True,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
+        use_cpu_initialization=not cuda,
+        bias_activation_fusion=fusions,
+        bias_dropout_fusion=fusions,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -68,11 +80,12 @@ def build_gpt(
     layer_spec=None,
     **kwargs,
 ) -> GPTModel:
-    """A GPTModel with RoPE on megatron-core's local (no Transformer Engine) spec."""
-    spec = layer_spec or get_gpt_layer_local_spec(
-        normalization=config.normalization, qk_layernorm=config.qk_layernorm
+    """A GPTModel with RoPE on the current device: megatron-core's local (no Transformer
+    Engine) spec with SDPA core attention, or ``layer_spec`` as given."""
+    spec = layer_spec or with_sdpa_attention(
+        get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
     )
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab_size,
@@ -82,6 +95,13 @@ def build_gpt(
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         **kwargs,
     )
+    # megatron-core allocates its own layers on the device; the local spec's torch norms
+    # (WrappedTorchNorm) come without a device or dtype. Give them the parameters' dtype
+    # too: a bf16 input with an fp32 norm weight misses torch's fused RMSNorm kernel.
+    for module in model.modules():
+        if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+            module.to(device=device(), dtype=config.params_dtype)
+    return model
 
 
 def real_vocab_size(model) -> int:

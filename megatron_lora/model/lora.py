@@ -12,6 +12,7 @@ from torch import nn
 from megatron_lora.config import LoraConfig
 from megatron_lora.hf.layout import MODULE_PATH, ModelFacts, hf_module_name, megatron_module_name
 from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, add_lora_support, lora_layers
+from megatron_lora.parallel.device import device
 
 
 def iter_linear_modules(model: nn.Module) -> Iterator[tuple[str, int, str, nn.Module]]:
@@ -141,23 +142,24 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
     Whole-model counts add TP-split tensors over the TP group and count replicated ones
     once (pipeline stages are not summed).
     """
-    local = torch.zeros(2, dtype=torch.float64)
-    split_counts = torch.zeros(2, dtype=torch.float64)
-    repl_counts = torch.zeros(2, dtype=torch.float64)
+    local, split = [0, 0], [0, 0]
     for p in model.parameters():
-        n = torch.tensor([p.numel() * p.requires_grad, p.numel()], dtype=torch.float64)
-        local += n
-        (split_counts if getattr(p, "tensor_model_parallel", False) else repl_counts).add_(n)
+        n = (p.numel() * p.requires_grad, p.numel())
+        local = [a + b for a, b in zip(local, n)]
+        if getattr(p, "tensor_model_parallel", False):
+            split = [a + b for a, b in zip(split, n)]
     from megatron.core import parallel_state
 
+    # Only the TP-split counts differ between ranks; the sum is a device tensor (NCCL needs one).
+    split_sum = torch.tensor(split, dtype=torch.float64, device=device())
     if torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized():
-        torch.distributed.all_reduce(split_counts, group=parallel_state.get_tensor_model_parallel_group())
-    total = split_counts + repl_counts
+        torch.distributed.all_reduce(split_sum, group=parallel_state.get_tensor_model_parallel_group())
+    total = [int(s) + (l - t) for s, l, t in zip(split_sum.tolist(), local, split)]
     return {
-        "trainable": int(total[0]),
-        "total": int(total[1]),
-        "local_trainable": int(local[0]),
-        "local_total": int(local[1]),
+        "trainable": total[0],
+        "total": total[1],
+        "local_trainable": local[0],
+        "local_total": local[1],
     }
 
 

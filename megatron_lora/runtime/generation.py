@@ -10,6 +10,10 @@ Logits are gathered over TP and cut to the real vocabulary (``model.unpadded_voc
 set by :func:`megatron_lora.hf.importer.load_hf_base`), so vocabulary padding never reaches
 the caller or the sampler. Every TP rank holds the same gathered logits and samples with the
 same seeded generator, so all ranks pick the same tokens.
+
+Ids, positions, KV caches, logits and the sampling generator live on ``device()``; a new
+token crosses to the host once (its id decides EOS and is returned), and is fed back from
+the device.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from megatron_lora.model.adapters import load_adapter
 from megatron_lora.model.xlora import XLoraModel, base_gpt, load_xlora
 from megatron_lora.formats.detect import detect
 from megatron_lora.parallel.lora_layers import LoraComputeDtype, configure_lora_layers
+from megatron_lora.parallel.device import device
 
 
 def _check_length(model, length: int) -> None:
@@ -51,8 +56,10 @@ def _check_length(model, length: int) -> None:
 
 @torch.no_grad()
 def forward_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """[b, s, vocab] fp32 logits of ``ids`` [b, s], gathered over TP, padding cut off."""
+    """[b, s, vocab] fp32 logits of ``ids`` [b, s] (moved to ``device()``), gathered over
+    TP, padding cut off."""
     _check_length(model, ids.shape[1])
+    ids = ids.to(device())
     local = model(ids, positions_for(ids), None)
     return gather_from_tensor_model_parallel_region(local)[..., : real_vocab_size(base_gpt(model))].float()
 
@@ -61,25 +68,27 @@ def _same_seed(seed: Optional[int]) -> int:
     """``seed``, or one drawn on TP rank 0 and shared, so every TP rank samples alike."""
     if seed is not None:
         return seed
-    box = torch.tensor([random.getrandbits(62) if ps.get_tensor_model_parallel_rank() == 0 else 0])
+    box = torch.tensor([random.getrandbits(62) if ps.get_tensor_model_parallel_rank() == 0 else 0],
+                       device=device())
     if ps.get_tensor_model_parallel_world_size() > 1:
         dist.broadcast(box, ps.get_tensor_model_parallel_src_rank(), group=ps.get_tensor_model_parallel_group())
     return int(box.item())
 
 
-def _next_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """Greedy at temperature 0; else temperature then nucleus (top-p) sampling as HF's
-    TopPLogitsWarper does it (drop tokens whose ascending cumulative probability is
-    <= 1 - top_p, always keep the most likely one)."""
+def _next_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """The next token id (int64, shape [1], on the logits' device). Greedy at temperature 0;
+    else temperature then nucleus (top-p) sampling as HF's TopPLogitsWarper does it (drop
+    tokens whose ascending cumulative probability is <= 1 - top_p, always keep the most
+    likely one)."""
     if temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax().view(1)
     logits = logits / temperature
     if top_p < 1.0:
         sorted_logits, order = logits.sort()
         drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
         drop[-1] = False
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)
 
 
 class KVCache:
@@ -92,8 +101,9 @@ class KVCache:
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [vocab] (fp32, gathered, unpadded) of the last of ``ids`` [1, s]."""
+        ids = ids.to(device())  # a no-op for the ids generate feeds back
         offset = self.context.sequence_len_offset
-        positions = torch.arange(offset, offset + ids.shape[1]).unsqueeze(0)
+        positions = torch.arange(offset, offset + ids.shape[1], device=ids.device).unsqueeze(0)
         # In inference mode megatron-core computes only the last position and gathers over TP.
         out = self._forward(ids, positions)
         for context in self.contexts:
@@ -169,17 +179,18 @@ def generate(
     else:
         cache = KVCache(model, len(prompt) + max_new_tokens)
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-    gen = torch.Generator().manual_seed(_same_seed(seed))
-    ids = torch.tensor([prompt])
+    gen = torch.Generator(device=device()).manual_seed(_same_seed(seed))
+    ids = torch.tensor([prompt], device=device())
     new_tokens, step_logits = [], []
     for _ in range(max_new_tokens):
         logits = cache(ids)
-        token = _next_token(logits, temperature, top_p, gen)
+        next_id = _next_token(logits, temperature, top_p, gen)
+        token = int(next_id)  # the one host sync per token
         new_tokens.append(token)
         step_logits.append(logits)
         if token in eos:
             break
-        ids = torch.tensor([[token]])
+        ids = next_id.view(1, 1)
     return (new_tokens, step_logits) if output_logits else new_tokens
 
 
