@@ -171,7 +171,9 @@ def _tokenize(segments: list[tuple[str, bool]], special: bool, tokenizer) -> tup
              for (a, _), added in zip(enc["offset_mapping"], enc["special_tokens_mask"])]
     if not ids or ids[-1] != eos_id:
         ids.append(eos_id)
-        flags.append(bool(char_loss[len(text)]))
+        flags.append(False)
+    # The final EOS, written, added by the tokenizer or appended here, belongs to the last segment.
+    flags[-1] = bool(char_loss[len(text)])
     return ids, flags
 
 

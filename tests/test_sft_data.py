@@ -24,10 +24,10 @@ CHATML = (
 SPECIALS = ["<|im_start|>", "<|im_end|>", "</s>"]
 
 
-def _tokenizer(directory, eos="<|im_end|>", chat_template=CHATML):
+def _tokenizer(directory, eos="<|im_end|>", chat_template=CHATML, wrap=False):
     """A byte-level tokenizer (one token per byte, 259 ids) saved to and loaded from a directory,
-    as a job loads the tokenizer of --base."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    as a job loads the tokenizer of --base. ``wrap``: it adds BOS and EOS itself."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -36,6 +36,9 @@ def _tokenizer(directory, eos="<|im_end|>", chat_template=CHATML):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
+    if wrap:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"<|im_start|> $A {eos}", special_tokens=[(t, tok.token_to_id(t)) for t in SPECIALS])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, chat_template=chat_template)
     fast.save_pretrained(directory)
     return AutoTokenizer.from_pretrained(directory)
@@ -84,6 +87,13 @@ def test_text_format_loss_everywhere_and_one_eos(tok, tmp_path):
                                                       position_ids=torch.long, document_ids=torch.long)
     assert all(v.shape == (32,) for v in s.values())
     assert stats.tokens == 11 + 12 + 1 and stats.loss_tokens == stats.tokens
+
+
+def test_eos_added_by_the_tokenizer_is_not_doubled(tmp_path):
+    tok = _tokenizer(tmp_path / "tok", wrap=True)
+    path = _write(tmp_path / "t.jsonl", [{"prompt": "ab", "completion": "c"}])
+    (ids, loss), = _examples(load_sft_samples(path, tok, 16, packing=False)[0])
+    assert _decode(tok, ids) == "<|im_start|>abc" and _decode(tok, loss) == "c<|im_end|>"
 
 
 def test_prompt_completion_strings_loss_on_completion(tok, tmp_path):
