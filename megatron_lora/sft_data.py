@@ -20,7 +20,8 @@ the text does not end with it.
 A sample is a dict of tensors of length ``seq_length``: ``tokens`` (inputs), ``labels`` (next
 tokens), ``loss_mask`` (float, 1 where the label counts), ``position_ids`` (restarting at 0 for
 each example) and ``document_ids`` (the example's index inside the sample, -1 on padding).
-Examples longer than ``seq_length`` input positions are truncated (counted in the stats). With
+Examples longer than ``seq_length`` input positions are truncated (counted in the stats), and
+examples left without a loss token are skipped (counted too: they would add nothing). With
 ``packing``, examples are packed into samples best-fit-decreasing; :func:`packed_attention_mask`
 keeps them apart. The samples depend only on the file, ``seq_length`` and ``packing``.
 
@@ -44,7 +45,6 @@ import numpy as np
 import torch
 
 Sample = dict[str, torch.Tensor]
-FORMATS = ("text", "prompt-completion", "conversational prompt-completion", "messages")
 #: The random stream of the evaluation split, far past any epoch number (epoch streams are (seed, e)).
 _EVAL_STREAM = 2**62
 
