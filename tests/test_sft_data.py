@@ -1,4 +1,4 @@
-"""SFT data (megatron_lora.sft_data): formats, loss spans, EOS, truncation, errors, order, packing."""
+"""SFT data (megatron_lora.runtime.data): formats, loss spans, EOS, truncation, errors, order, packing."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist import run_ranks
-from megatron_lora.sft_data import (
+from megatron_lora.runtime.data import (
     batch_indices,
     load_sft_samples,
     packed_attention_mask,
@@ -235,9 +235,9 @@ def test_split_eval(tok, tmp_path):
 
 def _packing_body(rank, world, samples_packed, samples_plain):
     """Per-token losses of packed samples and of the same examples run one by one."""
-    from megatron_lora.distributed import init_distributed
-    from megatron_lora.gpt import build_gpt, gpt_config
-    from megatron_lora.sft_data import packed_attention_mask, stack_samples
+    from megatron_lora.runtime.distributed import init_distributed
+    from megatron_lora.model.gpt import build_gpt, gpt_config
+    from megatron_lora.runtime.data import packed_attention_mask, stack_samples
 
     init_distributed(1, seed=0)
     config = gpt_config(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,

@@ -1,4 +1,4 @@
-"""The SmolLM2 cache (megatron_lora.smollm2) without downloading: reuse and refusal."""
+"""The SmolLM2 cache (megatron_lora.hf.smollm2) without downloading: reuse and refusal."""
 
 import pytest
 
