@@ -195,7 +195,7 @@ def _hf_peft_logits(base, adapter) -> torch.Tensor:
 
 
 def _generate_logits(rank, world, base, adapters, outdir):
-    from megatron_lora.runtime.generation import generate_from_dirs
+    from megatron_lora.cli.generate import generate_from_dirs
 
     for name, adapter in adapters.items():
         generate_from_dirs(base, input_ids=IDS, adapter=adapter, tp=world, max_new_tokens=1,

@@ -172,7 +172,7 @@ def test_02_size_flags_are_positive_integers(base, adapter, meg, tmp_path, capsy
         with pytest.raises(ValueError, match="positive integer"):
             convert(meg, tmp_path / "lib", "megatron", tp=0, progress=False)
     with cases("generate --tp 0"):
-        from megatron_lora.runtime.generation import generate_from_dirs
+        from megatron_lora.cli.generate import generate_from_dirs
 
         with pytest.raises(ValueError, match="--tp must be a positive integer"):
             generate_from_dirs(str(base), input_ids="1,2", tp=0)
@@ -488,7 +488,7 @@ def test_15_os_errors_and_entry_points_give_one_line(base, adapter, tmp_path, ca
 def test_16_errors_give_the_right_reason(base, adapter, tmp_path):
     cases = Cases("16 right reasons")
     with cases("missing LoRA --adapter"):
-        from megatron_lora.runtime.generation import generate_from_dirs
+        from megatron_lora.cli.generate import generate_from_dirs
 
         with pytest.raises(FileNotFoundError) as e:
             generate_from_dirs(str(base), input_ids="1,2", adapter=str(tmp_path / "missing"))

@@ -11,7 +11,6 @@ Tolerance: max |diff| <= 1e-5 x max |logit| (fp32); scalings relative to their o
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import re
 import subprocess
@@ -101,11 +100,14 @@ def finetuned(dirs):
     return {"dir": out, "start": float(found[0][0]), "final": float(found[0][1])}
 
 
-def _generate_script():
-    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _generate(argv: list[str], **changes):
+    """``megatron-lora generate ARGV`` in this process (with option ``changes``); the new tokens."""
+    from megatron_lora.cli.generate import generate_from_dirs
+    from megatron_lora.cli.main import build_parser
+
+    options = {k: v for k, v in vars(build_parser().parse_args(["generate", *argv])).items()
+               if k not in ("func", "command")}
+    return generate_from_dirs(**{**options, **changes})
 
 
 def _decode_checks(xm) -> dict:
@@ -146,7 +148,6 @@ def _ranks_body(rank, world, d) -> dict:
     from megatron_lora.hf.importer import load_hf_base
     from megatron_lora.model.xlora import load_xlora
 
-    script = _generate_script()
     out = {}
     for tp in (1, 2):
         init_distributed(tp)
@@ -155,18 +156,14 @@ def _ranks_body(rank, world, d) -> dict:
         # The script's path: PEFT X-LoRA at TP=2, our TP=2 X-LoRA checkpoint at TP=1.
         adapter = d["peft"] if tp == 2 else d["megatron"]
         files = {k: str(Path(d["root"]) / f"{k}_tp{tp}.safetensors") for k in ("logits", "scalings")}
-        args = script.parse_args(["--base", d["base"], "--adapter", adapter, "--tp", str(tp),
-                                  "--input-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", str(NEW),
-                                  "--logits-out", files["logits"], "--scalings-out", files["scalings"]])
-        out[tp]["script_tokens"] = script.generate_from_dirs(**vars(args))
-        args.xlora_scalings_once = True
-        args.logits_out = args.scalings_out = None
-        out[tp]["script_once_tokens"] = script.generate_from_dirs(**vars(args))
+        argv = ["--base", d["base"], "--adapter", adapter, "--tp", str(tp),
+                "--input-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", str(NEW)]
+        out[tp]["script_tokens"] = _generate(argv + ["--logits-out", files["logits"], "--scalings-out", files["scalings"]])
+        out[tp]["script_once_tokens"] = _generate(argv + ["--xlora-scalings-once"])
     # The directory finetune.py --xlora saved, loaded by load_xlora (through generate).
-    args = script.parse_args(["--base", d["base"], "--adapter", d["finetuned"], "--tp", "2", "--input-ids",
-                              ",".join(map(str, PROMPT)), "--max-new-tokens", "1", "--logits-out",
-                              str(Path(d["root"]) / "finetuned_logits.safetensors")])
-    script.generate_from_dirs(**vars(args))
+    _generate(["--base", d["base"], "--adapter", d["finetuned"], "--tp", "2", "--input-ids",
+               ",".join(map(str, PROMPT)), "--max-new-tokens", "1", "--logits-out",
+               str(Path(d["root"]) / "finetuned_logits.safetensors")])
     return out
 
 
@@ -245,7 +242,7 @@ def test_finetune_xlora_trains_and_saves_peft_layout(ranks, finetuned, dirs, mon
 
 
 def test_xlora_flags_need_an_xlora_adapter(dirs, tmp_path):
-    from megatron_lora.runtime.generation import generate_from_dirs
+    from megatron_lora.cli.generate import generate_from_dirs
 
     for flags in ({"scalings_out": str(tmp_path / "s.safetensors")}, {"xlora_scalings_once": True}):
         with pytest.raises(ValueError, match="need an X-LoRA --adapter"):

@@ -12,6 +12,7 @@ import sys
 from typing import Callable, Optional
 
 from megatron_lora.cli.convert import add_convert, add_inspect
+from megatron_lora.cli.generate import add_generate
 from megatron_lora.cli.plots import add_plot_scalings
 from megatron_lora.errors import INPUT_ERRORS
 
@@ -32,13 +33,13 @@ def run_entry(fn: Callable[[], Optional[int]], prog: str) -> int:
 
 
 #: Subcommands, in --help order. Add a command by appending its ``add_*`` function.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_convert, add_inspect, add_plot_scalings]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_convert, add_inspect, add_plot_scalings]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-lora",
-        description="Tensor-parallel LoRA for megatron-core: adapter conversion, inspection and X-LoRA plots.",
+        description="Tensor-parallel LoRA for megatron-core: generation, adapter conversion, inspection and X-LoRA plots.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
@@ -46,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, prog: str = "megatron-lora") -> int:
+    """Run a subcommand; ``prog`` names the program in error lines (a script's own name)."""
     args = build_parser().parse_args(argv)
-    return run_entry(lambda: args.func(args), "megatron-lora")
+    return run_entry(lambda: args.func(args), prog)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ from megatron_lora.parallel.attention import with_sdpa_attention
 from megatron_lora.parallel.device import device
 
 
+#: Model dtypes by their command-line names.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 def gpt_config(
     num_layers: int,
     hidden_size: int,

@@ -18,10 +18,8 @@ the device.
 
 from __future__ import annotations
 
-import json
 import math
 import random
-from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import torch
@@ -29,17 +27,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-from safetensors.torch import save_file
 
-from megatron_lora.runtime.distributed import init_distributed
-from megatron_lora.errors import check_positive_int
 from megatron_lora.model.gpt import positions_for, real_vocab_size
-from megatron_lora.hf.importer import eos_token_ids, hf_model_facts, load_hf_base, read_hf_config
-from megatron_lora.formats.outputs import atomic_file, check_output_file
-from megatron_lora.model.adapters import load_adapter
-from megatron_lora.model.xlora import XLoraModel, base_gpt, load_xlora
-from megatron_lora.formats.detect import detect
-from megatron_lora.parallel.lora_layers import LoraComputeDtype, configure_lora_layers
+from megatron_lora.model.xlora import XLoraModel, base_gpt
 from megatron_lora.parallel.device import device
 
 
@@ -192,93 +182,3 @@ def generate(
             break
         ids = next_id.view(1, 1)
     return (new_tokens, step_logits) if output_logits else new_tokens
-
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def _tokenizer(base: Path, required: bool):
-    if not any((base / f).is_file() for f in _TOKENIZER_FILES):
-        if required:
-            raise FileNotFoundError(f"{base}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}) for --prompt")
-        return None
-    from transformers import AutoTokenizer  # only the text front end needs transformers
-
-    return AutoTokenizer.from_pretrained(str(base))
-
-
-def generate_from_dirs(
-    base: str,
-    prompt: Optional[str] = None,
-    input_ids: Optional[str] = None,
-    adapter: Optional[str] = None,
-    tp: int = 1,
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: Optional[int] = None,
-    dtype: str = "fp32",
-    logits_out: Optional[str] = None,
-    tokens_out: Optional[str] = None,
-    scalings_out: Optional[str] = None,
-    xlora_scalings_once: bool = False,
-) -> list[int]:
-    """What ``scripts/generate.py`` does: import the HF base at TP ``tp`` (+ a LoRA or
-    X-LoRA adapter, detected), run the prompt, generate; rank 0 prints the text and writes
-    the optional output files.
-
-    ``scalings_out`` (X-LoRA): the prompt's scalings as PEFT logs them (after softmax,
-    before top-k), key ``scalings`` [seq, n_layers, n_experts] fp32, and the prompt's
-    ``input_ids`` [seq].
-    """
-    base_dir = Path(base)
-    vocab = hf_model_facts(read_hf_config(base_dir)).vocab_size
-    tokenizer = _tokenizer(base_dir, required=prompt is not None)
-    if prompt is not None:
-        ids = tokenizer(prompt)["input_ids"]
-    else:
-        try:
-            ids = [int(t) for t in input_ids.split(",")]
-        except ValueError as e:
-            raise ValueError(f"--input-ids must be comma-separated integers, got {input_ids!r}") from e
-    if not ids or max(ids) >= vocab or min(ids) < 0:
-        raise ValueError(f"prompt ids must be in [0, {vocab}), got {ids}")
-    check_positive_int("--tp", tp)
-    for flag, out in (("--logits-out", logits_out), ("--tokens-out", tokens_out), ("--scalings-out", scalings_out)):
-        if out is not None:
-            try:
-                check_output_file(out)
-            except OSError as e:
-                raise type(e)(f"{flag}: {e}") from None
-    if adapter is not None and not Path(adapter).is_dir():
-        raise FileNotFoundError(f"--adapter {adapter} does not exist (or is not a directory)")
-    xlora = adapter is not None and detect(adapter).is_xlora
-    if (scalings_out or xlora_scalings_once) and not xlora:
-        raise ValueError(f"--scalings-out and --xlora-scalings-once need an X-LoRA --adapter, got {adapter!r}")
-    init_distributed(tp)
-    model, _ = load_hf_base(base_dir, _DTYPES[dtype])
-    if xlora:
-        model = load_xlora(model, adapter).eval()
-    elif adapter is not None:
-        load_adapter(model, adapter, adapter_name="default")
-    configure_lora_layers(model, compute_dtype=LoraComputeDtype.FP32)  # equal to HF + PEFT
-    logits = scalings = None
-    if logits_out or scalings_out:
-        logits = forward_logits(model, torch.tensor([ids]))[0]
-        scalings = model.get_latest_scalings()[0].float() if xlora else None
-    new = generate(model, ids, max_new_tokens, eos_token_ids(base_dir), temperature, top_p, seed,
-                   xlora_scalings_once=xlora_scalings_once)
-    if dist.get_rank() == 0:
-        if logits_out:
-            with atomic_file(logits_out) as tmp:
-                save_file({"logits": logits.contiguous()}, str(tmp))
-        if scalings_out:
-            with atomic_file(scalings_out) as tmp:
-                save_file({"scalings": scalings.contiguous(), "input_ids": torch.tensor(ids, dtype=torch.int64)},
-                          str(tmp))
-        if tokens_out:
-            with atomic_file(tokens_out) as tmp:
-                tmp.write_text(json.dumps(new))
-        print(tokenizer.decode(new, skip_special_tokens=True) if tokenizer else new, flush=True)
-    return new
