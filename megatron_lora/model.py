@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -60,16 +61,32 @@ def adapter_spec_for(config: LoraConfig, facts: ModelFacts, layer: int, kind: st
     return AdapterSpec(tuple(segments), dropout=config.lora_dropout, init=config.init_lora_weights)
 
 
-def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "default", dtype: torch.dtype = torch.float32) -> int:
-    """Add adapter ``adapter_name`` to every matching parallel linear; return how many."""
+def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                 dtype: torch.dtype = torch.float32, seed: Optional[int] = None) -> int:
+    """Add adapter ``adapter_name`` to every matching parallel linear; return how many.
+
+    The factors are drawn from the default RNG. With ``seed``, each module's are drawn
+    from a generator seeded by (seed, its global module name) instead, so every tensor and
+    pipeline split of the model starts from the same adapter (the default RNG is left as
+    it was).
+    """
     matched = 0
     for _, layer, kind, module in iter_linear_modules(model):
         tp = module.tp_group.size() if module.tp_group is not None else 1
         spec = adapter_spec_for(config, _model_facts(module), layer, kind, tp)
-        if spec is not None:
+        if spec is None:
+            continue
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.default_generator.manual_seed(_module_seed(seed, megatron_module_name(layer, kind)))
             add_lora_support(module).add_adapter(adapter_name, spec, dtype=dtype)
-            matched += 1
+        matched += 1
     return matched
+
+
+def _module_seed(seed: int, name: str) -> int:
+    # A stable hash (Python's hash() of a str changes between processes).
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
 
 
 def apply_lora(
@@ -77,14 +94,15 @@ def apply_lora(
     config: LoraConfig,
     adapter_name: str = "default",
     dtype: torch.dtype = torch.float32,
+    seed: Optional[int] = None,
 ) -> nn.Module:
     """Add adapter ``adapter_name`` to every matching parallel linear; freeze the rest.
 
     Works on any module tree containing megatron-core TransformerLayers (a GPTModel in
     particular). Adapter weights are created in ``dtype`` (fp32 by default, also on a
-    bf16/fp16 base). Returns ``model``.
+    bf16/fp16 base). ``seed``: as in :func:`add_adapters`. Returns ``model``.
     """
-    if add_adapters(model, config, adapter_name, dtype) == 0:
+    if add_adapters(model, config, adapter_name, dtype, seed) == 0:
         raise ValueError(f"target_modules={config.target_modules!r} matched no module of the model")
     return freeze_base(model)
 
