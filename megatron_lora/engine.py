@@ -141,9 +141,7 @@ class Engine:
         config.calculate_per_token_loss = True
         config.finalize_model_grads_func = finalize_model_grads
         if not hasattr(model, "set_input_tensor"):
-            # The schedules hand each stage its input through set_input_tensor; a model
-            # without pipeline stages (X-LoRA, which refuses PP>1 in training) takes none.
-            model.set_input_tensor = lambda tensor: None
+            model = _SingleStage(model, base)
         fp16, bf16 = settings.dtype == "fp16", settings.dtype == "bf16"
         with cuda_on_cpu():
             self.model = DistributedDataParallel(
@@ -241,6 +239,23 @@ class Engine:
             total, tokens = total + part, tokens + count
         self.model.train()
         return total / max(tokens, 1)
+
+
+class _SingleStage(nn.Module):
+    """A model without pipeline stages (X-LoRA, which trains at PP=1) in the shape the
+    schedules expect of a stage: they look up ``model_type`` and hand each stage its input
+    through ``set_input_tensor`` (here always None)."""
+
+    def __init__(self, model: nn.Module, base: nn.Module):
+        super().__init__()
+        self.module = model
+        self.model_type = base.model_type
+
+    def set_input_tensor(self, tensor) -> None:
+        assert tensor is None or tensor == [None], "a single-stage model takes no pipeline input"
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
 
 
 class _PaddedEval:
