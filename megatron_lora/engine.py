@@ -93,7 +93,7 @@ class EngineSettings:
 class StepReport:
     loss: float  # the global batch's objective before the update
     lr: float  # the learning rate applied in the step
-    grad_norm: float  # before clipping
+    grad_norm: Optional[float]  # before clipping; None when fp16 loss scaling skipped the step
     tokens: int  # loss tokens of the global batch
     seconds: float
     updated: bool  # False when fp16 loss scaling skipped the step
@@ -150,7 +150,7 @@ class Engine:
                 optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,
                 adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, clip_grad=settings.clip_grad,
                 fp16=fp16, bf16=bf16, params_dtype=DTYPES[settings.dtype],
-                initial_loss_scale=2.0 ** 16 if fp16 else None), [self.model])
+                initial_loss_scale=self._initial_loss_scale() if fp16 else None), [self.model])
         config.no_sync_func = self.model.no_sync
         config.grad_scale_func = self.optimizer.scale_loss if fp16 else None
         self.scheduler = OptimizerParamScheduler(
@@ -160,6 +160,11 @@ class Engine:
             end_wd=settings.weight_decay, wd_incr_steps=settings.train_iters, wd_incr_style="constant")
         self.forward_backward = get_forward_backward_func()
         self.step = 0  # completed optimizer steps
+
+    def _initial_loss_scale(self) -> float:
+        # Each micro-batch's loss is a token SUM (not a mean), so start from Megatron-LM's
+        # usual per-token scale of 2**16 divided by the tokens of a micro-batch.
+        return max(1.0, 2.0 ** 16 / (self.settings.micro_batch_size * self.settings.seq_length))
 
     # -- one micro-batch -------------------------------------------------------------------
     def _forward_step(self, data_iterator: Iterator[Sample], model: nn.Module):
@@ -215,7 +220,7 @@ class Engine:
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss} at step {self.step}; try a lower --lr")
         norm = clipped_norm if grad_norm is None else grad_norm
-        return StepReport(loss, lr, float(norm) if norm is not None else float("nan"), tokens,
+        return StepReport(loss, lr, float(norm) if norm is not None else None, tokens,
                           time.perf_counter() - start, bool(updated))
 
     def evaluate(self) -> float:
