@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from torch import nn
 
 from megatron_lora.adapters import save_adapter
@@ -232,6 +233,45 @@ def _datasets(options: FinetuneOptions, base: nn.Module):
     return train, evaluation, sft_data.packed_attention_mask if options.packing else None
 
 
+def _all_ok(ok: bool) -> bool:
+    flag = torch.tensor([int(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _save_with_fallback(write: Callable[[Path], None], directory: Path) -> Path:
+    """``write(directory)`` on every rank; if it fails on any rank, write to a new temporary
+    directory instead, say where, and return the directory that holds the adapter."""
+    error = None
+    try:
+        write(directory)
+    except OSError as e:
+        error = e
+    if _all_ok(error is None):
+        return directory
+    box = [tempfile.mkdtemp(prefix="megatron-lora-adapter-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    fallback = Path(box[0]) / "adapter"
+    write(fallback)
+    if dist.get_rank() == 0:
+        print(f"could not save the adapter to {directory} ({error or 'failed on another rank'}); "
+              f"saved it to {fallback} instead", file=sys.stderr, flush=True)
+    return fallback
+
+
+def _on_rank0(fn: Callable[[], object], failure: str) -> None:
+    """Run ``fn`` on rank 0; every rank raises RuntimeError(failure: cause) if it fails."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as e:  # shared with every rank, which all raise it
+            box[0] = f"{failure}: {e}"
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise RuntimeError(box[0])
+
+
 # -- the job ----------------------------------------------------------------------------------------
 class _Progress:
     """tqdm on rank 0 and the ``--log-jsonl`` records (rank 0)."""
@@ -296,14 +336,15 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
         if dist.get_rank() == 0:
             print(report, flush=True)
         result = _train(engine, options)
-        adapter = save / "adapter"
         if options.xlora:
-            save_xlora(model, adapter, overwrite=True)
+            write = lambda directory: save_xlora(model, directory, overwrite=True)  # noqa: E731
         else:
-            save_adapter(model, adapter, config, overwrite=True, extra={"finetune": asdict(options)})
-        if options.export_peft and dist.get_rank() == 0:
-            convert(adapter, options.export_peft, to="peft", progress=False)
-        dist.barrier()
+            write = lambda directory: save_adapter(  # noqa: E731
+                model, directory, config, overwrite=True, extra={"finetune": asdict(options)})
+        adapter = _save_with_fallback(write, save / "adapter")
+        if options.export_peft:
+            _on_rank0(lambda: convert(adapter, options.export_peft, to="peft", progress=False),
+                      f"--export-peft {options.export_peft} failed (the adapter is saved in {adapter})")
     finally:
         if dist.get_rank() == 0:
             shutil.rmtree(scratch, ignore_errors=True)

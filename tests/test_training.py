@@ -49,7 +49,23 @@ def _single_body(rank, world, root):
     log = Path(root) / "single.jsonl"
     result = finetune(_options(Path(root) / "single", save_interval=2, keep_checkpoints=5, log_jsonl=str(log)))
     return {"losses": result.losses, "grad_norms": _grad_norms(log), "eval": (result.start_loss, result.final_loss),
-            "adapter": _full_adapter(result.adapter), "masking": _masking()}
+            "adapter": _full_adapter(result.adapter), "masking": _masking(), "fallback": _fallback(root)}
+
+
+def _fallback(root):
+    """A final save that fails (a full disk, say) lands in a fallback directory instead."""
+    from megatron_lora.training import _save_with_fallback
+
+    tried = []
+
+    def write(directory):
+        tried.append(str(directory))
+        if len(tried) == 1:
+            raise OSError("No space left on device")
+        Path(directory).mkdir(parents=True)
+
+    got = _save_with_fallback(write, Path(root) / "full" / "adapter")
+    return {"tried": tried, "got": str(got), "exists": got.is_dir()}
 
 
 def _masking():
@@ -167,6 +183,12 @@ def test_prompt_labels_carry_no_loss(runs):
     plain, prompt, completion = masking[None], masking[0], masking[10]
     assert prompt[0] == plain[0] and all(torch.equal(a, b) for a, b in zip(prompt[1], plain[1]))
     assert completion[0] != plain[0] and not all(torch.equal(a, b) for a, b in zip(completion[1], plain[1]))
+
+
+def test_failed_final_save_falls_back(runs):
+    fallback = runs[0]["fallback"]
+    assert len(fallback["tried"]) == 2 and fallback["tried"][1] == fallback["got"]
+    assert fallback["exists"] and "full" not in fallback["got"]
 
 
 # -- flags (no ranks) ------------------------------------------------------------------------------
