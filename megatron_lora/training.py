@@ -136,8 +136,8 @@ class FinetuneOptions:
 
 @dataclass
 class FinetuneResult:
-    start_loss: float  # evaluation loss before training (at the first step of this run)
-    final_loss: float  # evaluation loss after training
+    start_loss: Optional[float]  # evaluation loss before training (this run's first step); None: no evaluation set
+    final_loss: Optional[float]  # evaluation loss after training
     losses: list[float]  # training loss of every step of this run
     adapter: str  # SAVE/adapter
 
@@ -335,7 +335,7 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
             load_checkpoint(engine, options.load)
         if dist.get_rank() == 0:
             print(report, flush=True)
-        result = _train(engine, options)
+        start, final, losses = _train(engine, options)
         if options.xlora:
             write = lambda directory: save_xlora(model, directory, overwrite=True)  # noqa: E731
         else:
@@ -350,17 +350,26 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
             shutil.rmtree(scratch, ignore_errors=True)
     if dist.get_rank() == 0:
         exported = f"; PEFT export in {options.export_peft}" if options.export_peft else ""
-        print(f"start loss {result.start_loss:.4f} -> final loss {result.final_loss:.4f} "
-              f"(evaluation set, step {engine.step}); adapter saved to {adapter}{exported}", flush=True)
-    return FinetuneResult(result.start_loss, result.final_loss, result.losses, str(adapter))
+        if start is not None:
+            print(f"start loss {start:.4f} -> final loss {final:.4f} "
+                  f"(evaluation set, step {engine.step}); adapter saved to {adapter}{exported}", flush=True)
+        else:
+            trained = f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "(no steps left)"
+            print(f"training loss {trained} (no evaluation set, step {engine.step}); "
+                  f"adapter saved to {adapter}{exported}", flush=True)
+    return FinetuneResult(start, final, losses, str(adapter))
 
 
-def _train(engine: Engine, options: FinetuneOptions) -> FinetuneResult:
+def _train(engine: Engine, options: FinetuneOptions) -> tuple[Optional[float], Optional[float], list[float]]:
+    """The training loop with evaluations and checkpoints: (start, final) evaluation losses
+    (None without an evaluation set) and the training loss of every step of this run."""
     progress = _Progress(options, engine.step)
     extra = {"seed": options.seed, "global_batch_size": options.global_batch_size,
              "seq_length": options.seq_length, "packing": options.packing}
 
-    def evaluate(record: bool = True) -> float:
+    def evaluate(record: bool = True) -> Optional[float]:
+        if not engine.eval_data:
+            return None
         loss = engine.evaluate()
         if record:
             progress.record({"step": engine.step, "eval_loss": loss})
@@ -381,4 +390,4 @@ def _train(engine: Engine, options: FinetuneOptions) -> FinetuneResult:
         save_checkpoint(engine, options.save, options.keep_checkpoints, extra)
     finally:
         progress.close()
-    return FinetuneResult(start, final, losses, "")
+    return start, final, losses
