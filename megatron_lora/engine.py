@@ -189,9 +189,9 @@ class Engine:
                 num_microbatches=len(micro_batches), seq_length=s.seq_length,
                 micro_batch_size=s.micro_batch_size, forward_only=forward_only)
         # The last stage holds the sums; reduce over data parallelism, then give every stage them.
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())
         for item in out:
-            sums += item["loss"].double().cpu()
+            sums += item["loss"].double()
         dist.all_reduce(sums, group=ps.get_data_parallel_group())
         if not ps.is_pipeline_last_stage():
             sums.zero_()

@@ -6,7 +6,7 @@ An iteration directory holds, without pickle:
     state_tp{t:02d}_pp{p:02d}.safetensors  trainable parameters of that TP rank / pipeline stage
                                         (``param.NAME``) and their Adam moments (``exp_avg.NAME``,
                                         ``exp_avg_sq.NAME``), written by the first data-parallel replica
-    rng/rank_{r:05d}.safetensors        each rank's CPU and model-parallel RNG states
+    rng/rank_{r:05d}.safetensors        each rank's CPU (and CUDA) and model-parallel RNG states
 
 It appears atomically (written in a temporary sibling, then renamed), ``latest`` is replaced
 atomically after it, and only the newest ``keep`` iteration directories stay. Resuming needs
@@ -99,7 +99,7 @@ def save_checkpoint(engine: Engine, save: str | Path, keep: int, extra: dict) ->
     dist.broadcast_object_list(box, src=0)
     tmp = Path(box[0])
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    ok = torch.tensor([1])
+    ok = torch.tensor([1], device=torch.cuda.current_device())  # nccl reduces device tensors
     try:
         if ps.get_data_parallel_rank() == 0:
             tensors = {}
@@ -114,6 +114,8 @@ def save_checkpoint(engine: Engine, save: str | Path, keep: int, extra: dict) ->
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(_state_file(tmp, tp, pp)))
         (tmp / "rng").mkdir(exist_ok=True)
         rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
         rng.update({f"tracker.{k}": v.cpu() for k, v in get_cuda_rng_tracker().get_states().items()})
         save_file(rng, str(_rng_file(tmp, rank)))
     except Exception:
@@ -193,5 +195,7 @@ def load_checkpoint(engine: Engine, directory: str | Path) -> dict:
     if trainer["world"] == dist.get_world_size():
         rng = load_file(str(_rng_file(path, dist.get_rank())))
         torch.set_rng_state(rng.pop("cpu"))
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng.pop("cuda"))
         get_cuda_rng_tracker().set_states({k[len("tracker."):]: v for k, v in rng.items()})
     return trainer

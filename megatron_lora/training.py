@@ -234,7 +234,7 @@ def _datasets(options: FinetuneOptions, base: nn.Module):
 
 
 def _all_ok(ok: bool) -> bool:
-    flag = torch.tensor([int(ok)])
+    flag = torch.tensor([int(ok)], device=torch.cuda.current_device())  # nccl reduces device tensors
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
