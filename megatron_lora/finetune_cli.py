@@ -13,10 +13,9 @@ from typing import Optional, Sequence
 from megatron_lora.engine import DTYPES, LR_DECAY_STYLES
 from megatron_lora.training import DEFAULT_SAVE, REAL_DEFAULTS, TINY_DEFAULTS, FinetuneOptions, finetune
 
-USAGE = """\
-    torchrun --nproc_per_node=N scripts/finetune.py --base HF_DIR --data FILE.jsonl [options]
-    torchrun --nproc_per_node=2 scripts/finetune.py --tiny          # synthetic smoke run
-    python scripts/finetune.py --tiny                               # one plain process
+USAGE = """torchrun --nproc_per_node=N scripts/finetune.py --base HF_DIR --data FILE.jsonl [options]
+       torchrun --nproc_per_node=2 scripts/finetune.py --tiny   # synthetic smoke run
+       python scripts/finetune.py --tiny                        # one plain process
 
 DP = N / (TP x PP). Writes SAVE/iter_{k:07d}/ checkpoints and SAVE/adapter/ (megatron-lora)."""
 
