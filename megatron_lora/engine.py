@@ -127,7 +127,9 @@ class Engine:
 
     ``base`` is the GPTModel inside ``model`` (for its config and vocabulary);
     ``attention_mask`` maps a micro-batch's ``document_ids`` [b, s] to megatron-core's
-    boolean mask (True = masked), or is None for the plain causal mask.
+    boolean mask (True = masked), or is None for the plain causal mask. It sets
+    ``calculate_per_token_loss``, ``finalize_model_grads_func``, ``no_sync_func`` and
+    ``grad_scale_func`` on ``base.config``, where megatron-core's schedules read them.
     """
 
     def __init__(self, model: nn.Module, base: nn.Module, settings: EngineSettings,
@@ -157,7 +159,10 @@ class Engine:
             self.optimizer, init_lr=0.0, max_lr=settings.lr, min_lr=settings.min_lr,
             lr_warmup_steps=settings.lr_warmup_iters, lr_decay_steps=settings.decay_iters,
             lr_decay_style=settings.lr_decay_style, start_wd=settings.weight_decay,
-            end_wd=settings.weight_decay, wd_incr_steps=settings.train_iters, wd_incr_style="constant")
+            end_wd=settings.weight_decay, wd_incr_steps=settings.train_iters, wd_incr_style="constant",
+            # A resumed run keeps the checkpoint's position in the schedule but this run's
+            # flags for its shape, so a longer --train-iters extends the decay.
+            override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False)
         self.forward_backward = get_forward_backward_func()
         self.step = 0  # completed optimizer steps
 

@@ -332,7 +332,12 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
         train, evaluation, mask = _datasets(options, base_gpt(model))
         engine = Engine(model, base_gpt(model), options.settings(), train, evaluation, mask)
         if options.load:
-            load_checkpoint(engine, options.load)
+            saved = load_checkpoint(engine, options.load)
+            for name, value in _data_position_facts(options).items():
+                if saved.get(name) != value:
+                    flag = "--" + name.replace("_", "-")
+                    raise ValueError(f"--load {options.load} was saved with {flag} {saved.get(name)}; "
+                                     f"resuming needs the same value (got {value}): the data order depends on it")
         if dist.get_rank() == 0:
             print(report, flush=True)
         start, final, losses = _train(engine, options)
@@ -360,12 +365,18 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
     return FinetuneResult(start, final, losses, str(adapter))
 
 
+def _data_position_facts(options: FinetuneOptions) -> dict:
+    """What the samples and their order depend on: a checkpoint records them and a resumed
+    run must agree."""
+    return {"seed": options.seed, "global_batch_size": options.global_batch_size,
+            "seq_length": options.seq_length, "packing": options.packing}
+
+
 def _train(engine: Engine, options: FinetuneOptions) -> tuple[Optional[float], Optional[float], list[float]]:
     """The training loop with evaluations and checkpoints: (start, final) evaluation losses
     (None without an evaluation set) and the training loss of every step of this run."""
     progress = _Progress(options, engine.step)
-    extra = {"seed": options.seed, "global_batch_size": options.global_batch_size,
-             "seq_length": options.seq_length, "packing": options.packing}
+    extra = _data_position_facts(options)
 
     def evaluate(record: bool = True) -> Optional[float]:
         if not engine.eval_data:
