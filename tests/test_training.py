@@ -49,7 +49,50 @@ def _single_body(rank, world, root):
     log = Path(root) / "single.jsonl"
     result = finetune(_options(Path(root) / "single", save_interval=2, keep_checkpoints=5, log_jsonl=str(log)))
     return {"losses": result.losses, "grad_norms": _grad_norms(log), "eval": (result.start_loss, result.final_loss),
-            "adapter": _full_adapter(result.adapter), "masking": _masking(), "fallback": _fallback(root)}
+            "adapter": _full_adapter(result.adapter), "masking": _masking(),
+            "fallback": _fallback(root), "packing": _packing()}
+
+
+def _block_causal(document_ids):
+    """A stand-in for the SFT data module's packed mask: True = masked, causal within a document."""
+    s = document_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1)
+    return ((document_ids[:, :, None] != document_ids[:, None, :]) | causal)[:, None]
+
+
+def _packing():
+    """Two examples packed into one sequence (positions restart, block-diagonal mask) give
+    the evaluation loss of the two unpacked; without the mask they do not."""
+    import tempfile
+
+    from megatron_lora.config import LoraConfig
+    from megatron_lora.engine import Engine, EngineSettings
+    from megatron_lora.model import apply_lora
+    from megatron_lora.training import load_base, write_tiny_base
+
+    def example(start, n, pad):
+        ids = (start + torch.arange(n + 1)) % 256
+        mask = torch.ones(n)
+        return {"tokens": torch.cat([ids[:-1], torch.zeros(pad, dtype=torch.long)]),
+                "labels": torch.cat([ids[1:], torch.zeros(pad, dtype=torch.long)]),
+                "loss_mask": torch.cat([mask, torch.zeros(pad)]),
+                "position_ids": torch.cat([torch.arange(n), torch.arange(pad)]),
+                "document_ids": torch.cat([torch.zeros(n, dtype=torch.long), -torch.ones(pad, dtype=torch.long)])}
+
+    a, b = example(3, 10, 6), example(100, 6, 10)
+    packed = {k: torch.cat([a[k][:10], b[k][:6]]) for k in a}
+    packed["document_ids"] = torch.cat([torch.zeros(10, dtype=torch.long), torch.ones(6, dtype=torch.long)])
+    settings = EngineSettings(micro_batch_size=1, global_batch_size=1, seq_length=16, train_iters=1, lr=1e-3)
+    with tempfile.TemporaryDirectory() as d:
+        write_tiny_base(Path(d) / "base", 1)
+        model = load_base(Path(d) / "base", _options("unused"))
+        apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                     init_lora_weights=False), seed=1)
+        losses = {}
+        for name, data, mask in (("unpacked", [a, b], _block_causal), ("packed", [packed], _block_causal),
+                                 ("packed-causal-only", [packed], None)):
+            losses[name] = Engine(model, model, settings, data, data, mask).evaluate()
+    return losses
 
 
 def _fallback(root):
@@ -189,6 +232,12 @@ def test_failed_final_save_falls_back(runs):
     fallback = runs[0]["fallback"]
     assert len(fallback["tried"]) == 2 and fallback["tried"][1] == fallback["got"]
     assert fallback["exists"] and "full" not in fallback["got"]
+
+
+def test_packing_equals_unpacked(runs):
+    losses = runs[0]["packing"]
+    assert abs(losses["packed"] - losses["unpacked"]) <= 1e-5 * losses["unpacked"], losses
+    assert abs(losses["packed-causal-only"] - losses["unpacked"]) > 1e-3, losses
 
 
 # -- flags (no ranks) ------------------------------------------------------------------------------
