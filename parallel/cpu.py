@@ -7,13 +7,21 @@ CPU, keep the RNG streams as CPU generator states (the tracker swaps them in and
 the CPU default generator exactly as it does with the CUDA one), and make synchronize a
 no-op; the default causal mask, which megatron-core builds with ``device="cuda"``, is built
 on the CPU. Useful for debugging on a laptop and for CPU tests of real tensor-parallel code.
+
+Its training engine (pipeline schedules, optimizer wrappers, grad scaler, grad clipping)
+also creates tensors with ``device="cuda"``, calls ``Tensor.cuda()`` and checks
+``param.type()`` against ``torch.cuda.*Tensor`` strings. :func:`cuda_on_cpu` covers those
+with a torch function mode; it costs Python work on every torch call, so the training loop
+enters it only around the engine's calls and only while CPU execution is on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _enabled = False
 
@@ -67,3 +75,32 @@ def enable_cpu_execution() -> None:
 
 def cpu_execution_enabled() -> bool:
     return _enabled
+
+
+def _is_cuda(device: object) -> bool:
+    return (isinstance(device, str) and device.startswith("cuda")) or (
+        isinstance(device, torch.device) and device.type == "cuda")
+
+
+class CudaOnCpu(TorchFunctionMode):
+    """Run code written for CUDA tensors on the CPU: ``device=`` arguments naming CUDA become
+    the CPU, ``Tensor.cuda()`` returns the tensor, ``Tensor.to("cuda")`` stays on the CPU, and
+    ``Tensor.type()`` reports the CUDA type string megatron-core's optimizer checks expect
+    (``torch.cuda.FloatTensor`` for a CPU ``torch.FloatTensor``)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        if _is_cuda(kwargs.get("device")):
+            kwargs = {**kwargs, "device": torch.device("cpu")}
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], torch.device("cpu"), *args[2:])
+        return func(*args, **kwargs)
+
+
+def cuda_on_cpu() -> contextlib.AbstractContextManager:
+    """A :class:`CudaOnCpu` mode while CPU execution is on, else a no-op context."""
+    return CudaOnCpu() if _enabled else contextlib.nullcontext()

@@ -7,9 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
-
-from megatron_lora.cli.main import main  # noqa: E402
+from megatron_lora.cli import main
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
@@ -20,4 +18,4 @@ if __name__ == "__main__":
     p.add_argument("--verify", action="store_true", help="compare HF + PEFT and Megatron logits")
     a = p.parse_args()
     flags = ["--overwrite"] * a.overwrite + ["--verify"] * a.verify
-    sys.exit(main(["convert", a.megatron, a.out, "--to", "peft", "--base", a.base, *flags]))
+    sys.exit(main(["convert", a.megatron, a.out, "--to", "peft", "--base", a.base, *flags], prog=Path(__file__).name))

@@ -11,9 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
-
-from megatron_lora.hf.smollm2 import default_cache_dir, fetch_smollm2  # noqa: E402
+from megatron_lora.hf.smollm2 import default_cache_dir, fetch_smollm2
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])

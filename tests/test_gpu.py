@@ -228,12 +228,12 @@ def _hf_import_generate_xlora(out: dict, d: dict) -> None:
     """load_hf_base + a PEFT adapter: logits and KV-cache greedy tokens; X-LoRA logits, scalings."""
     from megatron_lora.runtime.generation import forward_logits, generate
     from megatron_lora.hf.importer import load_hf_base
-    from megatron_lora.formats.peft import load_any_adapter
-    from megatron_lora.formats.xlora import load_xlora
+    from megatron_lora.model.adapters import load_adapter
+    from megatron_lora.model.xlora import load_xlora
 
     model, _ = load_hf_base(d["base"])
     out["import_on_cuda"] = _all_on_cuda(model)
-    load_any_adapter(model, d["peft"])
+    load_adapter(model, d["peft"])
     ids = torch.tensor([PROMPT])  # on the CPU: moved where it enters
     out["import_logit_err"] = _rel(forward_logits(model, ids)[0].cpu(), d["logits"])
     out["tokens"] = generate(model, PROMPT, NEW)

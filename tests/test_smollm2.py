@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_lora import smollm2
+from megatron_lora.hf import smollm2
 
 
 def test_a_complete_cache_is_reused_without_download(tmp_path, monkeypatch):

@@ -91,8 +91,9 @@ def finetuned(dirs):
     out = dirs["root"] / "finetuned"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "scripts" / "finetune.py"), "--xlora", "--tp", "2", "--base", dirs["base"],
-           "--steps", "12", "--seq-len", "16", "--batch-size", "8", "--lr", "1e-2", "--out", str(out)]
+           str(ROOT / "scripts" / "finetune.py"), "--xlora", "--tiny", "--tp", "2", "--base", dirs["base"],
+           "--steps", "12", "--seq-length", "16", "--global-batch-size", "8", "--lr", "1e-2",
+           "--save", str(dirs["root"] / "finetune-run"), "--export-peft", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = re.findall(r"start loss ([0-9.]+) -> final loss ([0-9.]+)", proc.stdout)

@@ -93,7 +93,7 @@ def generate_from_dirs(
 
     from megatron_lora.errors import check_positive_int
     from megatron_lora.formats.detect import detect
-    from megatron_lora.formats.outputs import atomic_file, check_output_file
+    from megatron_lora.formats.outputs import atomic_file, check_flag_output
     from megatron_lora.hf.importer import eos_token_ids, hf_model_facts, load_hf_base, read_hf_config
     from megatron_lora.model.adapters import load_adapter
     from megatron_lora.model.gpt import DTYPES
@@ -117,10 +117,7 @@ def generate_from_dirs(
     check_positive_int("--tp", tp)
     for flag, out in (("--logits-out", logits_out), ("--tokens-out", tokens_out), ("--scalings-out", scalings_out)):
         if out is not None:
-            try:
-                check_output_file(out)
-            except OSError as e:
-                raise type(e)(f"{flag}: {e}") from None
+            check_flag_output(flag, out)
     if adapter is not None and not Path(adapter).is_dir():
         raise FileNotFoundError(f"--adapter {adapter} does not exist (or is not a directory)")
     xlora = adapter is not None and detect(adapter).is_xlora

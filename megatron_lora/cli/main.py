@@ -1,4 +1,4 @@
-"""The ``megatron-lora`` command.
+"""The ``megatron-lora`` command: ``finetune``, ``generate``, ``convert``, ``inspect``, ``plot-scalings``.
 
 Each subcommand is one ``add_<name>(subparsers)`` function registered in :data:`COMMANDS`;
 it sets ``func`` (called with the parsed arguments, returns the exit status).
@@ -12,6 +12,7 @@ import sys
 from typing import Callable, Optional
 
 from megatron_lora.cli.convert import add_convert, add_inspect
+from megatron_lora.cli.finetune import add_finetune
 from megatron_lora.cli.generate import add_generate
 from megatron_lora.cli.plots import add_plot_scalings
 from megatron_lora.errors import INPUT_ERRORS
@@ -33,13 +34,13 @@ def run_entry(fn: Callable[[], Optional[int]], prog: str) -> int:
 
 
 #: Subcommands, in --help order. Add a command by appending its ``add_*`` function.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_convert, add_inspect, add_plot_scalings]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_finetune, add_generate, add_convert, add_inspect, add_plot_scalings]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-lora",
-        description="Tensor-parallel LoRA for megatron-core: generation, adapter conversion, inspection and X-LoRA plots.",
+        description="Tensor-parallel LoRA for megatron-core: fine-tuning, generation, adapter conversion, inspection and X-LoRA plots.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:

@@ -69,6 +69,15 @@ def check_output_file(path: str | Path) -> Path:
     return dst
 
 
+def check_flag_output(flag: str, path: str | Path, directory: bool = False) -> Path:
+    """:func:`check_destination` (``directory``) or :func:`check_output_file` of a command-line
+    flag's output, its error naming the flag: outputs are checked before any work."""
+    try:
+        return check_destination(path) if directory else check_output_file(path)
+    except OSError as e:
+        raise type(e)(f"{flag}: {e}") from None
+
+
 def _check_parents(dst: Path, path: str | Path) -> None:
     for parent in dst.parents:
         if os.path.lexists(parent):

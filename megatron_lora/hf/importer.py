@@ -20,6 +20,7 @@ from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.model.gpt import build_gpt, gpt_config
 from megatron_lora.hf.layout import ModelFacts, base_weight_sources, fuse_base, padded_vocab_size
 from megatron_lora.parallel.device import device
+from megatron_lora.parallel.cpu import cuda_on_cpu
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -289,12 +290,14 @@ def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     config, kwargs = transformer_config_from_hf(hf_config, tp, pp, dtype)
     facts = hf_model_facts(hf_config)
     ckpt = SafetensorsCheckpoint(hf_dir)
-    model = build_gpt(
-        config,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
-        **kwargs,
-    )
+    # With tied embeddings and PP > 1 the last stage's output weight is moved with .cuda().
+    with cuda_on_cpu():
+        model = build_gpt(
+            config,
+            pre_process=ps.is_pipeline_first_stage(),
+            post_process=ps.is_pipeline_last_stage(),
+            **kwargs,
+        )
     load_base_weights(model, ckpt, facts, hf_biases(hf_config), kwargs["share_embeddings_and_output_weights"])
     model.unpadded_vocab_size = facts.vocab_size
     model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -61,10 +62,14 @@ def adapter_spec_for(config: LoraConfig, facts: ModelFacts, layer: int, kind: st
     return AdapterSpec(tuple(segments), dropout=config.lora_dropout, init=config.init_lora_weights)
 
 
-def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "default", dtype: torch.dtype = torch.float32) -> int:
+def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                 dtype: torch.dtype = torch.float32, seed: Optional[int] = None) -> int:
     """Add adapter ``adapter_name`` to every matching parallel linear; return how many.
 
     Every module is checked before any is changed, so an error leaves the model as it was.
+    The factors are drawn from the default RNG (as PEFT does). With ``seed``, each module's
+    are drawn from a generator seeded by (seed, its global module name) instead, so every
+    tensor and pipeline split of the model starts from the same adapter.
     """
     planned = []
     for name, layer, kind, module in iter_linear_modules(model):
@@ -74,10 +79,16 @@ def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "defa
             continue
         if adapter_name in getattr(module, "lora_specs", {}):
             raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
-        planned.append((module, spec))
-    for module, spec in planned:
-        add_lora_support(module).add_adapter(adapter_name, spec, dtype=dtype)
+        planned.append((module, spec, megatron_module_name(layer, kind)))
+    for module, spec, global_name in planned:
+        generator = None if seed is None else torch.Generator().manual_seed(_module_seed(seed, global_name))
+        add_lora_support(module).add_adapter(adapter_name, spec, dtype=dtype, generator=generator)
     return len(planned)
+
+
+def _module_seed(seed: int, name: str) -> int:
+    # A stable hash (Python's hash() of a str changes between processes).
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
 
 
 def apply_lora(
@@ -85,14 +96,15 @@ def apply_lora(
     config: LoraConfig,
     adapter_name: str = "default",
     dtype: torch.dtype = torch.float32,
+    seed: Optional[int] = None,
 ) -> nn.Module:
     """Add adapter ``adapter_name`` to every matching parallel linear; freeze the rest.
 
     Works on any module tree containing megatron-core TransformerLayers (a GPTModel in
     particular). Adapter weights are created in ``dtype`` (fp32 by default, also on a
-    bf16/fp16 base). Returns ``model``.
+    bf16/fp16 base). ``seed``: as in :func:`add_adapters`. Returns ``model``.
     """
-    if add_adapters(model, config, adapter_name, dtype) == 0:
+    if add_adapters(model, config, adapter_name, dtype, seed) == 0:
         raise ValueError(f"target_modules={config.target_modules!r} matched no module of the model")
     return freeze_base(model)
 

@@ -1,51 +1,53 @@
-"""The main job: LoRA fine-tuning of a megatron-core GPT at any tensor-parallel size.
+"""The main job: LoRA (or X-LoRA) fine-tuning of an HF model at any TP x PP x DP.
 
-:func:`finetune` builds a base model (a small random GPT, or an HF model imported with
-:func:`megatron_lora.hf.importer.load_hf_base`), adds trainable adapters, trains them with
-AdamW on a deterministic synthetic task and saves them with
-:func:`megatron_lora.save_adapter`. It runs under ``torchrun`` and as one plain process.
+:func:`finetune` imports the base (``--base``, or with ``--tiny`` and no base a small
+random Llama), adds adapters drawn from (seed, global module name) so every layout starts
+from the same adapter, and trains them with :class:`megatron_lora.runtime.engine.Engine` on SFT
+data (``--data``) or, with ``--tiny``, the synthetic counting task of
+:mod:`megatron_lora.runtime.tiny_task`. It evaluates, logs, saves resumable checkpoints
+(:mod:`megatron_lora.runtime.checkpoints`) and ends with the adapter in ``SAVE/adapter/``
+(a megatron-lora checkpoint, or our X-LoRA checkpoint) and optionally a PEFT directory.
 
-The task: each sequence counts up from a random start, ``t, t+1, t+2, ... (mod vocab)``.
-Every token after the first is determined by the one before it, but the frozen random base
-does not know the successor map; the adapters must learn it (the loss falls well below the
-base's, though rank-r updates of a random network cannot reach zero).
-
-With ``xlora`` it trains an X-LoRA mixture instead: the classifier (and, with
-``xlora_trainable_adapters``, the experts) over frozen LoRA experts, given as directories
-or, by default, made here as small random LoRA adapters (:data:`RANDOM_EXPERTS`), and
-saves a PEFT X-LoRA directory (experts in subfolders "0".."n-1").
+X-LoRA trains its classifier (and with ``xlora_trainable_adapters`` the experts) over
+frozen LoRA experts, given as directories or made here as small random adapters
+(:data:`RANDOM_EXPERTS`). X-LoRA training refuses pipeline parallelism: the scalings come
+from the classifier on the last stage and would have to travel back to every stage's
+layers, and their gradient forward again, outside megatron-core's schedules.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import shutil
+import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import nn
 
 from megatron_lora.model.adapters import save_adapter
 from megatron_lora.config import LoraConfig
+from megatron_lora.formats.convert import convert
 from megatron_lora.runtime.distributed import init_distributed
-from megatron_lora.model.gpt import build_gpt, gpt_config, positions_for, real_vocab_size
+from megatron_lora.model.gpt import DTYPES
+from megatron_lora.runtime.engine import Engine, EngineSettings, StepReport
+from megatron_lora.model.gpt import real_vocab_size
 from megatron_lora.hf.layout import HF_PROJECTIONS
 from megatron_lora.model.lora import add_adapters, apply_lora, trainable_parameters_report
-from megatron_lora.formats.outputs import shared_temp_dir
+from megatron_lora.runtime import data
+from megatron_lora.runtime.tiny_task import counting_datasets, write_tiny_base
+from megatron_lora.formats.outputs import check_flag_output, shared_temp_dir
+from megatron_lora.runtime.checkpoints import LATEST, check_save_dir, iterations, load_checkpoint, save_checkpoint
 from megatron_lora.model.xlora import XLoraConfig, XLoraModel, apply_xlora, base_gpt, save_xlora
-from megatron_lora.formats.xlora import read_xlora, write_peft_xlora
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_OUT = "out/finetune-adapter"
-
-#: The random base model of a run without ``--base``.
-RANDOM_GPT = dict(num_layers=4, hidden_size=128, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=352)
-RANDOM_VOCAB = 256
+DEFAULT_SAVE = "out/finetune"
+#: Defaults that differ between a real run and ``--tiny`` (seq_length, lr).
+REAL_DEFAULTS = {"seq_length": 1024, "lr": 2e-4}
+TINY_DEFAULTS = {"seq_length": 32, "lr": 3e-3}
 #: (r, target_modules) of the random experts an X-LoRA run makes when none are given.
 RANDOM_EXPERTS = [(4, ["q_proj", "v_proj", "down_proj"]), (8, ["k_proj", "o_proj", "up_proj"]),
                   (2, ["q_proj", "gate_proj", "down_proj"])]
@@ -53,245 +55,335 @@ RANDOM_EXPERTS = [(4, ["q_proj", "v_proj", "down_proj"]), (8, ["k_proj", "o_proj
 
 @dataclass
 class FinetuneOptions:
-    """Everything a fine-tuning run depends on (the CLI flags of ``scripts/finetune.py``)."""
+    """Everything a fine-tuning run depends on (the flags of ``scripts/finetune.py``)."""
 
-    tp: int = 2
-    steps: int = 200
-    lr: float = 3e-3
-    r: int = 8
+    base: Optional[str] = None  # HF model directory; None only with tiny (a small random Llama)
+    data: Optional[str] = None  # training JSONL
+    eval_data: Optional[str] = None  # evaluation JSONL
+    eval_fraction: Optional[float] = None  # held out of --data when there is no --eval-data
+    tiny: bool = False  # the synthetic counting task (and the random Llama without --base)
+    tp: int = 1
+    pp: int = 1
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    seq_length: Optional[int] = None  # None: REAL_DEFAULTS / TINY_DEFAULTS
+    packing: bool = False
+    train_iters: int = 200
+    lr: Optional[float] = None  # None: REAL_DEFAULTS / TINY_DEFAULTS
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None  # None: train_iters
+    lr_decay_style: str = "linear"
+    clip_grad: float = 1.0
+    eval_interval: int = 50
+    eval_iters: Optional[int] = None  # None: the whole evaluation set
+    lora_r: int = 8
     lora_alpha: float = 16.0
-    target_modules: list[str] = field(default_factory=lambda: list(HF_PROJECTIONS))
-    seq_len: int = 32
-    batch_size: int = 16
-    out: str = DEFAULT_OUT
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: list(HF_PROJECTIONS))
+    save: str = DEFAULT_SAVE
+    save_interval: Optional[int] = None  # None: only at the end
+    keep_checkpoints: int = 2
+    load: Optional[str] = None
+    log_jsonl: Optional[str] = None
+    export_peft: Optional[str] = None
     seed: int = 1234
-    base: Optional[str] = None  # HF model directory; None: a small random GPT
     dtype: str = "fp32"
-    xlora: bool = False  # train an X-LoRA mixture instead of one LoRA adapter
+    xlora: bool = False
     xlora_experts: Optional[list[str]] = None  # expert directories; None: random experts
-    xlora_trainable_adapters: bool = False  # X-LoRA use_trainable_adapters
+    xlora_trainable_adapters: bool = False
     xlora_depth: int = 1
     xlora_layerwise_scalings: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("tp", "steps", "r", "seq_len", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {name}={getattr(self, name)}")
+        defaults = TINY_DEFAULTS if self.tiny else REAL_DEFAULTS
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for flag, value in (("--tensor-model-parallel-size", self.tp), ("--pipeline-model-parallel-size", self.pp),
+                            ("--eval-interval", self.eval_interval), ("--lora-r", self.lora_r)):
+            if value <= 0:
+                raise ValueError(f"{flag} must be positive, got {value}")
+        if self.save_interval is not None and self.save_interval <= 0:
+            raise ValueError(f"--save-interval must be positive, got {self.save_interval}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got lr={self.lr}")
+            raise ValueError(f"--dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.tiny and (self.data or self.eval_data or self.eval_fraction is not None):
+            raise ValueError("--tiny trains on synthetic data: drop --data/--eval-data/--eval-fraction")
+        if not self.tiny and not self.data:
+            raise ValueError("--data FILE.jsonl is required (or --tiny for the synthetic smoke run)")
+        if not self.tiny and not self.base:
+            raise ValueError("--base HF_DIR is required with --data (its tokenizer reads the data)")
+        if self.eval_data and self.eval_fraction is not None:
+            raise ValueError("give --eval-data or --eval-fraction, not both")
         if not self.xlora and (self.xlora_experts or self.xlora_trainable_adapters):
-            raise ValueError("xlora_experts and xlora_trainable_adapters need xlora=True")
+            raise ValueError("--xlora-experts and --xlora-trainable-adapters need --xlora")
+        if self.xlora and self.pp > 1:
+            raise ValueError("--xlora training needs --pipeline-model-parallel-size 1: the classifier's "
+                             "scalings, made on the last stage, would have to reach every stage's layers")
+
+    def settings(self) -> EngineSettings:
+        return EngineSettings(
+            micro_batch_size=self.micro_batch_size, global_batch_size=self.global_batch_size,
+            seq_length=self.seq_length, train_iters=self.train_iters, lr=self.lr, min_lr=self.min_lr,
+            lr_warmup_iters=self.lr_warmup_iters, lr_decay_iters=self.lr_decay_iters,
+            lr_decay_style=self.lr_decay_style, clip_grad=self.clip_grad, dtype=self.dtype,
+            seed=self.seed, eval_iters=self.eval_iters)
 
 
 @dataclass
 class FinetuneResult:
-    start_loss: float  # held-out loss before training
-    final_loss: float  # held-out loss after training
-    losses: list[float]  # training loss of every step
-    out: str
+    start_loss: Optional[float]  # evaluation loss before training (this run's first step); None: no evaluation set
+    final_loss: Optional[float]  # evaluation loss after training
+    losses: list[float]  # training loss of every step of this run
+    adapter: str  # SAVE/adapter
 
 
-# -- model ----------------------------------------------------------------------------------
-def build_base(options: FinetuneOptions) -> nn.Module:
-    """The frozen-to-be base model: imported from ``options.base`` or a small random GPT."""
-    dtype = DTYPES[options.dtype]
-    if options.base is not None:
-        from megatron_lora.hf.importer import load_hf_base
-
-        model, _ = load_hf_base(options.base, dtype)
-        return model
-    config = gpt_config(**RANDOM_GPT, tensor_model_parallel_size=options.tp, params_dtype=dtype)
-    return build_gpt(config, RANDOM_VOCAB, max_sequence_length=max(options.seq_len, 64))
-
-
-# Adding adapters and saving them are the two steps another adapter kind replaces.
-def add_lora(model: nn.Module, options: FinetuneOptions) -> LoraConfig:
-    config = LoraConfig(r=options.r, lora_alpha=options.lora_alpha, target_modules=options.target_modules)
-    apply_lora(model, config)
-    return config
+# -- output locations ----------------------------------------------------------------------------
+def check_outputs(options: FinetuneOptions) -> None:
+    """Refuse every output location that would fail or clobber something, before any step."""
+    save = Path(options.save)
+    check_flag_output("--save", save / LATEST)
+    check_save_dir(save)
+    if iterations(save) and (options.load is None or Path(options.load).resolve() != save.resolve()):
+        raise ValueError(f"--save {save} already holds checkpoints: pass --load {save} to resume, "
+                         f"or choose another --save")
+    if options.load is not None and not Path(options.load).is_dir():
+        raise ValueError(f"--load {options.load} is not a directory")
+    if options.export_peft is not None:
+        check_flag_output("--export-peft", options.export_peft, directory=True)
+    if options.log_jsonl is not None:
+        check_flag_output("--log-jsonl", options.log_jsonl)
 
 
-def save_lora(model: nn.Module, options: FinetuneOptions, config: LoraConfig) -> None:
-    overwrite = Path(options.out) == Path(DEFAULT_OUT)
-    save_adapter(model, options.out, config, overwrite=overwrite, extra={"finetune": asdict(options)})
+# -- model ------------------------------------------------------------------------------------
+def load_base(base_dir: str | Path, options: FinetuneOptions) -> nn.Module:
+    from megatron_lora.hf.importer import load_hf_base
+
+    model, _ = load_hf_base(base_dir, DTYPES[options.dtype])
+    return model
 
 
-def make_random_experts(options: FinetuneOptions, directory: Path) -> dict[str, str]:
-    """Save the :data:`RANDOM_EXPERTS` for the base of ``options`` as megatron-lora
-    checkpoints ``directory/expert<i>``; call on every rank. B is random (PEFT's
+def make_random_experts(base_dir: Path, options: FinetuneOptions, directory: Path) -> dict[str, str]:
+    """Save the :data:`RANDOM_EXPERTS` for the base as megatron-lora checkpoints
+    ``directory/expert<i>``; call on every rank. B is random (PEFT's
     ``init_lora_weights=False``), so each expert changes the model and the classifier has
     something to choose between."""
-    model = build_base(options)  # a scratch copy: only the adapters' shapes matter
+    model = load_base(base_dir, options)  # a scratch copy: only the adapters' shapes matter
     experts = {}
     for i, (r, targets) in enumerate(RANDOM_EXPERTS):
         name = f"expert{i}"
         config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
-        add_adapters(model, config, adapter_name=name)
+        add_adapters(model, config, adapter_name=name, seed=options.seed + i)
         save_adapter(model, directory / name, config, adapter_name=name)
         experts[name] = str(directory / name)
     return experts
 
 
-def add_xlora(model: nn.Module, options: FinetuneOptions, scratch: Path) -> XLoraModel:
+def add_xlora(model: nn.Module, base_dir: Path, options: FinetuneOptions, scratch: Path) -> XLoraModel:
     """Wrap ``model`` in an XLoraModel over the given (or fresh random) experts."""
     if options.xlora_experts:
         experts = {str(i): d for i, d in enumerate(options.xlora_experts)}
     else:
-        experts = make_random_experts(options, scratch)
+        experts = make_random_experts(base_dir, options, scratch)
     config = XLoraConfig(adapters=experts, xlora_depth=options.xlora_depth,
                          layerwise_scalings=options.xlora_layerwise_scalings,
                          use_trainable_adapters=options.xlora_trainable_adapters)
     return apply_xlora(model, config)
 
 
-def save_xlora_as_peft(xmodel: XLoraModel, options: FinetuneOptions, scratch: Path) -> None:
-    """Save the trained mixture as a PEFT X-LoRA directory at ``options.out``; call on every rank.
+def _datasets(options: FinetuneOptions, base: nn.Module):
+    """(train, eval, attention-mask function or None) of the run."""
+    if options.tiny:
+        train, evaluation = counting_datasets(options.seq_length, real_vocab_size(base), options.seed)
+        return train, evaluation, None
+    from transformers import AutoTokenizer  # only SFT data needs the tokenizer
 
-    Goes through our X-LoRA checkpoint (which gathers the sharded classifier and the
-    experts as trained), then rank 0 writes the PEFT layout from it.
-    """
-    save_xlora(xmodel, scratch / "megatron")
+    tokenizer = AutoTokenizer.from_pretrained(options.base)
+    train, stats = data.load_sft_samples(options.data, tokenizer, options.seq_length, options.packing)
+    lines = [stats.summary()]
+    evaluation = None
+    if options.eval_data:
+        evaluation, eval_stats = data.load_sft_samples(options.eval_data, tokenizer, options.seq_length, options.packing)
+        lines.append(eval_stats.summary())
+    elif options.eval_fraction is not None:
+        train, evaluation = data.split_eval(train, options.eval_fraction, options.seed)
+        lines.append(f"--eval-fraction {options.eval_fraction}: {len(evaluation)} samples held out of {stats.samples}")
     if dist.get_rank() == 0:
-        write_peft_xlora(read_xlora(scratch / "megatron"), options.out, overwrite=Path(options.out) == Path(DEFAULT_OUT))
-    dist.barrier()
+        print("\n".join(lines), flush=True)
+    return train, evaluation, data.packed_attention_mask if options.packing else None
 
 
-# -- data and loss -----------------------------------------------------------------------------
-def counting_batch(step: int, batch_size: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:
-    """[batch, seq_len + 1] token ids counting up from random starts; the same on every
-    rank that passes the same arguments (TP ranks must see the same batch)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    start = torch.randint(0, vocab, (batch_size, 1), generator=gen)
-    return (start + torch.arange(seq_len + 1)) % vocab
+def _all_ok(ok: bool) -> bool:
+    flag = torch.tensor([int(ok)], device=torch.cuda.current_device())  # nccl reduces device tensors
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
-def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy of ``ids`` [b, s + 1], identical on every TP rank.
-
-    The logits stay vocab-parallel; vocabulary padding columns are masked out.
-    """
-    inputs, labels = ids[:, :-1], ids[:, 1:]
-    logits = model(inputs, positions_for(inputs), None).float()  # [b, s, vocab / TP]
-    local = logits.shape[-1]
-    first = ps.get_tensor_model_parallel_rank() * local
-    real = real_vocab_size(base_gpt(model))
-    if first + local > real:  # this rank holds padding columns
-        pad = torch.arange(first, first + local, device=logits.device) >= real
-        logits = logits.masked_fill(pad, float("-inf"))
-    return vocab_parallel_cross_entropy(logits, labels).mean()
-
-
-# -- training ----------------------------------------------------------------------------------
-def _average_over_data_parallel(params: list[nn.Parameter], loss: torch.Tensor) -> None:
-    """Average gradients and the reported loss over data-parallel replicas (if any)."""
-    if ps.get_data_parallel_world_size() == 1:
-        return
-    group = ps.get_data_parallel_group()
-    n = ps.get_data_parallel_world_size()
-    for p in params:
-        dist.all_reduce(p.grad, group=group)
-        p.grad.div_(n)
-    dist.all_reduce(loss, group=group)
-    loss.div_(n)
+def _save_with_fallback(write: Callable[[Path], None], directory: Path) -> Path:
+    """``write(directory)`` on every rank; if it fails on any rank, write to a new temporary
+    directory instead, say where, and return the directory that holds the adapter."""
+    error = None
+    try:
+        write(directory)
+    except OSError as e:
+        error = e
+    if _all_ok(error is None):
+        return directory
+    box = [tempfile.mkdtemp(prefix="megatron-lora-adapter-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    fallback = Path(box[0]) / "adapter"
+    write(fallback)
+    if dist.get_rank() == 0:
+        print(f"could not save the adapter to {directory} ({error or 'failed on another rank'}); "
+              f"saved it to {fallback} instead", file=sys.stderr, flush=True)
+    return fallback
 
 
-def check_same_on_tp_ranks(value: float, what: str) -> None:
-    """Raise if ``value`` differs between the tensor-parallel ranks."""
-    t = torch.tensor([value], dtype=torch.float64)
-    seen = [torch.zeros_like(t) for _ in range(ps.get_tensor_model_parallel_world_size())]
-    dist.all_gather(seen, t, group=ps.get_tensor_model_parallel_group())
-    if any(s.item() != value for s in seen):
-        raise RuntimeError(f"{what} differs between tensor-parallel ranks: {[s.item() for s in seen]}")
+def _on_rank0(fn: Callable[[], object], failure: str) -> None:
+    """Run ``fn`` on rank 0; every rank raises RuntimeError(failure: cause) if it fails."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as e:  # shared with every rank, which all raise it
+            box[0] = f"{failure}: {e}"
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise RuntimeError(box[0])
 
 
-def train(
-    model: nn.Module,
-    options: FinetuneOptions,
-    progress: Optional[Callable[[int, float], None]] = None,
-) -> FinetuneResult:
-    """AdamW on the trainable parameters for ``options.steps`` steps of the counting task.
+# -- the job ----------------------------------------------------------------------------------------
+class _Progress:
+    """tqdm on rank 0 and the ``--log-jsonl`` records (rank 0)."""
 
-    Start and final losses are measured on one held-out batch (step index -1).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
-    vocab = real_vocab_size(base_gpt(model))
-    dp_rank = ps.get_data_parallel_rank()
-    held_out = counting_batch(-1, options.batch_size, options.seq_len, vocab, options.seed)
+    def __init__(self, options: FinetuneOptions, first_step: int):
+        self.rank0 = dist.get_rank() == 0
+        self.bar = self.log = None
+        self.tokens_per_step = options.global_batch_size * options.seq_length
+        if not self.rank0:
+            return
+        from tqdm import tqdm
 
-    def evaluate() -> float:
-        model.eval()
-        with torch.no_grad():
-            loss = lm_loss(model, held_out).item()
-        model.train()
-        return loss
+        self.bar = tqdm(total=options.train_iters, initial=first_step, desc="finetune", unit="step")
+        if options.log_jsonl:
+            Path(options.log_jsonl).parent.mkdir(parents=True, exist_ok=True)
+            self.log = open(options.log_jsonl, "a" if options.load else "w")
 
-    start = evaluate()
-    losses = []
-    for step in range(options.steps):
-        ids = counting_batch(step, options.batch_size, options.seq_len, vocab, options.seed + 7919 * dp_rank)
-        loss = lm_loss(model, ids)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        loss = loss.detach()
-        _average_over_data_parallel(params, loss)
-        optimizer.step()
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"training loss is {losses[-1]} at step {step}; try a lower lr")
-        if progress:
-            progress(step, losses[-1])
-    final = evaluate()
-    check_same_on_tp_ranks(final, "the final loss")
-    return FinetuneResult(start, final, losses, options.out)
+    def record(self, entry: dict) -> None:
+        if self.log is not None:
+            self.log.write(json.dumps(entry) + "\n")
+            self.log.flush()
+
+    def step(self, step: int, report: StepReport) -> None:
+        self.record({"step": step, "loss": report.loss, "lr": report.lr, "grad_norm": report.grad_norm,
+                     "tokens": report.tokens, "seconds": report.seconds})
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.lr:.2e}",
+                                 tok_s=f"{self.tokens_per_step / report.seconds:.0f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log is not None:
+            self.log.close()
 
 
 def finetune(options: FinetuneOptions) -> FinetuneResult:
-    """Build, adapt, train and save; call on every rank (rank 0 shows progress)."""
-    if Path(options.out) != Path(DEFAULT_OUT) and Path(options.out).exists():
-        # Refuse before training rather than after it.
-        raise FileExistsError(f"--out {options.out} already exists (only the default {DEFAULT_OUT} is overwritten)")
-    init_distributed(options.tp, seed=options.seed)
-    model = build_base(options)
-    scratch = shared_temp_dir(options.out) if options.xlora else None
+    """Build, adapt, train, checkpoint and save; call on every rank (rank 0 reports)."""
+    check_outputs(options)
+    init_distributed(options.tp, options.pp, seed=options.seed)
+    save = Path(options.save)
+    scratch = shared_temp_dir(save)
     try:
+        if options.base is None:
+            if dist.get_rank() == 0:
+                write_tiny_base(scratch / "tiny-base", options.seed)
+            dist.barrier()
+        base_dir = Path(options.base) if options.base is not None else scratch / "tiny-base"
+        model = load_base(base_dir, options)
         if options.xlora:
-            model = add_xlora(model, options, scratch)
-            save = lambda: save_xlora_as_peft(model, options, scratch)  # noqa: E731
+            model = add_xlora(model, base_dir, options, scratch)
         else:
-            config = add_lora(model, options)
-            save = lambda: save_lora(model, options, config)  # noqa: E731
-        result = _train_with_progress(model, options)
-        save()
+            config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha,
+                                lora_dropout=options.lora_dropout, target_modules=options.target_modules)
+            apply_lora(model, config, seed=options.seed)
+        report = trainable_parameters_report(model)  # a collective: every rank calls it
+        train, evaluation, mask = _datasets(options, base_gpt(model))
+        engine = Engine(model, base_gpt(model), options.settings(), train, evaluation, mask)
+        if options.load:
+            saved = load_checkpoint(engine, options.load)
+            for name, value in _data_position_facts(options).items():
+                if saved.get(name) != value:
+                    flag = "--" + name.replace("_", "-")
+                    raise ValueError(f"--load {options.load} was saved with {flag} {saved.get(name)}; "
+                                     f"resuming needs the same value (got {value}): the data order depends on it")
+        if dist.get_rank() == 0:
+            print(report, flush=True)
+        start, final, losses = _train(engine, options)
+        if options.xlora:
+            write = lambda directory: save_xlora(model, directory, overwrite=True)  # noqa: E731
+        else:
+            write = lambda directory: save_adapter(  # noqa: E731
+                model, directory, config, overwrite=True, extra={"finetune": asdict(options)})
+        adapter = _save_with_fallback(write, save / "adapter")
+        if options.export_peft:
+            _on_rank0(lambda: convert(adapter, options.export_peft, to="peft", progress=False),
+                      f"--export-peft {options.export_peft} failed (the adapter is saved in {adapter})")
     finally:
-        if scratch is not None and dist.get_rank() == 0:
+        if dist.get_rank() == 0:
             shutil.rmtree(scratch, ignore_errors=True)
     if dist.get_rank() == 0:
-        what = "X-LoRA (PEFT layout)" if options.xlora else "adapter"
-        print(f"start loss {result.start_loss:.4f} -> final loss {result.final_loss:.4f} "
-              f"(held-out batch, {options.steps} steps); {what} saved to {options.out}", flush=True)
-    return result
+        exported = f"; PEFT export in {options.export_peft}" if options.export_peft else ""
+        if start is not None:
+            print(f"start loss {start:.4f} -> final loss {final:.4f} "
+                  f"(evaluation set, step {engine.step}); adapter saved to {adapter}{exported}", flush=True)
+        else:
+            trained = f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "(no steps left)"
+            print(f"training loss {trained} (no evaluation set, step {engine.step}); "
+                  f"adapter saved to {adapter}{exported}", flush=True)
+    return FinetuneResult(start, final, losses, str(adapter))
 
 
-def _train_with_progress(model: nn.Module, options: FinetuneOptions) -> FinetuneResult:
-    rank0 = dist.get_rank() == 0
-    report = trainable_parameters_report(model)  # a collective: every rank calls it
-    bar = None
-    if rank0:
-        from tqdm import tqdm
+def _data_position_facts(options: FinetuneOptions) -> dict:
+    """What the samples and their order depend on: a checkpoint records them and a resumed
+    run must agree."""
+    return {"seed": options.seed, "global_batch_size": options.global_batch_size,
+            "seq_length": options.seq_length, "packing": options.packing}
 
-        print(report, flush=True)
-        bar = tqdm(total=options.steps, desc="finetune", unit="step")
 
-    def progress(step: int, loss: float) -> None:
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            bar.update(1)
+def _train(engine: Engine, options: FinetuneOptions) -> tuple[Optional[float], Optional[float], list[float]]:
+    """The training loop with evaluations and checkpoints: (start, final) evaluation losses
+    (None without an evaluation set) and the training loss of every step of this run."""
+    progress = _Progress(options, engine.step)
+    extra = _data_position_facts(options)
 
-    model.train()
-    result = train(model, options, progress)
-    if bar is not None:
-        bar.close()
-    return result
+    def evaluate(record: bool = True) -> Optional[float]:
+        if not engine.eval_data:
+            return None
+        loss = engine.evaluate()
+        if record:
+            progress.record({"step": engine.step, "eval_loss": loss})
+        return loss
+
+    try:
+        start = evaluate(record=engine.step == 0)  # logged at step 0 only: a resumed log continues
+        losses = []
+        while engine.step < options.train_iters:
+            report = engine.train_step()
+            losses.append(report.loss)
+            progress.step(engine.step, report)
+            if engine.step % options.eval_interval == 0 and engine.step < options.train_iters:
+                evaluate()
+            if options.save_interval and engine.step % options.save_interval == 0 and engine.step < options.train_iters:
+                save_checkpoint(engine, options.save, options.keep_checkpoints, extra)
+        final = evaluate()
+        save_checkpoint(engine, options.save, options.keep_checkpoints, extra)
+    finally:
+        progress.close()
+    return start, final, losses
