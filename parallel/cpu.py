@@ -73,10 +73,6 @@ def enable_cpu_execution() -> None:
     _enabled = True
 
 
-def cpu_execution_enabled() -> bool:
-    return _enabled
-
-
 def _is_cuda(device: object) -> bool:
     return (isinstance(device, str) and device.startswith("cuda")) or (
         isinstance(device, torch.device) and device.type == "cuda")

@@ -345,7 +345,7 @@ class LoraLayer:
             axis_map,
             sharded_offsets,
             tp_group=self.tp_group,
-            dp_cp_group=metadata["dp_cp_group"],
+            dp_cp_group=(metadata or {}).get("dp_cp_group"),
         )
         singleton = (metadata or {}).get("singleton_local_shards", False)
         for key in gated:

@@ -178,22 +178,6 @@ class ShardedXLoraClassifier(nn.Module):
         """This rank's (weight, bias) per linear."""
         return [(lin.weight.detach(), lin.bias.detach()) for lin in self.linears]
 
-    def full_state(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The unsharded (weight, bias) per linear, gathered over TP (call on every rank)."""
-        out = []
-        world = self._rank_world()[1]
-        for lin in self.linears:
-            w, b = lin.weight.detach(), lin.bias.detach()
-            if world == 1:
-                out.append((w, b))
-                continue
-            wdim, bdim = split_dims(lin.style)
-            w = collectives.all_gather_rows(w.transpose(0, wdim), self.tp_group).transpose(0, wdim)
-            if bdim is not None:
-                b = collectives.all_gather_rows(b, self.tp_group)
-            out.append((w.contiguous(), b))
-        return out
-
     @torch.no_grad()
     def load_full_state(self, linears: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Load unsharded (weight, bias) per linear, keeping this rank's shards."""

@@ -199,7 +199,7 @@ def test_config_fields_carried():
     cfg, kw = transformer_config_from_hf(_config(rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=True,
                                                  vocab_size=131, head_dim=24), tp=2)
     assert (cfg.layernorm_epsilon, cfg.kv_channels, cfg.num_query_groups) == (1e-5, 24, 2)
-    assert kw["rotary_base"] == 5e5 and kw["share_embeddings_and_output_weights"] and kw["vocab_size"] == 132
+    assert kw["rotary_base"] == 5e5 and kw["share_embeddings_and_output_weights"] and kw["vocab_size"] == 131
     assert not cfg.perform_initialization and not cfg.add_bias_linear and not cfg.add_qkv_bias
     # Older configs: rope_theta at the top, rope_scaling with "type".
     _, kw = transformer_config_from_hf(_config(rope_theta=5e5, rope_scaling={**LLAMA3, "type": "llama3"}), tp=1)

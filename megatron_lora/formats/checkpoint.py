@@ -1,4 +1,4 @@
-"""Our Megatron adapter checkpoint (DESIGN 4): one safetensors file per TP rank.
+"""Our Megatron adapter checkpoint: one safetensors file per TP rank.
 
 Directory layout::
 

@@ -1,4 +1,4 @@
-"""HF PEFT LoRA directories <-> our Megatron adapter checkpoint (DESIGN 4).
+"""HF PEFT LoRA directories <-> our Megatron adapter checkpoint.
 
 A PEFT LoRA directory holds ``adapter_config.json`` (``peft_type: "LORA"``) and
 ``adapter_model.safetensors`` with keys

@@ -1,4 +1,4 @@
-"""X-LoRA directory formats: PEFT's, the original xlora package's, and ours (DESIGN 4).
+"""X-LoRA directory formats: PEFT's, the original xlora package's, and ours.
 
 Every reader returns an :class:`XLoraBundle` (config, full classifier tensors, expert
 directories); every writer takes one. Expert i is the i-th entry of ``config.adapters``.

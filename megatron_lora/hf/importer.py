@@ -18,12 +18,11 @@ from safetensors import SafetensorError
 
 from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.model.gpt import build_gpt, gpt_config
-from megatron_lora.hf.layout import ModelFacts, base_weight_sources, fuse_base, padded_vocab_size
+from megatron_lora.hf.layout import ModelFacts, base_weight_sources, fuse_base
 from megatron_lora.parallel.device import device
 from megatron_lora.parallel.cpu import cuda_on_cpu
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: Fields of no supported model type that would change the math if set.
 _REFUSED_FIELDS = ("quantization_config", "attn_logit_softcapping", "final_logit_softcapping")
 #: megatron-core's RotaryEmbedding applies llama3 scaling with these fixed parameters.
@@ -164,7 +163,7 @@ def transformer_config_from_hf(
         perform_initialization=False,
     )
     kwargs = dict(
-        vocab_size=padded_vocab_size(facts.vocab_size, tp),
+        vocab_size=facts.vocab_size,
         max_sequence_length=_max_sequence_length(hf_config, model_type),
         share_embeddings_and_output_weights=bool(hf_config.get("tie_word_embeddings", False)),
         **_rope(hf_config),
@@ -282,8 +281,7 @@ def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     and load this rank's weights.
 
     Call after :func:`megatron_lora.init_distributed` on every rank. The model is in eval
-    mode; ``model.unpadded_vocab_size`` is the HF vocabulary (the output layer may carry
-    zero padding rows that :mod:`megatron_lora.runtime.generation` cuts off).
+    mode; its vocabulary is padded for TP as :func:`~megatron_lora.model.gpt.build_gpt` pads it.
     """
     hf_config = read_hf_config(hf_dir)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
@@ -299,6 +297,5 @@ def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> tupl
             **kwargs,
         )
     load_base_weights(model, ckpt, facts, hf_biases(hf_config), kwargs["share_embeddings_and_output_weights"])
-    model.unpadded_vocab_size = facts.vocab_size
     model.eval()
     return model, facts

@@ -46,7 +46,6 @@ def save_adapter(
     config: LoraConfig,
     adapter_name: str = "default",
     overwrite: bool = False,
-    kind: str = "lora",
     extra: Optional[dict] = None,
 ) -> None:
     """Save ``adapter_name`` as a megatron-lora checkpoint; call on every rank.
@@ -66,7 +65,7 @@ def save_adapter(
         if ps.get_data_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
             write_shard(tmp, tp_rank, state)
         if dist.get_rank() == 0:
-            cfg = checkpoint_config(kind, tp, model_facts(model), config.to_dict())
+            cfg = checkpoint_config("lora", tp, model_facts(model), config.to_dict())
             write_config(tmp, {**cfg, **(extra or {})})
 
 

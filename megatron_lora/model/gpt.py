@@ -10,6 +10,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
+from megatron_lora.hf.layout import padded_vocab_size
 from megatron_lora.parallel.attention import with_sdpa_attention
 from megatron_lora.parallel.device import device
 
@@ -84,14 +85,19 @@ def build_gpt(
     **kwargs,
 ) -> GPTModel:
     """A GPTModel with RoPE on the current device: megatron-core's local (no Transformer
-    Engine) spec with SDPA core attention, or ``layer_spec`` as given."""
+    Engine) spec with SDPA core attention, or ``layer_spec`` as given.
+
+    The vocabulary is padded to a multiple of the TP size (VocabParallelEmbedding splits it
+    evenly); ``model.unpadded_vocab_size`` keeps ``vocab_size``, and the padding never reaches
+    logits, losses or sampling (:func:`real_vocab_size`).
+    """
     spec = layer_spec or with_sdpa_attention(
         get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
     )
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
-        vocab_size=vocab_size,
+        vocab_size=padded_vocab_size(vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=max_sequence_length,
         position_embedding_type="rope",
         rotary_base=rotary_base,
@@ -104,12 +110,13 @@ def build_gpt(
     for module in model.modules():
         if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
             module.to(device=device(), dtype=config.params_dtype)
+    model.unpadded_vocab_size = vocab_size
     return model
 
 
 def real_vocab_size(model) -> int:
-    """The vocabulary without the padding an imported model carries to divide by TP."""
-    return getattr(model, "unpadded_vocab_size", getattr(model, "vocab_size", 0))
+    """The vocabulary without the TP padding (:func:`build_gpt`); a GPTModel built elsewhere has none."""
+    return getattr(model, "unpadded_vocab_size", model.vocab_size)
 
 
 def positions_for(ids: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ so a new token costs two single-token passes and equals full recomputation; with
 ``xlora_scalings_once`` the prompt's last-token scalings are reused for every new token
 and decoding runs the scaled pass alone.
 
-Logits are gathered over TP and cut to the real vocabulary (``model.unpadded_vocab_size``,
-set by :func:`megatron_lora.hf.importer.load_hf_base`), so vocabulary padding never reaches
-the caller or the sampler. Every TP rank holds the same gathered logits and samples with the
+Logits are gathered over TP and cut to the real vocabulary
+(:func:`megatron_lora.model.gpt.real_vocab_size`), so vocabulary padding never reaches the
+caller or the sampler. Every TP rank holds the same gathered logits and samples with the
 same seeded generator, so all ranks pick the same tokens.
 
 Ids, positions, KV caches, logits and the sampling generator live on ``device()``; a new
