@@ -275,3 +275,18 @@ def test_packing_equality_on_a_megatron_gpt(tok, tmp_path):
             torch.testing.assert_close(losses[at], solo, rtol=0, atol=1e-5)
             later_docs_differ |= d > 0 and not torch.allclose(unmasked[at], solo, atol=1e-3)
     assert later_docs_differ  # without the mask, packing would not be equal: the test can fail
+
+
+def test_held_out_prompts_are_the_tokens_before_the_first_answer(tok, tmp_path):
+    from megatron_lora.runtime.data import held_out_prompts
+
+    chat = tmp_path / "eval.jsonl"
+    _write(chat, [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]}
+                  for i in (1, 2, 3)])
+    got = held_out_prompts(chat, tok, 2)
+    assert [ref.strip() for _, ref in got] == ["A1", "A2"]
+    first, _ = got[0]
+    assert tok.decode(first).endswith("<|im_start|>assistant\n") and "A1" not in tok.decode(first)
+    text = tmp_path / "text.jsonl"
+    _write(text, [{"text": "no prompt here"}])
+    assert held_out_prompts(text, tok, 2) == []

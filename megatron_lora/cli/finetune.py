@@ -83,6 +83,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the adapters and the data order (default {d.seed})")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype,
                    help=f"base model dtype; adapters stay fp32 (default {d.dtype})")
+    p.add_argument("--show-answers", type=int, default=d.show_answers, metavar="N",
+                   help=f"print greedy answers to the first N prompts of --eval-data before and after training "
+                        f"(PP=1; default {d.show_answers}, 0: none)")
     x = p.add_argument_group("X-LoRA")
     x.add_argument("--xlora", action="store_true",
                    help="train an X-LoRA classifier over LoRA experts (PP must be 1)")

@@ -214,6 +214,23 @@ def read_examples(path: str | Path, tokenizer) -> tuple[list[list[int]], list[li
 
 
 # -- samples --------------------------------------------------------------------------------
+def held_out_prompts(path: str | Path, tokenizer, n: int) -> list[tuple[list[int], str]]:
+    """(prompt token ids, reference answer) of the first ``n`` examples of a JSONL file that
+    have a prompt: the tokens before the first loss token, and the text of the first loss
+    span (``text`` examples have no prompt and are skipped)."""
+    ids, flags, _ = read_examples(path, tokenizer)
+    out = []
+    for example, loss in zip(ids, flags):
+        if len(out) == n:
+            break
+        first = loss.index(True) if True in loss else 0
+        if first == 0:
+            continue
+        end = loss.index(False, first) if False in loss[first:] else len(loss)
+        out.append((example[:first], tokenizer.decode(example[first:end], skip_special_tokens=True)))
+    return out
+
+
 def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing: groups of example indices whose lengths fit ``capacity``."""
     bins: list[list[int]] = []

@@ -38,7 +38,9 @@ from megatron_lora.runtime.engine import Engine, EngineSettings, StepReport
 from megatron_lora.model.gpt import real_vocab_size
 from megatron_lora.hf.layout import HF_PROJECTIONS
 from megatron_lora.model.lora import add_adapters, apply_lora, trainable_parameters_report
+from megatron_lora.hf.importer import eos_token_ids
 from megatron_lora.runtime import data
+from megatron_lora.runtime.generation import generate
 from megatron_lora.runtime.tiny_task import counting_datasets, write_tiny_base
 from megatron_lora.formats.outputs import check_flag_output, shared_temp_dir
 from megatron_lora.runtime.checkpoints import LATEST, check_save_dir, iterations, load_checkpoint, save_checkpoint
@@ -94,6 +96,7 @@ class FinetuneOptions:
     xlora_trainable_adapters: bool = False
     xlora_depth: int = 1
     xlora_layerwise_scalings: bool = True
+    show_answers: int = 3  # held-out prompts answered before and after training (--eval-data, PP=1)
 
     def __post_init__(self) -> None:
         defaults = TINY_DEFAULTS if self.tiny else REAL_DEFAULTS
@@ -218,6 +221,37 @@ def _datasets(options: FinetuneOptions, base: nn.Module):
     return train, evaluation, data.packed_attention_mask if options.packing else None
 
 
+def _held_out_prompts(options: FinetuneOptions) -> list[tuple[list[int], str]]:
+    """The first ``--show-answers`` prompts of ``--eval-data`` (none without it, or with PP > 1,
+    where generation cannot run)."""
+    if not options.show_answers or not options.eval_data or options.pp > 1:
+        return []
+    from transformers import AutoTokenizer
+
+    return data.held_out_prompts(options.eval_data, AutoTokenizer.from_pretrained(options.base), options.show_answers)
+
+
+def _show_answers(model: nn.Module, base_dir: Path, prompts: list[tuple[list[int], str]], when: str) -> None:
+    """Greedy answers to ``prompts`` (every rank generates; rank 0 prints them with the references)."""
+    if not prompts:
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    was_training = model.training
+    model.eval()
+    answers = [generate(model, ids, 48, eos_token_ids(base_dir)) for ids, _ in prompts]
+    model.train(was_training)
+    if dist.get_rank() == 0:
+        print(f"held-out answers {when}:", flush=True)
+        for (ids, reference), answer in zip(prompts, answers):
+            # The prompt's last line of text (a chat template's last line is the assistant's header).
+            lines = [line for line in tokenizer.decode(ids, skip_special_tokens=True).splitlines() if line.strip()]
+            prompt = lines[-2] if len(lines) > 1 else lines[-1]
+            print(f"  {prompt!r}\n    -> {tokenizer.decode(answer, skip_special_tokens=True).strip()!r}"
+                  f"  (reference {reference.strip()!r})", flush=True)
+
+
 def _all_ok(ok: bool) -> bool:
     flag = torch.tensor([int(ok)], device=torch.cuda.current_device())  # nccl reduces device tensors
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -325,7 +359,10 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
                                      f"resuming needs the same value (got {value}): the data order depends on it")
         if dist.get_rank() == 0:
             print(report, flush=True)
+        prompts = _held_out_prompts(options)
+        _show_answers(model, base_dir, prompts, "before training")
         start, final, losses = _train(engine, options)
+        _show_answers(model, base_dir, prompts, "after training")
         if options.xlora:
             write = lambda directory: save_xlora(model, directory, overwrite=True)  # noqa: E731
         else:
