@@ -324,3 +324,7 @@ def test_outputs_are_checked_before_training(tmp_path):
     with pytest.raises(ValueError, match="already holds checkpoints"):
         check_outputs(_options(tmp_path / "done"))
     check_outputs(_options(tmp_path / "done", load=str(tmp_path / "done")))
+    # --load equal to --save may hold no checkpoint yet (the run starts at step 0); another may not.
+    check_outputs(_options(tmp_path / "fresh", load=str(tmp_path / "fresh")))
+    with pytest.raises(ValueError, match="--load .* is not a directory"):
+        check_outputs(_options(tmp_path / "fresh", load=str(tmp_path / "elsewhere")))

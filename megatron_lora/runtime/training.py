@@ -43,7 +43,14 @@ from megatron_lora.runtime import data
 from megatron_lora.runtime.generation import generate
 from megatron_lora.runtime.tiny_task import counting_datasets, write_tiny_base
 from megatron_lora.formats.outputs import check_flag_output, shared_temp_dir
-from megatron_lora.runtime.checkpoints import LATEST, check_save_dir, iterations, load_checkpoint, save_checkpoint
+from megatron_lora.runtime.checkpoints import (
+    LATEST,
+    check_save_dir,
+    iterations,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron_lora.model.xlora import XLoraConfig, XLoraModel, apply_xlora, base_gpt, save_xlora
 
 DEFAULT_SAVE = "out/finetune"
@@ -147,6 +154,13 @@ class FinetuneResult:
 
 
 # -- output locations ----------------------------------------------------------------------------
+def _resume_if_any(options: FinetuneOptions) -> bool:
+    """``--load`` equal to ``--save`` resumes when a checkpoint is there and starts at step 0 when
+    none is yet (Megatron-LM's idiom, so one command both starts and continues a run); any other
+    ``--load`` must hold a checkpoint."""
+    return Path(options.load).resolve() == Path(options.save).resolve()
+
+
 def check_outputs(options: FinetuneOptions) -> None:
     """Refuse every output location that would fail or clobber something, before any step."""
     save = Path(options.save)
@@ -155,7 +169,7 @@ def check_outputs(options: FinetuneOptions) -> None:
     if iterations(save) and (options.load is None or Path(options.load).resolve() != save.resolve()):
         raise ValueError(f"--save {save} already holds checkpoints: pass --load {save} to resume, "
                          f"or choose another --save")
-    if options.load is not None and not Path(options.load).is_dir():
+    if options.load is not None and not _resume_if_any(options) and not Path(options.load).is_dir():
         raise ValueError(f"--load {options.load} is not a directory")
     if options.export_peft is not None:
         check_flag_output("--export-peft", options.export_peft, directory=True)
@@ -350,7 +364,7 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
         report = trainable_parameters_report(model)  # a collective: every rank calls it
         train, evaluation, mask = _datasets(options, base_gpt(model))
         engine = Engine(model, base_gpt(model), options.settings(), train, evaluation, mask)
-        if options.load:
+        if options.load and (latest_checkpoint(options.load) is not None or not _resume_if_any(options)):
             saved = load_checkpoint(engine, options.load)
             for name, value in _data_position_facts(options).items():
                 if saved.get(name) != value:
