@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base", required=True, metavar="HF_DIR", help="HF model directory (config.json + safetensors)")
     p.add_argument("--adapter", metavar="DIR", help="LoRA or X-LoRA directory: PEFT, xlora package or megatron-lora checkpoint")
     p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel size (default 1)")
+    p.add_argument("--expert-model-parallel-size", type=int, default=1, metavar="N",
+                   help="mixture-of-experts bases: ranks the experts are split over (default 1)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="text, tokenized by the HF tokenizer in --base")
     prompt.add_argument("--input-ids", metavar="IDS", help="comma-separated token ids, e.g. 1,2,3")

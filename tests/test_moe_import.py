@@ -8,6 +8,9 @@ post-top-k softmax, a swapped gate / up, a wrong global expert index) moves the 
 more than the tolerance.
 """
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -147,6 +150,22 @@ def test_moe_import_matches_hf(moe_models):
         assert back.keys() == expected.keys(), (name, back.keys() ^ expected.keys())
         for k, v in expected.items():
             assert torch.equal(back[k], v), (name, k)
+
+
+def test_generate_script_expert_parallel(moe_models, tmp_path):
+    """generate.py under torchrun with the experts split over 2 ranks equals HF greedy."""
+    dirs, refs, prompt = moe_models
+    logits_out, tokens_out = tmp_path / "logits.safetensors", tmp_path / "tokens.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "scripts" / "generate.py"), "--base", dirs["mixtral"], "--expert-model-parallel-size", "2",
+           "--input-ids", ",".join(map(str, prompt)), "--max-new-tokens", str(NEW),
+           "--logits-out", str(logits_out), "--tokens-out", str(tokens_out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = refs["mixtral"]["logits"]
+    assert (load_file(str(logits_out))["logits"] - ref).abs().max().item() <= TOL * ref.abs().max().item()
+    assert json.loads(tokens_out.read_text()) == refs["mixtral"]["tokens"]
 
 
 def _moe_config(**fields) -> dict:

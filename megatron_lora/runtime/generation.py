@@ -223,8 +223,10 @@ def generate_from_dirs(
     tokens_out: Optional[str] = None,
     scalings_out: Optional[str] = None,
     xlora_scalings_once: bool = False,
+    expert_model_parallel_size: int = 1,
 ) -> list[int]:
-    """What ``scripts/generate.py`` does: import the HF base at TP ``tp`` (+ a LoRA or
+    """What ``scripts/generate.py`` does: import the HF base at TP ``tp`` (and, for a mixture
+    of experts, expert-parallel size ``expert_model_parallel_size``) (+ a LoRA or
     X-LoRA adapter, detected), run the prompt, generate; rank 0 prints the text and writes
     the optional output files.
 
@@ -245,6 +247,7 @@ def generate_from_dirs(
     if not ids or max(ids) >= vocab or min(ids) < 0:
         raise ValueError(f"prompt ids must be in [0, {vocab}), got {ids}")
     check_positive_int("--tp", tp)
+    check_positive_int("--expert-model-parallel-size", expert_model_parallel_size)
     for flag, out in (("--logits-out", logits_out), ("--tokens-out", tokens_out), ("--scalings-out", scalings_out)):
         if out is not None:
             try:
@@ -256,7 +259,7 @@ def generate_from_dirs(
     xlora = adapter is not None and detect(adapter).is_xlora
     if (scalings_out or xlora_scalings_once) and not xlora:
         raise ValueError(f"--scalings-out and --xlora-scalings-once need an X-LoRA --adapter, got {adapter!r}")
-    init_distributed(tp)
+    init_distributed(tp, expert_model_parallel_size=expert_model_parallel_size)
     model, _ = load_hf_base(base_dir, _DTYPES[dtype])
     if xlora:
         model = load_xlora(model, adapter).eval()
