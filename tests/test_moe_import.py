@@ -183,8 +183,9 @@ def test_moe_config_fields_carried_over():
     cfg, _ = transformer_config_from_hf(_moe_config(decoder_sparse_step=2), tp=1)
     assert cfg.moe_router_pre_softmax and cfg.moe_layer_freq == [0, 1, 0, 1]
     cfg, _ = transformer_config_from_hf(_moe_config(model_type="mixtral", num_experts=None, num_local_experts=4,
-                                                    router_aux_loss_coef=0.5, output_router_logits=True), tp=2)
+                                                    router_aux_loss_coef=0.5, output_router_logits=True), tp=2, ep=2)
     assert (cfg.num_moe_experts, cfg.moe_ffn_hidden_size, cfg.moe_router_pre_softmax) == (4, 80, False)
+    assert (cfg.expert_model_parallel_size, cfg.expert_tensor_parallel_size) == (2, 2)
     assert cfg.moe_layer_freq == [1] * 4 and not cfg.qk_layernorm
 
 
@@ -195,10 +196,12 @@ def test_moe_config_fields_carried_over():
     (dict(num_experts_per_tok=1, norm_topk_prob=True), "num_experts_per_tok=1"),
     (dict(num_experts=8, num_local_experts=4), "disagree"),
     (dict(moe_intermediate_size=0), "moe_intermediate_size"),
+    (dict(ep=3), "expert_model_parallel_size=3"),
 ])
 def test_moe_config_refusals(fields, message):
+    ep = fields.pop("ep", 1)
     with pytest.raises(ValueError, match=message):
-        transformer_config_from_hf(_moe_config(**fields), tp=1)
+        transformer_config_from_hf(_moe_config(**fields), tp=1, ep=ep)
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -115,6 +115,9 @@ def _body(rank, world, d, prompt):
                 p.grad = None
         lora_calls = _calls(step)
         r = out[(tp, ep, etp)] = {"extra": Counter(lora_calls) - base_comm, "missing": base_comm - Counter(lora_calls)}
+        # megatron-core's DDP reduces parameters marked allreduce=False over the expert
+        # data-parallel group: the factors must be marked as their expert's weight is.
+        r["allreduce"] = {p.allreduce for lora in layers.values() for p in lora.parameters()}
         r["factor_sizes"] = sorted({p.numel() for lora in layers.values() for p in lora.parameters() if p.requires_grad})
         edp, etp_group = ps.get_expert_data_parallel_group(), ps.get_expert_tensor_parallel_group()
         # Without sequence parallelism every TP rank feeds the dispatcher the same tokens, so
@@ -173,3 +176,4 @@ def test_expert_lora_gradients_match_one_rank(moe_dir):
             assert not r["missing"], (layout, r["missing"])
             assert all(name == "all_reduce" and n in r["factor_sizes"] for name, n in r["extra"]), (layout, r["extra"])
             assert bool(r["extra"]) == (layout[2] > 1), (layout, r["extra"])
+            assert r["allreduce"] == {layout[1] == 1}, layout

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.model.gpt import build_gpt, gpt_config
 from megatron_lora.hf.layout import (
-    MOE_HF_NAMES, MEGATRON_EXPERTS, ModelFacts, base_weight_sources, fuse_base, is_expert_parameter, padded_vocab_size,
+    MOE_HF_NAMES, MEGATRON_EXPERTS, ModelFacts, MoeNames, base_weight_sources, fuse_base, is_expert_parameter, padded_vocab_size,
 )
 from megatron_lora.parallel.device import device
 
@@ -137,15 +137,15 @@ def _max_sequence_length(hf_config: dict, model_type: str) -> int:
     return max_len
 
 
-def _positive_int(hf_config: dict, name: str) -> int:
-    value = hf_config.get(name)
+def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"config field {name}={value!r}: expected a positive integer")
     return value
 
 
-def _moe_config(hf_config: dict, model_type: str) -> dict:
-    """TransformerConfig fields of an HF mixture of experts (empty for a dense model).
+def _moe_config(hf_config: dict, model_type: str, ep: int, etp: int) -> dict:
+    """TransformerConfig fields of an HF mixture of experts (empty for a dense model), its
+    experts split over ``ep`` expert-parallel ranks and ``etp`` expert-TP ranks.
 
     Routing: HF takes the top-k of softmax(router logits) and, with ``norm_topk_prob``
     (always for Mixtral), renormalises them; megatron-core's default (softmax over the top-k
@@ -162,19 +162,21 @@ def _moe_config(hf_config: dict, model_type: str) -> dict:
     if "num_experts" in hf_config and hf_config["num_experts"] != experts:
         raise ValueError(f"config fields num_experts={hf_config['num_experts']!r} and "
                          f"num_local_experts={experts!r} disagree")
-    experts = _positive_int({"num_experts": experts}, "num_experts")
-    topk = _positive_int(hf_config, "num_experts_per_tok")
+    experts = _positive_int("num_experts", experts)
+    topk = _positive_int("num_experts_per_tok", hf_config.get("num_experts_per_tok"))
     if topk > experts:
         raise ValueError(f"num_experts_per_tok={topk} exceeds the {experts} experts")
+    if experts % ep:
+        raise ValueError(f"num_experts={experts} does not divide by expert_model_parallel_size={ep}")
     layers = hf_config["num_hidden_layers"]
     if model_type == "mixtral":
         if hf_config.get("router_jitter_noise"):
             raise ValueError(f"router_jitter_noise={hf_config['router_jitter_noise']!r} is not supported (only 0)")
         ffn, normalize, pattern = hf_config["intermediate_size"], True, [1] * layers
     else:  # qwen3_moe: layers in mlp_only_layers, or off the sparse step, are dense MLPs
-        ffn = _positive_int(hf_config, "moe_intermediate_size")
+        ffn = _positive_int("moe_intermediate_size", hf_config.get("moe_intermediate_size"))
         normalize = bool(hf_config.get("norm_topk_prob", False))
-        step = _positive_int({"decoder_sparse_step": hf_config.get("decoder_sparse_step", 1)}, "decoder_sparse_step")
+        step = _positive_int("decoder_sparse_step", hf_config.get("decoder_sparse_step", 1))
         dense = set(hf_config.get("mlp_only_layers") or [])
         pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
     if topk == 1 and normalize:
@@ -189,14 +191,20 @@ def _moe_config(hf_config: dict, model_type: str) -> dict:
         moe_layer_freq=pattern,
         moe_token_dispatcher_type="allgather",
         moe_router_load_balancing_type="none",
+        # Read by the expert layers: under EP they leave the collectives to the dispatcher
+        # and mark their weights for the expert data-parallel gradient reduction.
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )
 
 
 def transformer_config_from_hf(
-    hf_config: dict, tp: int, pp: int = 1, dtype: torch.dtype = torch.float32
+    hf_config: dict, tp: int, pp: int = 1, dtype: torch.dtype = torch.float32,
+    ep: int = 1, etp: Optional[int] = None,
 ) -> tuple[TransformerConfig, dict]:
     """(TransformerConfig, build_gpt kwargs) of an HF Llama / Mistral / Qwen2 / Qwen3 /
-    Qwen3-MoE / Mixtral config.
+    Qwen3-MoE / Mixtral config (experts over ``ep`` expert-parallel and ``etp`` expert-TP
+    ranks, None: ``tp``; a dense model ignores both).
 
     The vocabulary is padded to a multiple of ``tp`` in the kwargs. Parameters are left
     uninitialised (``perform_initialization=False``): they are about to be loaded.
@@ -228,7 +236,7 @@ def transformer_config_from_hf(
         add_qkv_bias=qkv_bias,
         qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         perform_initialization=False,
-        **_moe_config(hf_config, model_type),
+        **_moe_config(hf_config, model_type, ep, etp or tp),
     )
     kwargs = dict(
         vocab_size=padded_vocab_size(facts.vocab_size, tp),
@@ -325,10 +333,9 @@ def _global_name(model: GPTModel, name: str) -> str:
 
 @torch.no_grad()
 def load_base_weights(model: GPTModel, ckpt: SafetensorsCheckpoint, facts: ModelFacts,
-                      biases: tuple[str, ...], tied: bool, model_type: Optional[str] = None) -> None:
-    """Copy this rank's slices of the HF weights into ``model``'s parameters (experts: this
-    expert-parallel rank's experts, split over the expert-TP group)."""
-    moe = MOE_HF_NAMES.get(model_type)
+                      biases: tuple[str, ...], tied: bool, moe: Optional[MoeNames] = None) -> None:
+    """Copy this rank's slices of the HF weights into ``model``'s parameters (experts, named
+    by ``moe``: this expert-parallel rank's experts, split over the expert-TP group)."""
     for local_name, param in model.named_parameters():
         name = _global_name(model, local_name)
         sources, dim = base_weight_sources(name, tied=tied, moe=moe)
@@ -364,7 +371,8 @@ def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     """
     hf_config = read_hf_config(hf_dir)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    config, kwargs = transformer_config_from_hf(hf_config, tp, pp, dtype)
+    config, kwargs = transformer_config_from_hf(hf_config, tp, pp, dtype, ps.get_expert_model_parallel_world_size(),
+                                                ps.get_expert_tensor_parallel_world_size())
     facts = hf_model_facts(hf_config)
     ckpt = SafetensorsCheckpoint(hf_dir)
     model = build_gpt(
@@ -374,7 +382,7 @@ def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> tupl
         **kwargs,
     )
     load_base_weights(model, ckpt, facts, hf_biases(hf_config), kwargs["share_embeddings_and_output_weights"],
-                      hf_config["model_type"])
+                      MOE_HF_NAMES.get(hf_config["model_type"]))
     model.unpadded_vocab_size = facts.vocab_size
     model.eval()
     return model, facts
