@@ -197,6 +197,7 @@ def test_moe_config_fields_carried_over():
     (dict(num_experts=8, num_local_experts=4), "disagree"),
     (dict(moe_intermediate_size=0), "moe_intermediate_size"),
     (dict(ep=3), "expert_model_parallel_size=3"),
+    (dict(attention_bias=True), "attention_bias"),
 ])
 def test_moe_config_refusals(fields, message):
     ep = fields.pop("ep", 1)

@@ -29,7 +29,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mix
 #: Model types refused with a reason of their own.
 _REFUSED_MODEL_TYPES = {
     "qwen2_moe": "its shared experts are not supported",
-    "qwen3_next": "its shared experts and linear attention are not supported",
 }
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: Fields of no supported model type that would change the math if set.
@@ -166,6 +165,9 @@ def _moe_config(hf_config: dict, model_type: str, ep: int, etp: int) -> dict:
     topk = _positive_int("num_experts_per_tok", hf_config.get("num_experts_per_tok"))
     if topk > experts:
         raise ValueError(f"num_experts_per_tok={topk} exceeds the {experts} experts")
+    if hf_config.get("attention_bias"):
+        # Megatron's one bias switch would give the experts (zero) biases too: untested.
+        raise ValueError(f"attention_bias=True is not supported for model_type={model_type!r}")
     if experts % ep:
         raise ValueError(f"num_experts={experts} does not divide by expert_model_parallel_size={ep}")
     layers = hf_config["num_hidden_layers"]

@@ -267,9 +267,10 @@ def _moe_weight_sources(prefix: str, rest: str, moe: MoeNames) -> Optional[tuple
         return (f"{block}gate.weight",), None
     if not rest.startswith(MEGATRON_EXPERTS):
         return None
-    expert, module, kind = rest[len(MEGATRON_EXPERTS):].split(".")
-    if not re.fullmatch(LAYER_INDEX, expert) or kind not in ("weight", "bias"):
+    parts = rest[len(MEGATRON_EXPERTS):].split(".")
+    if len(parts) != 3 or not re.fullmatch(LAYER_INDEX, parts[0]) or parts[2] not in ("weight", "bias"):
         return None
+    expert, module, kind = parts
     hf = f"{block}experts.{expert}."
     if module == "linear_fc1":  # gated: [gate; up], split by rows like a dense fc1
         return (f"{hf}{moe.gate}.{kind}", f"{hf}{moe.up}.{kind}"), 0
