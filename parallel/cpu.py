@@ -50,6 +50,21 @@ def _default_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+def define_moe_names_without_te() -> None:
+    """Let megatron-core's MoE router run without Transformer Engine (idempotent).
+
+    megatron-core 0.16.1's ``RouterGatingLinearFunction`` tests ``te_general_gemm is not None``,
+    but ``moe_utils`` only binds that name when TE imports (0.19 binds it to None otherwise),
+    so without TE every router forward raises NameError. Bind it to None there, and only there
+    and only when TE left it unbound: the router then takes its own ``torch.mm`` path.
+    Not CPU-specific (a GPU without TE needs it too); CPU execution calls it.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def enable_cpu_execution() -> None:
     """Make megatron-core place tensors and keep RNG streams on the CPU (idempotent)."""
     global _enabled
@@ -70,6 +85,7 @@ def enable_cpu_execution() -> None:
     mrandom._set_cuda_rng_state = _set_rng_state
     fused_softmax.get_default_causal_mask = _default_causal_mask
     logging.getLogger(mrandom.__name__).addFilter(_DropRngWarning())
+    define_moe_names_without_te()
     _enabled = True
 
 

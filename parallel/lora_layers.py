@@ -13,7 +13,10 @@ period. Which rows those are for a given model is decided by the caller (``megat
 
 Math: column layers hold A replicated and B split like W; row layers hold A split like W
 and B replicated. The LoRA term joins the base layer's own collective, so no activation
-collective is added.
+collective is added. An expert of megatron-core's ``SequentialMLP`` is such a layer whose
+``tp_group`` is the expert-TP group: its replicated factor sums its gradient over that group,
+and under expert parallelism or expert TP the token dispatcher, not the layer, gathers the
+input and reduces the output, for the LoRA term as for the base.
 
 Precision, one rule (:class:`LoraComputeDtype`, the layer's ``lora_compute_dtype``):
 
@@ -195,6 +198,11 @@ class LoraLayer:
             b_dict[seg.name] = nn.Parameter(b.to(device).contiguous())
             split, dim = (b_dict, 0) if self.parallel_mode == "column" else (a_dict, 1)
             set_tensor_model_parallel_attributes(split[seg.name], True, dim, 1)
+            # An expert's factors are expert parameters: megatron-core's DDP reduces
+            # parameters marked allreduce=False over the expert data-parallel group.
+            if hasattr(self.weight, "allreduce"):
+                for param in (a_dict[seg.name], b_dict[seg.name]):
+                    param.allreduce = self.weight.allreduce
         self.lora_A[name] = a_dict
         self.lora_B[name] = b_dict
         self.lora_specs[name] = spec
@@ -474,11 +482,17 @@ class LoraColumnParallelLinear(LoraLayer, ColumnParallelLinear):
         self.init_lora()
 
     def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: bool | None = None):
-        if weight is not None or self.explicit_expert_comm:
-            raise NotImplementedError("LoRA on a column layer with an external weight or expert comm")
-        x = collectives.column_input(input_, self.sequence_parallel, self.tp_group)
+        if weight is not None:
+            raise NotImplementedError("LoRA on a column layer with an external weight")
+        if self.explicit_expert_comm:
+            # An expert under expert parallelism or expert TP: the token dispatcher has
+            # gathered its input and reduces the input gradient itself (as the base does).
+            x = input_
+        else:
+            x = collectives.column_input(input_, self.sequence_parallel, self.tp_group)
         bias = self.bias if not self.skip_bias_add else None
-        shard = self.sequence_parallel and self.lora_sp_shard_input and self.tp_group.size() > 1
+        shard = (self.sequence_parallel and self.lora_sp_shard_input and self.tp_group.size() > 1
+                 and not self.explicit_expert_comm)
         out = self._linear(x, bias, input_ if shard else None)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         out = collectives.column_output(out, gather, self.tp_group)
@@ -496,11 +510,13 @@ class LoraRowParallelLinear(LoraLayer, RowParallelLinear):
         self.init_lora()
 
     def forward(self, input_: torch.Tensor):
-        if self.explicit_expert_comm:
-            raise NotImplementedError("LoRA on a row layer with expert comm")
         x = collectives.row_input(input_, self.input_is_parallel, self.tp_group)
         partial = self._linear(x, None)
-        out = collectives.row_output(partial, self.sequence_parallel, self.tp_group)
+        if self.explicit_expert_comm:
+            # An expert: the token dispatcher's combine reduces the base + LoRA partials.
+            out = partial
+        else:
+            out = collectives.row_output(partial, self.sequence_parallel, self.tp_group)
         if self.skip_bias_add or self.bias is None:
             return out, (self.bias if self.skip_bias_add else None)
         return out + self.bias, None

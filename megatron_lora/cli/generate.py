@@ -25,6 +25,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, metavar="HF_DIR", help="HF model directory (config.json + safetensors)")
     p.add_argument("--adapter", metavar="DIR", help="LoRA or X-LoRA directory: PEFT, xlora package or megatron-lora checkpoint")
     p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel size (default 1)")
+    p.add_argument("--expert-model-parallel-size", type=int, default=1, metavar="N",
+                   help="mixture-of-experts bases: ranks the experts are split over (default 1)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="text, tokenized by the HF tokenizer in --base")
     prompt.add_argument("--input-ids", metavar="IDS", help="comma-separated token ids, e.g. 1,2,3")
@@ -69,6 +71,7 @@ def generate_from_dirs(
     input_ids: Optional[str] = None,
     adapter: Optional[str] = None,
     tp: int = 1,
+    expert_model_parallel_size: int = 1,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -79,7 +82,8 @@ def generate_from_dirs(
     scalings_out: Optional[str] = None,
     xlora_scalings_once: bool = False,
 ) -> list[int]:
-    """What ``megatron-lora generate`` (``scripts/generate.py``) does: import the HF base at TP ``tp`` (+ a LoRA or
+    """What ``megatron-lora generate`` (``scripts/generate.py``) does: import the HF base at TP ``tp``
+    (a mixture of experts split over ``expert_model_parallel_size`` ranks) (+ a LoRA or
     X-LoRA adapter, detected), run the prompt, generate; rank 0 prints the text and writes
     the optional output files.
 
@@ -115,6 +119,7 @@ def generate_from_dirs(
     if not ids or max(ids) >= vocab or min(ids) < 0:
         raise ValueError(f"prompt ids must be in [0, {vocab}), got {ids}")
     check_positive_int("--tp", tp)
+    check_positive_int("--expert-model-parallel-size", expert_model_parallel_size)
     for flag, out in (("--logits-out", logits_out), ("--tokens-out", tokens_out), ("--scalings-out", scalings_out)):
         if out is not None:
             check_flag_output(flag, out)
@@ -123,7 +128,7 @@ def generate_from_dirs(
     xlora = adapter is not None and detect(adapter).is_xlora
     if (scalings_out or xlora_scalings_once) and not xlora:
         raise ValueError(f"--scalings-out and --xlora-scalings-once need an X-LoRA --adapter, got {adapter!r}")
-    init_distributed(tp)
+    init_distributed(tp, expert_model_parallel_size=expert_model_parallel_size)
     model, _ = load_hf_base(base_dir, DTYPES[dtype])
     if xlora:
         model = load_xlora(model, adapter).eval()

@@ -1,8 +1,10 @@
-"""Hugging Face base models (Llama, Mistral, Qwen2/2.5, Qwen3) -> megatron-core GPTModel at any TP.
+"""Hugging Face base models (Llama, Mistral, Qwen2/2.5, Qwen3; Qwen3-MoE, Mixtral) -> megatron-core
+GPTModel at any TP (and, for mixtures of experts, any expert-parallel / expert-TP size).
 
 Every HF config field that changes the logits is carried into the TransformerConfig or
 refused by name. Weights are read with safetensors slicing, so each rank reads only the
-rows / columns it holds (memory per rank ~ model size / TP).
+rows / columns it holds (memory per rank ~ model size / TP), and of the experts only those
+of its expert-parallel rank.
 """
 
 from __future__ import annotations
@@ -18,11 +20,23 @@ from safetensors import SafetensorError
 
 from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.model.gpt import build_gpt, gpt_config
-from megatron_lora.hf.layout import ModelFacts, base_weight_sources, fuse_base
+from megatron_lora.hf.layout import (
+    MEGATRON_EXPERTS,
+    MOE_HF_NAMES,
+    ModelFacts,
+    MoeNames,
+    base_weight_sources,
+    fuse_base,
+    is_expert_parameter,
+)
 from megatron_lora.parallel.device import device
 from megatron_lora.parallel.cpu import cuda_on_cpu
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+#: Model types refused with a reason of their own.
+_REFUSED_MODEL_TYPES = {
+    "qwen2_moe": "its shared experts are not supported",
+}
 #: Fields of no supported model type that would change the math if set.
 _REFUSED_FIELDS = ("quantization_config", "attn_logit_softcapping", "final_logit_softcapping")
 #: megatron-core's RotaryEmbedding applies llama3 scaling with these fixed parameters.
@@ -49,6 +63,8 @@ def read_hf_config(hf_dir: str | Path) -> dict:
 
 def _model_type(hf_config: dict) -> str:
     model_type = hf_config.get("model_type")
+    if model_type in _REFUSED_MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r} is not supported: {_REFUSED_MODEL_TYPES[model_type]}")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -79,7 +95,7 @@ def hf_biases(hf_config: dict) -> tuple[str, ...]:
     model_type = _model_type(hf_config)
     if model_type == "qwen2":
         return ("q_proj", "k_proj", "v_proj")
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         return ()
     attention = ("q_proj", "k_proj", "v_proj", "o_proj") if hf_config.get("attention_bias") else ()
     mlp = ("gate_proj", "up_proj", "down_proj") if model_type == "llama" and hf_config.get("mlp_bias") else ()
@@ -115,7 +131,7 @@ def _max_sequence_length(hf_config: dict, model_type: str) -> int:
     sliding-window attention is plain causal attention)."""
     max_len = hf_config.get("max_position_embeddings", 4096)
     window = hf_config.get("sliding_window")
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
         layer_types = hf_config.get("layer_types") or []
         sliding = hf_config.get("use_sliding_window") or "sliding_attention" in layer_types
         window = window if sliding else None
@@ -126,10 +142,77 @@ def _max_sequence_length(hf_config: dict, model_type: str) -> int:
     return max_len
 
 
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config field {name}={value!r}: expected a positive integer")
+    return value
+
+
+def _moe_config(hf_config: dict, model_type: str, ep: int, etp: int) -> dict:
+    """TransformerConfig fields of an HF mixture of experts (empty for a dense model), its
+    experts split over ``ep`` expert-parallel ranks and ``etp`` expert-TP ranks.
+
+    Routing: HF takes the top-k of softmax(router logits) and, with ``norm_topk_prob``
+    (always for Mixtral), renormalises them; megatron-core's default (softmax over the top-k
+    logits) is exactly that renormalised softmax, and ``moe_router_pre_softmax`` (softmax over
+    all, then top-k) the unnormalised one. No token is dropped (no capacity factor) and the
+    ``allgather`` dispatcher runs everywhere. The auxiliary loss fields
+    (``router_aux_loss_coef``, ``output_router_logits``) do not change logits and are left to
+    fine-tuning; Mixtral's training-time ``router_jitter_noise`` (which scales the experts'
+    input too, unlike megatron-core's router-only jitter) is refused.
+    """
+    if model_type not in MOE_HF_NAMES:
+        return {}
+    experts = hf_config.get("num_local_experts", hf_config.get("num_experts"))
+    if "num_experts" in hf_config and hf_config["num_experts"] != experts:
+        raise ValueError(f"config fields num_experts={hf_config['num_experts']!r} and "
+                         f"num_local_experts={experts!r} disagree")
+    experts = _positive_int("num_experts", experts)
+    topk = _positive_int("num_experts_per_tok", hf_config.get("num_experts_per_tok"))
+    if topk > experts:
+        raise ValueError(f"num_experts_per_tok={topk} exceeds the {experts} experts")
+    if hf_config.get("attention_bias"):
+        # Megatron's one bias switch would give the experts (zero) biases too: untested.
+        raise ValueError(f"attention_bias=True is not supported for model_type={model_type!r}")
+    if experts % ep:
+        raise ValueError(f"num_experts={experts} does not divide by expert_model_parallel_size={ep}")
+    layers = hf_config["num_hidden_layers"]
+    if model_type == "mixtral":
+        if hf_config.get("router_jitter_noise"):
+            raise ValueError(f"router_jitter_noise={hf_config['router_jitter_noise']!r} is not supported (only 0)")
+        ffn, normalize, pattern = hf_config["intermediate_size"], True, [1] * layers
+    else:  # qwen3_moe: layers in mlp_only_layers, or off the sparse step, are dense MLPs
+        ffn = _positive_int("moe_intermediate_size", hf_config.get("moe_intermediate_size"))
+        normalize = bool(hf_config.get("norm_topk_prob", False))
+        step = _positive_int("decoder_sparse_step", hf_config.get("decoder_sparse_step", 1))
+        dense = set(hf_config.get("mlp_only_layers") or [])
+        pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
+    if topk == 1 and normalize:
+        # megatron-core refuses a top-1 softmax over the chosen logit; its value is 1.
+        raise ValueError("num_experts_per_tok=1 with normalised top-k probabilities is not supported")
+    return dict(
+        num_moe_experts=experts,
+        moe_router_topk=topk,
+        moe_ffn_hidden_size=ffn,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not normalize,
+        moe_layer_freq=pattern,
+        moe_token_dispatcher_type="allgather",
+        moe_router_load_balancing_type="none",
+        # Read by the expert layers: under EP they leave the collectives to the dispatcher
+        # and mark their weights for the expert data-parallel gradient reduction.
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+
+
 def transformer_config_from_hf(
-    hf_config: dict, tp: int, pp: int = 1, dtype: torch.dtype = torch.float32
+    hf_config: dict, tp: int, pp: int = 1, dtype: torch.dtype = torch.float32,
+    ep: int = 1, etp: Optional[int] = None,
 ) -> tuple[TransformerConfig, dict]:
-    """(TransformerConfig, build_gpt kwargs) of an HF Llama / Mistral / Qwen2 / Qwen3 config.
+    """(TransformerConfig, build_gpt kwargs) of an HF Llama / Mistral / Qwen2 / Qwen3 /
+    Qwen3-MoE / Mixtral config (experts over ``ep`` expert-parallel and ``etp`` expert-TP
+    ranks, None: ``tp``; a dense model ignores both).
 
     The vocabulary is padded to a multiple of ``tp`` in the kwargs. Parameters are left
     uninitialised (``perform_initialization=False``): they are about to be loaded.
@@ -159,8 +242,9 @@ def transformer_config_from_hf(
         # lacks is loaded as zeros, which is exact.
         add_bias_linear=bool(set(biases) - {"q_proj", "k_proj", "v_proj"}),
         add_qkv_bias=qkv_bias,
-        qk_layernorm=model_type == "qwen3",
+        qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         perform_initialization=False,
+        **_moe_config(hf_config, model_type, ep, etp or tp),
     )
     kwargs = dict(
         vocab_size=facts.vocab_size,
@@ -243,21 +327,30 @@ def _local_part(ckpt: SafetensorsCheckpoint, name: str, dim: Optional[int], rank
 
 
 def _global_name(model: GPTModel, name: str) -> str:
-    """``decoder.layers.{stage-local i}`` -> global layer index (pipeline stages)."""
+    """``decoder.layers.{stage-local i}`` -> global layer index (pipeline stages), and
+    ``mlp.experts.local_experts.{local e}`` -> global expert index (expert parallelism)."""
     parts = name.split(".", 3)
     if parts[:2] == ["decoder", "layers"]:
-        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+        layer = model.decoder.layers[int(parts[2])]
+        parts[2] = str(layer.layer_number - 1)
+        if parts[3].startswith(MEGATRON_EXPERTS):
+            local, rest = parts[3][len(MEGATRON_EXPERTS):].split(".", 1)
+            parts[3] = f"{MEGATRON_EXPERTS}{layer.mlp.local_expert_indices[int(local)]}.{rest}"
     return ".".join(parts)
 
 
 @torch.no_grad()
 def load_base_weights(model: GPTModel, ckpt: SafetensorsCheckpoint, facts: ModelFacts,
-                      biases: tuple[str, ...], tied: bool) -> None:
-    """Copy this rank's slices of the HF weights into ``model``'s parameters."""
-    rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+                      biases: tuple[str, ...], tied: bool, moe: Optional[MoeNames] = None) -> None:
+    """Copy this rank's slices of the HF weights into ``model``'s parameters (experts, named
+    by ``moe``: this expert-parallel rank's experts, split over the expert-TP group)."""
     for local_name, param in model.named_parameters():
         name = _global_name(model, local_name)
-        sources, dim = base_weight_sources(name, tied=tied)
+        sources, dim = base_weight_sources(name, tied=tied, moe=moe)
+        if is_expert_parameter(name):
+            rank, tp = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
+        else:
+            rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
         if name.endswith(".bias") and sources[0].split(".")[-2] not in biases:
             param.zero_()  # Megatron bias the HF model does not have
             continue
@@ -285,7 +378,8 @@ def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     """
     hf_config = read_hf_config(hf_dir)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    config, kwargs = transformer_config_from_hf(hf_config, tp, pp, dtype)
+    config, kwargs = transformer_config_from_hf(hf_config, tp, pp, dtype, ps.get_expert_model_parallel_world_size(),
+                                                ps.get_expert_tensor_parallel_world_size())
     facts = hf_model_facts(hf_config)
     ckpt = SafetensorsCheckpoint(hf_dir)
     # With tied embeddings and PP > 1 the last stage's output weight is moved with .cuda().
@@ -296,6 +390,7 @@ def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> tupl
             post_process=ps.is_pipeline_last_stage(),
             **kwargs,
         )
-    load_base_weights(model, ckpt, facts, hf_biases(hf_config), kwargs["share_embeddings_and_output_weights"])
+    load_base_weights(model, ckpt, facts, hf_biases(hf_config), kwargs["share_embeddings_and_output_weights"],
+                      MOE_HF_NAMES.get(hf_config["model_type"]))
     model.eval()
     return model, facts

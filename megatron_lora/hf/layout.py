@@ -6,6 +6,10 @@
   group; k; v]``; rank j of N holds a contiguous chunk of groups. Gated ``linear_fc1`` at
   TP=1 is ``[gate; up]``; rank j holds ``[gate_j; up_j]`` (``blocks=2`` in
   :func:`megatron_lora.parallel.lora_layers.shard_rows`).
+* Mixture of experts (Qwen3-MoE, Mixtral): HF ``{block}.gate`` <-> Megatron ``mlp.router``
+  (replicated); HF expert e's gate/up/down <-> ``mlp.experts.local_experts.{local e}``'s
+  ``linear_fc1`` ``[gate; up]`` / ``linear_fc2``, split like the dense MLP but over the
+  expert-TP group, each expert-parallel rank holding a contiguous range of experts.
 * LoRA factors: a column module keeps A replicated and B split by rows; a row module
   keeps A split by columns and B replicated. A per-projection segment's B is a contiguous
   row chunk of the PEFT B; a shared-A B is in the fused layout above.
@@ -225,17 +229,70 @@ _BASE_SPLIT_DIM = {
 }
 
 
+@dataclass(frozen=True)
+class MoeNames:
+    """Where an HF mixture-of-experts layer keeps its router and experts on disk.
+
+    ``save_pretrained`` writes one tensor per expert and projection (transformers 5 fuses
+    them only in memory): ``model.layers.{i}.{block}.gate.weight`` is the router [experts,
+    hidden], ``model.layers.{i}.{block}.experts.{e}.{gate|up|down}.weight`` expert e.
+    """
+
+    block: str
+    gate: str
+    up: str
+    down: str
+
+
+#: HF model_type -> its MoE layer names.
+MOE_HF_NAMES = {
+    "qwen3_moe": MoeNames(block="mlp", gate="gate_proj", up="up_proj", down="down_proj"),
+    "mixtral": MoeNames(block="block_sparse_moe", gate="w1", up="w3", down="w2"),
+}
+#: Prefix of megatron-core's SequentialMLP experts inside ``decoder.layers.{i}``.
+MEGATRON_EXPERTS = "mlp.experts.local_experts."
+
+
+def is_expert_parameter(name: str) -> bool:
+    """Whether a Megatron parameter belongs to an expert (split over the expert-TP group,
+    held by one expert-parallel rank) rather than to the dense model."""
+    return f".{MEGATRON_EXPERTS}" in name
+
+
+def _moe_weight_sources(prefix: str, rest: str, moe: MoeNames) -> Optional[tuple[tuple[str, ...], Optional[int]]]:
+    """(HF tensors, TP split dim) of a router or expert parameter ``rest`` of layer ``prefix``;
+    None if ``rest`` is neither. Expert indices in ``rest`` are GLOBAL."""
+    block = f"{prefix}{moe.block}."
+    if rest == "mlp.router.weight":
+        return (f"{block}gate.weight",), None
+    if not rest.startswith(MEGATRON_EXPERTS):
+        return None
+    parts = rest[len(MEGATRON_EXPERTS):].split(".")
+    if len(parts) != 3 or not re.fullmatch(LAYER_INDEX, parts[0]) or parts[2] not in ("weight", "bias"):
+        return None
+    expert, module, kind = parts
+    hf = f"{block}experts.{expert}."
+    if module == "linear_fc1":  # gated: [gate; up], split by rows like a dense fc1
+        return (f"{hf}{moe.gate}.{kind}", f"{hf}{moe.up}.{kind}"), 0
+    if module == "linear_fc2":
+        return (f"{hf}{moe.down}.{kind}",), 1 if kind == "weight" else None
+    return None
+
+
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     """Vocabulary rows Megatron holds: the smallest multiple of ``tp`` (VocabParallelEmbedding
     splits rows evenly); the extra rows are zeros and are cut from every logit."""
     return -(-vocab_size // tp) * tp
 
 
-def base_weight_sources(name: str, tied: bool = False) -> tuple[tuple[str, ...], Optional[int]]:
+def base_weight_sources(name: str, tied: bool = False,
+                        moe: Optional[MoeNames] = None) -> tuple[tuple[str, ...], Optional[int]]:
     """(HF tensor names, TP split dim or None) of a Megatron base parameter name.
 
-    ``name`` uses GLOBAL layer indices. With ``tied`` embeddings the output layer (present on
-    the last pipeline stage only) reads the HF embedding.
+    ``name`` uses GLOBAL layer (and expert) indices. With ``tied`` embeddings the output layer
+    (present on the last pipeline stage only) reads the HF embedding. ``moe`` names the
+    router and experts of a mixture-of-experts model; an expert's dim is split over the
+    expert-TP group (:func:`is_expert_parameter`), the router is replicated.
     """
     if name in BASE_GLOBAL_WEIGHTS:
         source = BASE_GLOBAL_WEIGHTS[name]
@@ -246,6 +303,10 @@ def base_weight_sources(name: str, tied: bool = False) -> tuple[tuple[str, ...],
     if len(parts) == 4 and parts[:2] == ["decoder", "layers"] and parts[3] in BASE_LAYER_WEIGHTS:
         prefix = f"model.layers.{parts[2]}."
         return tuple(prefix + s for s in BASE_LAYER_WEIGHTS[parts[3]]), _BASE_SPLIT_DIM.get(parts[3])
+    if len(parts) == 4 and parts[:2] == ["decoder", "layers"] and moe is not None:
+        found = _moe_weight_sources(f"model.layers.{parts[2]}.", parts[3], moe)
+        if found is not None:
+            return found
     raise ValueError(f"no HF tensor maps to the Megatron parameter {name!r}")
 
 
@@ -260,19 +321,22 @@ def fuse_base(name: str, parts: list[torch.Tensor], groups: int) -> torch.Tensor
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
 
-def megatron_full_to_hf(full_state_dict: dict, facts: ModelFacts, biases: Optional[tuple[str, ...]] = None) -> dict:
+def megatron_full_to_hf(full_state_dict: dict, facts: ModelFacts, biases: Optional[tuple[str, ...]] = None,
+                        moe: Optional[MoeNames] = None) -> dict:
     """A TP=1 (gathered) Megatron GPTModel state dict -> HF Llama-family tensor names.
 
     Vocabulary padding rows are dropped; ``output_layer.weight`` is absent with tied
     embeddings, so ``lm_head.weight`` is then absent too (HF ties it on load). Megatron's
     ``_extra_state`` entries are skipped. ``biases`` (HF projections that have one, e.g.
     ``hf_import.hf_biases``) drops the zero biases Megatron has and the HF model lacks.
+    ``moe`` (:data:`MOE_HF_NAMES`) names the router and experts (expert indices global, as
+    at expert-parallel size 1).
     """
     out = {}
     for name, t in full_state_dict.items():
         if name.endswith("_extra_state"):
             continue
-        sources, _ = base_weight_sources(name)
+        sources, _ = base_weight_sources(name, moe=moe)
         if biases is not None and name.endswith(".bias") and sources[0].split(".")[-2] not in biases:
             continue
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):

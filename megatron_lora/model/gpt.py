@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from megatron_lora.hf.layout import padded_vocab_size
@@ -90,10 +91,20 @@ def build_gpt(
     The vocabulary is padded to a multiple of the TP size (VocabParallelEmbedding splits it
     evenly); ``model.unpadded_vocab_size`` keeps ``vocab_size``, and the padding never reaches
     logits, losses or sampling (:func:`real_vocab_size`).
+
+    With ``config.num_moe_experts`` the MoE layers (``config.moe_layer_freq``) use the local
+    spec's ``SequentialMLP`` experts; see :func:`check_moe_config` for what is refused.
     """
-    spec = layer_spec or with_sdpa_attention(
-        get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
-    )
+    if layer_spec is not None:
+        spec = layer_spec
+    elif config.num_moe_experts:
+        check_moe_config(config)
+        block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
+        spec = dataclasses.replace(block, layer_specs=[with_sdpa_attention(s) for s in block.layer_specs])
+    else:
+        spec = with_sdpa_attention(
+            get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+        )
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -112,6 +123,23 @@ def build_gpt(
             module.to(device=device(), dtype=config.params_dtype)
     model.unpadded_vocab_size = vocab_size
     return model
+
+
+def check_moe_config(config: TransformerConfig) -> None:
+    """Refuse, by name, the MoE settings the local spec cannot run here.
+
+    Grouped-GEMM experts need the ``grouped_gemm`` package or Transformer Engine; shared
+    experts (Qwen2-MoE) are out of scope; without CUDA only the ``allgather`` token
+    dispatcher runs (``alltoall`` creates a ``torch.cuda.Stream`` when it is built).
+    """
+    if config.moe_grouped_gemm:
+        raise ValueError("moe_grouped_gemm=True is not supported (grouped-GEMM experts need "
+                         "grouped_gemm or Transformer Engine): use SequentialMLP experts")
+    if config.moe_shared_expert_intermediate_size:
+        raise ValueError("moe_shared_expert_intermediate_size is set: shared experts are not supported")
+    if not torch.cuda.is_available() and config.moe_token_dispatcher_type != "allgather":
+        raise ValueError(f"moe_token_dispatcher_type={config.moe_token_dispatcher_type!r} cannot run "
+                         "without CUDA; use 'allgather'")
 
 
 def real_vocab_size(model) -> int:
