@@ -26,6 +26,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         || { echo "gpu_check.sh: installing the carried wheels in .whl/ failed" >&2; exit 1; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# Not installed here: parallel/ becomes megatron_lora.parallel through a (git-ignored) link, as an
+# install's package-dir mapping would make it.
+[ -e megatron_lora/parallel ] || ln -s ../parallel megatron_lora/parallel
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 python3 -c "import megatron.core, peft, torch, transformers; print('megatron-core', megatron.core.__version__, \
 'peft', peft.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" \
