@@ -509,23 +509,37 @@ class LoraRowParallelLinear(LoraLayer, RowParallelLinear):
 LORA_CLASSES: dict[type, type] = {
     ColumnParallelLinear: LoraColumnParallelLinear,
     RowParallelLinear: LoraRowParallelLinear,
-    LoraColumnParallelLinear: LoraColumnParallelLinear,
-    LoraRowParallelLinear: LoraRowParallelLinear,
 }
 
 
+def lora_class(cls: type) -> type:
+    """The LoRA class of a ColumnParallelLinear / RowParallelLinear class or subclass.
+
+    A subclass gets a LoRA subclass of its own (made once), so ``isinstance`` checks on the
+    original class keep holding; the LoRA forward replaces the base class's.
+    """
+    if issubclass(cls, LoraLayer):
+        return cls
+    if cls not in LORA_CLASSES:
+        base = next((b for b in (ColumnParallelLinear, RowParallelLinear) if issubclass(cls, b)), None)
+        if base is None:
+            raise TypeError(
+                f"cannot add LoRA to {cls.__module__}.{cls.__qualname__}: supported classes are "
+                "ColumnParallelLinear and RowParallelLinear (and their subclasses)"
+            )
+        lora = LORA_CLASSES[base]
+        LORA_CLASSES[cls] = type(f"Lora{cls.__name__}", (lora, cls), {"__module__": __name__})
+    return LORA_CLASSES[cls]
+
+
 def add_lora_support(module: nn.Module) -> LoraLayer:
-    """Turn a ColumnParallelLinear / RowParallelLinear into its LoRA subclass, in place.
+    """Turn a ColumnParallelLinear / RowParallelLinear (or subclass) into its LoRA class, in
+    place.
 
     Parameters, buffers, hooks and state-dict keys stay as they are; the instance only
     gains the adapter containers. Any other class is refused by name.
     """
-    cls = LORA_CLASSES.get(type(module))
-    if cls is None:
-        raise TypeError(
-            f"cannot add LoRA to {type(module).__module__}.{type(module).__qualname__}: "
-            f"supported classes are {sorted(c.__name__ for c in LORA_CLASSES)}"
-        )
+    cls = lora_class(type(module))
     if type(module) is not cls:
         module.__class__ = cls
         module.init_lora()

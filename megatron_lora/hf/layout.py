@@ -22,7 +22,8 @@ import torch
 
 ALL_LINEAR = "all-linear"
 HF_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MEGATRON_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+#: GPTModel's output layer (never part of "all-linear", as in PEFT).
+OUTPUT_LAYER = "output_layer"
 
 #: Megatron module -> its path inside a transformer layer.
 MODULE_PATH = {

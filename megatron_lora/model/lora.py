@@ -2,44 +2,113 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
 from megatron_lora.config import LoraConfig
-from megatron_lora.hf.layout import MODULE_PATH, ModelFacts, hf_module_name, megatron_module_name
+from megatron_lora.hf.layout import ALL_LINEAR, MODULE_PATH, ModelFacts, hf_module_name
 from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, add_lora_support, lora_layers
 from megatron_lora.parallel.device import device
 
 
-def iter_linear_modules(model: nn.Module) -> Iterator[tuple[str, int, str, nn.Module]]:
-    """(name, global layer index, Megatron module kind, module) of every targetable linear.
+@dataclass(frozen=True)
+class LinearSite:
+    """A parallel linear of a model, named as adapter matching and checkpoints see it."""
 
-    The global index comes from the enclosing TransformerLayer's ``layer_number``, so
-    pipeline stages (whose ``decoder.layers.{i}`` is stage-local) match PEFT's indices.
+    #: The module's dotted name in the model.
+    name: str
+    #: ``name`` with the enclosing TransformerLayer's index made global (pipeline stages
+    #: number their ``decoder.layers.{i}`` from 0).
+    global_name: str
+    #: The enclosing TransformerLayer's global index (None outside one: matching then reads
+    #: the index from the name by PEFT's rule).
+    layer: Optional[int]
+    #: Megatron module of the LLaMA-family layout (``linear_qkv`` ...; HF names alias its
+    #: projections), or None for any other parallel linear.
+    kind: Optional[str]
+    module: nn.Module
+
+
+PARALLEL_LINEARS = (ColumnParallelLinear, RowParallelLinear)
+
+
+def iter_linear_sites(model: nn.Module, config: Optional[LoraConfig] = None) -> Iterator[LinearSite]:
+    """Every ColumnParallelLinear / RowParallelLinear (subclasses included) of ``model``.
+
+    With ``config``, any other module that its targets name is refused (TypeError naming
+    the class), as PEFT refuses a module type it cannot wrap.
     """
-    layer_of: dict[str, int] = {}
+    owners: dict[str, TransformerLayer] = {}
+    inside_linear: list[str] = []
     for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside_linear):
+            continue  # a LoRA layer's own containers
         if isinstance(module, TransformerLayer):
-            layer_of[name] = module.layer_number - 1
-        for kind, path in MODULE_PATH.items():
-            if name == path or name.endswith("." + path):
-                owner = name[: -len(path)].rstrip(".")
-                if owner not in layer_of:
-                    raise ValueError(f"cannot find the transformer layer that owns {name!r}")
-                yield name, layer_of[owner], kind, module
+            owners[name] = module
+        owner = next((p for p in _prefixes(name) if p in owners), None)
+        global_name, layer, kind = name, None, None
+        if owner is not None:
+            index = owners[owner].layer_number - 1
+            head, _, last = owner.rpartition(".")
+            if last.isdigit():
+                global_name = f"{head + '.' if head else ''}{index}{name[len(owner):]}"
+            layer = index
+            inner = name[len(owner) :].lstrip(".")
+            kind = next((k for k, path in MODULE_PATH.items() if inner == path), None)
+        if isinstance(module, PARALLEL_LINEARS):
+            inside_linear.append(name)
+            yield LinearSite(name, global_name, layer, kind, module)
+        elif config is not None and name and config.target_modules != ALL_LINEAR and config.matches(global_name, layer):
+            cls = type(module)
+            raise TypeError(
+                f"target_modules={config.target_modules!r} matches {global_name!r}, a "
+                f"{cls.__module__}.{cls.__qualname__}: LoRA supports megatron-core's "
+                "ColumnParallelLinear and RowParallelLinear (and their subclasses) only"
+            )
+
+
+def _prefixes(name: str) -> Iterator[str]:
+    """``name`` and its enclosing module names, innermost first ("" last)."""
+    while name:
+        yield name
+        name = name.rpartition(".")[0]
+    yield ""
+
+
+def iter_linear_modules(model: nn.Module) -> Iterator[tuple[str, int, str, nn.Module]]:
+    """(name, global layer index, Megatron module kind, module) of the LLaMA-family layout's
+    linears (the sites with a ``kind``)."""
+    for site in iter_linear_sites(model):
+        if site.kind is not None:
+            yield site.name, site.layer, site.kind, site.module
 
 
 def _model_facts(module: nn.Module) -> ModelFacts:
     return ModelFacts.from_transformer_config(module.config, vocab_size=0)
 
 
-def adapter_spec_for(config: LoraConfig, facts: ModelFacts, layer: int, kind: str, tp: int) -> Optional[AdapterSpec]:
-    """The segments ``config`` puts on Megatron module ``kind`` of global layer ``layer``."""
-    shared_name = megatron_module_name(layer, kind)
+def adapter_spec_for(config: LoraConfig, site: LinearSite, tp: int) -> Optional[AdapterSpec]:
+    """The segments ``config`` puts on ``site`` (None: not adapted).
+
+    A site of the LLaMA-family layout matches by its Megatron name (one shared-A segment) or
+    by the HF names of its projections (one segment each); any other site matches by its
+    Megatron name only and gets one segment over its whole output, named like the module.
+    """
+    shared_name, layer, kind = site.global_name, site.layer, site.kind
+    if kind is None:
+        if not config.matches(shared_name, layer, any_linear=True):
+            return None
+        segment = shared_name.rsplit(".", 1)[-1]
+        r, _ = config.rank_alpha(shared_name)
+        seg = Segment(name=segment, r=r, scaling=config.scaling(shared_name), width=site.module.weight.shape[0])
+        return AdapterSpec((seg,), dropout=config.lora_dropout, init=config.init_lora_weights)
+    facts = _model_facts(site.module)
     shared = config.matches(shared_name, layer)
     projections = [p for p in facts.projections(kind) if config.matches(hf_module_name(layer, p), layer)]
     if shared and projections:
@@ -61,19 +130,33 @@ def adapter_spec_for(config: LoraConfig, facts: ModelFacts, layer: int, kind: st
     return AdapterSpec(tuple(segments), dropout=config.lora_dropout, init=config.init_lora_weights)
 
 
+def _check_wrappable(site: LinearSite) -> None:
+    """Refuse parallel linears whose forward the LoRA layers do not implement."""
+    module = site.module
+    if module.weight is None:
+        raise ValueError(
+            f"cannot add LoRA to {site.global_name}: it owns no weight (it receives one at call "
+            "time, as a tied output layer does)"
+        )
+    if getattr(module, "explicit_expert_comm", False):
+        raise ValueError(f"cannot add LoRA to {site.global_name}: expert-parallel linears are not supported")
+
+
 def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "default", dtype: torch.dtype = torch.float32) -> int:
     """Add adapter ``adapter_name`` to every matching parallel linear; return how many.
 
     Every module is checked before any is changed, so an error leaves the model as it was.
     """
     planned = []
-    for name, layer, kind, module in iter_linear_modules(model):
+    for site in iter_linear_sites(model, config):
+        module = site.module
         tp = module.tp_group.size() if module.tp_group is not None else 1
-        spec = adapter_spec_for(config, _model_facts(module), layer, kind, tp)
+        spec = adapter_spec_for(config, site, tp)
         if spec is None:
             continue
+        _check_wrappable(site)
         if adapter_name in getattr(module, "lora_specs", {}):
-            raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
+            raise ValueError(f"adapter {adapter_name!r} already exists on {site.name}")
         planned.append((module, spec))
     for module, spec in planned:
         add_lora_support(module).add_adapter(adapter_name, spec, dtype=dtype)
@@ -88,8 +171,8 @@ def apply_lora(
 ) -> nn.Module:
     """Add adapter ``adapter_name`` to every matching parallel linear; freeze the rest.
 
-    Works on any module tree containing megatron-core TransformerLayers (a GPTModel in
-    particular). Adapter weights are created in ``dtype`` (fp32 by default, also on a
+    Works on any module tree of megatron-core parallel linears (a GPTModel, a stack of
+    TransformerLayers, or plain ColumnParallelLinear / RowParallelLinear modules). Adapter weights are created in ``dtype`` (fp32 by default, also on a
     bf16/fp16 base). Returns ``model``.
     """
     if add_adapters(model, config, adapter_name, dtype) == 0:
