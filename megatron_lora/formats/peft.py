@@ -25,10 +25,15 @@ from safetensors import SafetensorError
 
 from megatron_lora.formats.checkpoint import (
     ShardReader,
+    adapted_name,
     check_against_config,
     checkpoint_config,
+    key_split,
+    layout_module,
+    layout_module_table,
     make_key,
     parse_key,
+    split_key,
 )
 from megatron_lora.config import LoraConfig
 from megatron_lora.formats.detect import CONFIG_NAME, Format, detect_lora
@@ -38,9 +43,7 @@ from megatron_lora.hf.layout import (
     PEFT_PREFIX,
     PROJECTION,
     ModelFacts,
-    factor_split,
     hf_module_name,
-    megatron_module_name,
     parse_hf_module_name,
     split_shared_b,
 )
@@ -115,6 +118,7 @@ class PeftReader:
                 raise ValueError(f"{self.path}: tensors {self._peft_keys[key]!r} and {pk!r} name the same module")
             self._peft_keys[key] = pk
         self._check()
+        self.modules = layout_module_table(self.keys(), facts)
         check_against_config(self.keys(), lambda k: self.shape(k)[0], self.lora_config, str(self.path), facts)
 
     def _check(self) -> None:
@@ -158,8 +162,7 @@ class PeftReader:
         return self._read(key, lambda s: s[:])
 
     def local(self, key: str, tp_rank: int, tp_size: int) -> torch.Tensor:
-        _, module, factor, proj = parse_key(key)
-        dim, _ = factor_split(module, factor, proj, self.facts)
+        dim, _ = key_split(self.modules, key)
         if dim is None:
             return self.full(key)
         n = self.shape(key)[dim] // tp_size
@@ -191,21 +194,23 @@ def open_adapter(directory: str | Path, facts: Optional[ModelFacts] = None):
 # -- plans ------------------------------------------------------------------------------------
 
 
-def megatron_plan(reader, config: LoraConfig, facts: ModelFacts, tp: int) -> tuple[dict, list[list[TensorPlan]]]:
+def megatron_plan(reader, config: LoraConfig, facts: Optional[ModelFacts], tp: int) -> tuple[dict, list[list[TensorPlan]]]:
     """Our checkpoint at TP=``tp`` from any reader: (checkpoint config, per-rank plans)."""
-    facts.check_tp(tp)
+    if facts is not None:
+        facts.check_tp(tp)
     ranks = []
     for j in range(tp):
         plans = []
         for key in reader.keys():
-            _, module, factor, seg = parse_key(key)
-            dim, _ = factor_split(module, factor, seg, facts)
+            dim, blocks = key_split(reader.modules, key)
             shape = list(reader.full_shape(key))
             if dim is not None:
+                if shape[dim] % (tp * blocks):
+                    raise ValueError(f"{key}: tensor parallel size {tp} does not divide its {shape[dim]} split rows")
                 shape[dim] //= tp
             plans.append(TensorPlan(key, tuple(shape), reader.dtype(key), _bind(reader.local, key, j, tp)))
         ranks.append(plans)
-    return checkpoint_config("lora", tp, facts, config.to_dict()), ranks
+    return checkpoint_config("lora", tp, facts, config.to_dict(), modules=reader.modules), ranks
 
 
 def peft_plan(reader: ShardReader, config: LoraConfig) -> tuple[dict, list[TensorPlan]]:
@@ -218,11 +223,18 @@ def peft_plan(reader: ShardReader, config: LoraConfig) -> tuple[dict, list[Tenso
     plans: list[TensorPlan] = []
     modules: dict[str, tuple[int, float]] = {}
     for key in reader.keys():
-        layer, module, factor, seg = parse_key(key)
+        module_name, factor, seg = split_key(key)
+        known = layout_module(module_name)
+        if known is None or facts is None:
+            raise ValueError(
+                f"{reader.directory}: {module_name} has no HF PEFT name: only the linears of "
+                "the LLaMA-family layout of a GPT model convert to PEFT"
+            )
+        layer, module = known
         shared = seg == module
         projections = facts.projections(module) if shared else (seg,)
         r = reader.full_shape(make_key(layer, module, "lora_A", seg))[0]
-        alpha = config.rank_alpha(megatron_module_name(layer, module) if shared else hf_module_name(layer, seg))[1]
+        alpha = config.rank_alpha(adapted_name(key))[1]
         for proj in projections:
             modules[hf_module_name(layer, proj)] = (r, alpha)
             fan_in, fan_out = facts.projection_shape(proj)

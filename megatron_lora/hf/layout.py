@@ -163,14 +163,25 @@ def megatron_module_name(layer: int, module: str) -> str:
     return f"decoder.layers.{layer}.{MODULE_PATH[module]}"
 
 
+def module_style(module: str) -> str:
+    """"column" or "row": how a Megatron module of the LLaMA-family layout is split."""
+    return "column" if module in COLUMN_MODULES else "row"
+
+
+def factor_dim(style: str, factor: str) -> Optional[int]:
+    """The dim a LoRA factor is split along over TP (None: replicated): a column module
+    splits B by rows and replicates A; a row module splits A by columns and replicates B."""
+    if style == "column":
+        return None if factor == "lora_A" else 0
+    return 1 if factor == "lora_A" else None
+
+
 def factor_split(module: str, factor: str, segment: str, facts: ModelFacts) -> tuple[Optional[int], int]:
-    """(dim split over TP or None if replicated, blocks) of a LoRA factor in our checkpoints."""
-    if module in COLUMN_MODULES:
-        if factor == "lora_A":
-            return None, 1
-        shared_gated = module == "linear_fc1" and segment == module and facts.gated_linear_unit
-        return 0, 2 if shared_gated else 1
-    return (1, 1) if factor == "lora_A" else (None, 1)
+    """(dim split over TP or None if replicated, blocks) of a LoRA factor of the LLaMA-family
+    layout in our checkpoints."""
+    dim = factor_dim(module_style(module), factor)
+    shared_gated = module == "linear_fc1" and segment == module and dim == 0 and facts.gated_linear_unit
+    return dim, 2 if shared_gated else 1
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:

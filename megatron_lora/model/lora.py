@@ -93,6 +93,30 @@ def _model_facts(module: nn.Module) -> ModelFacts:
     return ModelFacts.from_transformer_config(module.config, vocab_size=0)
 
 
+def match_name(site: LinearSite, segment: str) -> str:
+    """The name a segment of ``site`` matches targets and takes ``rank_pattern`` /
+    ``alpha_pattern`` under: the HF name of a projection segment, else the module's own."""
+    if site.kind is not None and segment != site.kind:
+        return hf_module_name(site.layer, segment)
+    return site.global_name
+
+
+def site_segment(site: LinearSite, segment: str, r: int, config: LoraConfig, tp: int) -> Segment:
+    """Segment ``segment`` of rank ``r`` on ``site``: the rows of a projection where the
+    LLaMA-family layout is known, else the whole output."""
+    if site.kind is None:
+        if segment != site.global_name.rsplit(".", 1)[-1]:
+            raise ValueError(f"{site.global_name} has no segment {segment!r} (one LoRA over the module, named like it)")
+        geometry = dict(width=site.module.weight.shape[0])
+    else:
+        facts = _model_facts(site.module)
+        proj = None if segment == site.kind else segment
+        if proj is not None and proj not in facts.projections(site.kind):
+            raise ValueError(f"{site.global_name}: segment {segment!r} does not belong to {site.kind}")
+        geometry = facts.segment_geometry(site.kind, proj, tp)
+    return Segment(name=segment, r=r, scaling=config.scaling(match_name(site, segment)), **geometry)
+
+
 def adapter_spec_for(config: LoraConfig, site: LinearSite, tp: int) -> Optional[AdapterSpec]:
     """The segments ``config`` puts on ``site`` (None: not adapted).
 
@@ -100,34 +124,24 @@ def adapter_spec_for(config: LoraConfig, site: LinearSite, tp: int) -> Optional[
     by the HF names of its projections (one segment each); any other site matches by its
     Megatron name only and gets one segment over its whole output, named like the module.
     """
-    shared_name, layer, kind = site.global_name, site.layer, site.kind
-    if kind is None:
-        if not config.matches(shared_name, layer, any_linear=True):
+    if site.kind is None:
+        if not config.matches(site.global_name, site.layer, any_linear=True):
             return None
-        segment = shared_name.rsplit(".", 1)[-1]
-        r, _ = config.rank_alpha(shared_name)
-        seg = Segment(name=segment, r=r, scaling=config.scaling(shared_name), width=site.module.weight.shape[0])
-        return AdapterSpec((seg,), dropout=config.lora_dropout, init=config.init_lora_weights)
-    facts = _model_facts(site.module)
-    shared = config.matches(shared_name, layer)
-    projections = [p for p in facts.projections(kind) if config.matches(hf_module_name(layer, p), layer)]
-    if shared and projections:
-        raise ValueError(
-            f"target_modules={config.target_modules!r} names both {kind} and {projections} on "
-            f"layer {layer}: use Megatron names (shared A) or HF names (per projection), not both"
-        )
-    if shared:
-        named = [(kind, None, shared_name)]
+        names = [site.global_name.rsplit(".", 1)[-1]]
     else:
-        named = [(p, p, hf_module_name(layer, p)) for p in projections]
-    if not named:
+        kind, layer = site.kind, site.layer
+        shared = config.matches(site.global_name, layer)
+        projections = [p for p in _model_facts(site.module).projections(kind) if config.matches(hf_module_name(layer, p), layer)]
+        if shared and projections:
+            raise ValueError(
+                f"target_modules={config.target_modules!r} names both {kind} and {projections} on "
+                f"layer {layer}: use Megatron names (shared A) or HF names (per projection), not both"
+            )
+        names = [kind] if shared else projections
+    if not names:
         return None
-    segments = []
-    for seg_name, proj, full_name in named:
-        r, _ = config.rank_alpha(full_name)
-        geometry = facts.segment_geometry(kind, proj, tp)
-        segments.append(Segment(name=seg_name, r=r, scaling=config.scaling(full_name), **geometry))
-    return AdapterSpec(tuple(segments), dropout=config.lora_dropout, init=config.init_lora_weights)
+    segments = tuple(site_segment(site, n, config.rank_alpha(match_name(site, n))[0], config, tp) for n in names)
+    return AdapterSpec(segments, dropout=config.lora_dropout, init=config.init_lora_weights)
 
 
 def _check_wrappable(site: LinearSite) -> None:
