@@ -206,11 +206,98 @@ def _comm(world, tokens, lora):
     return count, size, sorted(replicated)
 
 
-def _checks(rank, world):
+def _round_trips(world, tmp):
+    """Save the module tree's adapter (version 2), reshard it TP=2 -> 1, load both back; a
+    version-1 directory of a GPT model (written here by the v1 key scheme) still loads."""
+    import json
+
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+
+    from megatron_lora import LoraConfig, apply_lora, load_adapter, save_adapter
+    from megatron_lora.formats.convert import convert
+    from megatron_lora.model.gpt import build_gpt, gpt_config
+    from megatron_lora.parallel.lora_layers import lora_layers
+
+    rank = dist.get_rank()
+    out = {}
+    net, _ = _net(world)
+    config = LoraConfig(r=R, lora_alpha=6, init_lora_weights=False, rank_pattern={"mixer": 3},
+                        target_modules=["linear_q_down_proj", "linear_proj", "linear_fc2", "mixer"])
+    apply_lora(net, config)
+    save_adapter(net, f"{tmp}/v2", config)
+    full = {n: _full_layer(m)[2] for n, m in lora_layers(net)}
+    if rank == 0:
+        convert(f"{tmp}/v2", f"{tmp}/v2_tp1", "megatron", tp=1, progress=False)
+        out["v2_config"] = json.loads(open(f"{tmp}/v2/adapter_config.json").read())
+        tp1 = load_file(f"{tmp}/v2_tp1/tp_rank_00.safetensors")
+        out["tp1_exact"] = all(
+            torch.equal(tp1[f"{n}.lora_A.{n.rsplit('.', 1)[-1]}"], a) and torch.equal(tp1[f"{n}.lora_B.{n.rsplit('.', 1)[-1]}"], b)
+            for n, [(a, b, _)] in full.items()
+        ) and len(tp1) == 2 * len(full)
+        try:
+            convert(f"{tmp}/v2", f"{tmp}/peft", "peft", progress=False)
+        except ValueError as e:
+            out["to_peft"] = str(e)
+    dist.barrier()
+    modules = dict(net.named_modules())
+    x = torch.randn(4, H, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        want = _forward(lambda n, v: modules[n](v)[0], x)
+    for source in ("v2", "v2_tp1"):
+        fresh, _ = _net(world)
+        load_adapter(fresh, f"{tmp}/{source}")
+        fm = dict(fresh.named_modules())
+        same = all(torch.equal(p, q) for (_, p), (_, q) in zip(sorted(net.named_parameters()), sorted(fresh.named_parameters())))
+        with torch.no_grad():
+            out[source] = (same, torch.equal(_forward(lambda n, v: fm[n](v)[0], x), want))
+
+    # A GPT model: version-1 keys (the four modules of the LLaMA-family layout) load.
+    gpt = build_gpt(gpt_config(2, 32, 4, 48, num_query_groups=2, tensor_model_parallel_size=world), 64, max_sequence_length=16)
+    gconfig = LoraConfig(r=2, target_modules=["q_proj", "v_proj", "linear_fc1", "down_proj"], init_lora_weights=False)
+    apply_lora(gpt, gconfig)
+    path = {"linear_qkv": "self_attention.linear_qkv", "linear_proj": "self_attention.linear_proj",
+            "linear_fc1": "mlp.linear_fc1", "linear_fc2": "mlp.linear_fc2"}
+    v1 = {}
+    for name, m in lora_layers(gpt):
+        layer, kind = int(name.split(".")[2]), name.rsplit(".", 1)[-1]
+        for factor in ("lora_A", "lora_B"):
+            for seg, p in getattr(m, factor)["default"].items():
+                v1[f"decoder.layers.{layer}.{path[kind]}.{factor}.{seg}"] = p.detach().clone()
+    if rank == 0:
+        import os
+
+        os.makedirs(f"{tmp}/v1")
+        facts = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, head_dim=8,
+                     ffn_hidden_size=48, gated_linear_unit=True, vocab_size=64)
+        cfg = {"format": "megatron-lora", "version": 1, "kind": "lora", "tp_size": world, "model": facts,
+               "lora_config": gconfig.to_dict()}
+        open(f"{tmp}/v1/adapter_config.json", "w").write(json.dumps(cfg))
+    dist.barrier()
+    save_file({k: v.contiguous() for k, v in v1.items()}, f"{tmp}/v1/tp_rank_{rank:02d}.safetensors")
+    dist.barrier()
+    torch.manual_seed(0)
+    gpt2 = build_gpt(gpt_config(2, 32, 4, 48, num_query_groups=2, tensor_model_parallel_size=world), 64, max_sequence_length=16)
+    load_adapter(gpt2, f"{tmp}/v1")
+    got = {}
+    for name, m in lora_layers(gpt2):
+        for factor in ("lora_A", "lora_B"):
+            for seg, p in getattr(m, factor)["default"].items():
+                got[f"{name}.{factor}.{seg}"] = p.detach()
+    out["v1_loads"] = sorted(got) == sorted(v1) and all(torch.equal(got[k], v1[k]) for k in v1)
+    # The same model saved today: version 2 with the same keys, and its modules' styles.
+    save_adapter(gpt, f"{tmp}/gpt_v2", gconfig)
+    if rank == 0:
+        out["gpt_v2_keys_are_v1_keys"] = sorted(load_file(f"{tmp}/gpt_v2/tp_rank_00.safetensors")) == sorted(v1)
+        out["gpt_v2_config"] = json.loads(open(f"{tmp}/gpt_v2/adapter_config.json").read())
+    return out
+
+
+def _checks(rank, world, tmp):
     from megatron_lora import init_distributed
 
     init_distributed(world, seed=3)
-    out = {"exact": _exactness(world)}
+    out = {"exact": _exactness(world), "round_trips": _round_trips(world, tmp)}
     out["regex"] = _adapted(world, target_modules=r".*\.(linear_q_down_proj|linear_kv_up_proj)")
     out["layers"] = _adapted(world, target_modules=["linear_fc1"], layers_to_transform=[1])
     out["pattern"] = _adapted(world, target_modules=["linear_fc1"], layers_to_transform=[0], layers_pattern="other")
@@ -223,8 +310,8 @@ def _checks(rank, world):
 
 
 @pytest.fixture(scope="module")
-def results():
-    return run_ranks(_checks, 2)
+def results(tmp_path_factory):
+    return run_ranks(_checks, 2, str(tmp_path_factory.mktemp("any_module")))
 
 
 def test_module_tree_matches_gathered_math(results):
@@ -266,3 +353,33 @@ def test_no_activation_collective_added(results):
             # One sum per replicated factor (its size, independent of the tokens), nothing else.
             replicated = c[(t, True)][2]
             assert extra == (len(replicated), sum(replicated)), (t, extra, replicated)
+
+
+def test_version_2_checkpoint_saves_reshards_and_loads_any_module(results):
+    a = "encoder.self_attention."
+    rt = results[0]["round_trips"]
+    cfg = rt["v2_config"]
+    assert cfg["version"] == 2 and cfg["tp_size"] == 2 and "model" not in cfg
+    assert cfg["modules"] == {
+        a + "linear_q_down_proj": {"parallel": "column", "segments": {"linear_q_down_proj": {"blocks": 1}}},
+        a + "linear_proj": {"parallel": "row", "segments": {"linear_proj": {"blocks": 1}}},
+        "encoder.layers.0.linear_fc2": {"parallel": "row", "segments": {"linear_fc2": {"blocks": 1}}},
+        "encoder.layers.1.linear_fc2": {"parallel": "row", "segments": {"linear_fc2": {"blocks": 1}}},
+        "encoder.mixer": {"parallel": "column", "segments": {"mixer": {"blocks": 1}}},
+    }
+    assert rt["tp1_exact"]  # TP=2 -> 1: the gathered factors, bit for bit
+    assert "has no HF PEFT name" in rt["to_peft"]
+    for r in results:
+        assert r["round_trips"]["v2"] == (True, True) and r["round_trips"]["v2_tp1"] == (True, True)
+
+
+def test_version_1_directory_still_loads(results):
+    for r in results:
+        assert r["round_trips"]["v1_loads"]
+    rt = results[0]["round_trips"]
+    assert rt["gpt_v2_keys_are_v1_keys"]
+    cfg = rt["gpt_v2_config"]
+    assert cfg["version"] == 2 and cfg["model"]["num_layers"] == 2
+    assert cfg["modules"]["decoder.layers.1.mlp.linear_fc1"] == {"parallel": "column", "segments": {"linear_fc1": {"blocks": 2}}}
+    assert cfg["modules"]["decoder.layers.0.mlp.linear_fc2"] == {"parallel": "row", "segments": {"down_proj": {"blocks": 1}}}
+    assert set(cfg["modules"]["decoder.layers.0.self_attention.linear_qkv"]["segments"]) == {"q_proj", "v_proj"}

@@ -6,7 +6,8 @@ Directory layout::
                                "tp_size": N, "lora_config": {...PEFT field names...},
                                "modules": {"<module>": {"parallel": "column" | "row",
                                            "segments": {"<segment>": {"blocks": 1}}}},
-                               "model": {...ModelFacts...}   (GPT models only)}
+                               "model": {...ModelFacts...}   (where the LLaMA-family
+                                                              layout is adapted)}
     tp_rank_00.safetensors    rank 0's tensors, keyed <module>.lora_A.<segment> and
     tp_rank_01.safetensors    <module>.lora_B.<segment>
 
@@ -253,6 +254,8 @@ class ShardReader:
                 raise ValueError(f"{where}: lora_config: {e}") from None
             for key in self._files[0].keys():
                 split_key(key)  # every key well-formed before it is looked up
+            if self.facts is None and any(layout_module(split_key(k)[0]) for k in self.keys()):
+                raise ValueError(f"{where}: model is missing (the modules of the LLaMA-family layout need its facts)")
             if self.config["version"] == 1:
                 self.modules = layout_module_table(self.keys(), self.facts)
             else:

@@ -16,7 +16,7 @@ from megatron_lora.formats.detect import AdapterReader
 from megatron_lora.formats.peft import open_adapter
 from megatron_lora.model.gpt import real_vocab_size
 from megatron_lora.hf.layout import ModelFacts
-from megatron_lora.model.lora import LinearSite, freeze_base, iter_linear_sites, site_segment
+from megatron_lora.model.lora import LinearSite, freeze_base, iter_linear_sites, layout_facts, site_segment
 from megatron_lora.formats.outputs import shared_atomic_directory
 from megatron_lora.parallel.lora_layers import AdapterSpec, LoraLayer, add_lora_support
 
@@ -84,7 +84,10 @@ def save_adapter(
         if ps.get_data_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
             write_shard(tmp, tp_rank, state)
         if dist.get_rank() == 0:
-            cfg = checkpoint_config(kind, tp, model_facts(model), config.to_dict(), modules=table if kind == "lora" else None)
+            # The LLaMA-family layout's modules need the facts, also outside a GPT model.
+            layout = next((site for site in _adapted_sites(model, adapter_name) if site.kind is not None), None)
+            facts = model_facts(model) or (layout_facts(layout.module) if layout is not None else None)
+            cfg = checkpoint_config(kind, tp, facts, config.to_dict(), modules=table if kind == "lora" else None)
             write_config(tmp, {**cfg, **(extra or {})})
 
 

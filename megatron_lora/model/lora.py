@@ -89,7 +89,8 @@ def iter_linear_modules(model: nn.Module) -> Iterator[tuple[str, int, str, nn.Mo
             yield site.name, site.layer, site.kind, site.module
 
 
-def _model_facts(module: nn.Module) -> ModelFacts:
+def layout_facts(module: nn.Module) -> ModelFacts:
+    """The layout facts of a module's TransformerConfig (no vocabulary)."""
     return ModelFacts.from_transformer_config(module.config, vocab_size=0)
 
 
@@ -109,7 +110,7 @@ def site_segment(site: LinearSite, segment: str, r: int, config: LoraConfig, tp:
             raise ValueError(f"{site.global_name} has no segment {segment!r} (one LoRA over the module, named like it)")
         geometry = dict(width=site.module.weight.shape[0])
     else:
-        facts = _model_facts(site.module)
+        facts = layout_facts(site.module)
         proj = None if segment == site.kind else segment
         if proj is not None and proj not in facts.projections(site.kind):
             raise ValueError(f"{site.global_name}: segment {segment!r} does not belong to {site.kind}")
@@ -131,7 +132,7 @@ def adapter_spec_for(config: LoraConfig, site: LinearSite, tp: int) -> Optional[
     else:
         kind, layer = site.kind, site.layer
         shared = config.matches(site.global_name, layer)
-        projections = [p for p in _model_facts(site.module).projections(kind) if config.matches(hf_module_name(layer, p), layer)]
+        projections = [p for p in layout_facts(site.module).projections(kind) if config.matches(hf_module_name(layer, p), layer)]
         if shared and projections:
             raise ValueError(
                 f"target_modules={config.target_modules!r} names both {kind} and {projections} on "
