@@ -43,12 +43,15 @@ from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.hf.layout import (
     LAYER_INDEX,
     MODULE_PATH,
+    OUTPUT_LAYER,
     ModelFacts,
     factor_dim,
     factor_split,
     hf_module_name,
     megatron_module_name,
     module_style,
+    padded_vocab_size,
+    vocab_rows,
 )
 from megatron_lora.formats.outputs import atomic_directory
 from megatron_lora.parallel.lora_layers import shard_rows, unshard_rows
@@ -85,8 +88,11 @@ def module_key(module: str, factor: str, segment: str) -> str:
     return f"{module}.{factor}.{segment}"
 
 
-def layout_module(module: str) -> Optional[tuple[int, str]]:
-    """(global layer, Megatron module) of a module name of the LLaMA-family layout, else None."""
+def layout_module(module: str) -> Optional[tuple[Optional[int], str]]:
+    """(global layer, Megatron module) of a module name of the LLaMA-family layout (layer None
+    for the output layer), else None."""
+    if module == OUTPUT_LAYER:
+        return None, OUTPUT_LAYER
     m = _LAYOUT_MODULE.fullmatch(module)
     if m is None or m["path"] not in _MODULE_OF_PATH:
         return None
@@ -142,6 +148,31 @@ def key_split(table: ModuleTable, key: str) -> tuple[Optional[int], int]:
         raise ValueError(f"{key}: the modules table has no segment {seg!r} of {module}")
     dim = factor_dim(entry["parallel"], factor)
     return dim, entry["segments"][seg]["blocks"] if dim == 0 else 1
+
+
+def key_vocab_rows(key: str, facts: Optional[ModelFacts]) -> Optional[int]:
+    """The real rows of a factor split along the padded vocabulary (``layout.vocab_rows``)."""
+    module, factor, _ = split_key(key)
+    known = layout_module(module)
+    return vocab_rows(known[1], factor, facts) if known is not None and facts is not None else None
+
+
+def local_shape(full_shape: list[int], dim: Optional[int], tp: int, rows: Optional[int]) -> list[int]:
+    """The shape a TP rank holds of a factor of ``full_shape`` (``rows``: vocabulary rows)."""
+    shape = list(full_shape)
+    if dim is not None:
+        shape[dim] = (padded_vocab_size(rows, tp) if rows is not None else shape[dim]) // tp
+    return shape
+
+
+def local_part(full: torch.Tensor, dim: int, blocks: int, tp_rank: int, tp: int, rows: Optional[int]) -> torch.Tensor:
+    """Rank ``tp_rank``'s part of a full factor split along ``dim``; vocabulary rows are first
+    padded with zeros to a multiple of ``tp``, as the model holds them."""
+    if rows is not None and padded_vocab_size(rows, tp) > rows:
+        pad = list(full.shape)
+        pad[dim] = padded_vocab_size(rows, tp) - rows
+        full = torch.cat([full, full.new_zeros(pad)], dim)
+    return shard_rows(full, blocks, tp_rank, tp) if dim == 0 else full.chunk(tp, dim)[tp_rank].contiguous()
 
 
 def adapted_name(key: str) -> str:
@@ -220,10 +251,10 @@ def check_against_config(keys: Iterable[str], rank_of: Callable[[str], int], con
     if facts is None:
         return
     expected = set()
-    for layer in range(facts.num_layers):
-        for module in MODULE_PATH:
-            names = [megatron_module_name(layer, module)] + [hf_module_name(layer, p) for p in facts.projections(module)]
-            expected.update(n for n in names if config.matches(n, layer))
+    layout = [(layer, module) for layer in range(facts.num_layers) for module in MODULE_PATH] + [(None, OUTPUT_LAYER)]
+    for layer, module in layout:
+        names = [megatron_module_name(layer, module)] + [hf_module_name(layer, p) for p in facts.projections(module)]
+        expected.update(n for n in names if config.matches(n, layer))
     missing = sorted(expected - adapted)
     if missing:
         raise ValueError(f"{source}: the config adapts {missing[:3]}{' ...' if len(missing) > 3 else ''} "
@@ -284,16 +315,14 @@ class ShardReader:
             known = layout_module(module) if facts is not None else None
             if known is not None:
                 layer, kind = known
-                if layer >= facts.num_layers:
+                if layer is not None and layer >= facts.num_layers:
                     raise ValueError(f"{self.directory}: {key} is beyond the model's {facts.num_layers} layers")
                 if seg != kind and seg not in facts.projections(kind):
                     raise ValueError(f"{self.directory}: {key}: segment {seg!r} does not belong to {kind}")
                 fan_in, fan_out = facts.module_shape(kind) if seg == kind else facts.projection_shape(seg)
                 r = a_shape[0]
                 want = [r, fan_in] if factor == "lora_A" else [fan_out, r]
-                dim, _ = key_split(self.modules, key)
-                if dim is not None:
-                    want[dim] //= tp
+                want = local_shape(want, key_split(self.modules, key)[0], tp, vocab_rows(kind, factor, facts))
             for j in range(tp):
                 got = list(self._files[j].get_slice(key).get_shape())
                 if got != want:
@@ -332,22 +361,23 @@ class ShardReader:
         return self._files[0].get_slice(key).get_dtype()
 
     def full_shape(self, key: str) -> list[int]:
-        """The TP=1 shape of ``key``, from the file headers only."""
+        """The TP=1 shape of ``key`` (vocabulary padding removed), from the file headers only."""
         dim, _ = key_split(self.modules, key)
         shape = list(self.shape(key))
         if dim is not None:
             shape[dim] *= self.saved_tp
+            shape[dim] = key_vocab_rows(key, self.facts) or shape[dim]
         return shape
 
     def full(self, key: str) -> torch.Tensor:
-        """The TP=1 tensor of ``key``."""
+        """The TP=1 tensor of ``key`` (vocabulary padding removed)."""
         dim, blocks = key_split(self.modules, key)
         parts = [self._get(j, key) for j in range(self.saved_tp if dim is not None else 1)]
         if dim is None:
             return parts[0]
-        if dim == 0:
-            return unshard_rows(parts, blocks)
-        return torch.cat(parts, dim)
+        full = unshard_rows(parts, blocks) if dim == 0 else torch.cat(parts, dim)
+        rows = key_vocab_rows(key, self.facts)
+        return full if rows is None else full.narrow(dim, 0, rows).contiguous()
 
     def local(self, key: str, tp_rank: int, tp_size: int) -> torch.Tensor:
         """``key`` as TP rank ``tp_rank`` of ``tp_size`` holds it (reading one file if it can)."""
@@ -356,8 +386,7 @@ class ShardReader:
             return self._get(0, key)
         if tp_size == self.saved_tp:
             return self._get(tp_rank, key)
-        full = self.full(key)
-        return shard_rows(full, blocks, tp_rank, tp_size) if dim == 0 else full.chunk(tp_size, dim)[tp_rank]
+        return local_part(self.full(key), dim, blocks, tp_rank, tp_size, key_vocab_rows(key, self.facts))
 
     def _get(self, rank: int, key: str) -> torch.Tensor:
         try:

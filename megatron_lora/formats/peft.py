@@ -29,7 +29,10 @@ from megatron_lora.formats.checkpoint import (
     check_against_config,
     checkpoint_config,
     key_split,
+    key_vocab_rows,
     layout_module,
+    local_part,
+    local_shape,
     layout_module_table,
     make_key,
     parse_key,
@@ -40,6 +43,7 @@ from megatron_lora.formats.detect import CONFIG_NAME, Format, detect_lora
 from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.hf.layout import (
     HF_PROJECTIONS,
+    LM_HEAD,
     PEFT_PREFIX,
     PROJECTION,
     ModelFacts,
@@ -135,7 +139,7 @@ class PeftReader:
                 raise ValueError(f"{self.path}: {name}: lora_A {a} and lora_B {b} do not form a LoRA")
             if self.facts is None:
                 continue
-            if layer >= self.facts.num_layers:
+            if layer is not None and layer >= self.facts.num_layers:
                 raise ValueError(f"{self.path}: {name} is beyond the base model's {self.facts.num_layers} layers")
             fan_in, fan_out = self.facts.projection_shape(proj)
             if a[1] != fan_in or b[0] != fan_out:
@@ -162,9 +166,12 @@ class PeftReader:
         return self._read(key, lambda s: s[:])
 
     def local(self, key: str, tp_rank: int, tp_size: int) -> torch.Tensor:
-        dim, _ = key_split(self.modules, key)
+        dim, blocks = key_split(self.modules, key)
         if dim is None:
             return self.full(key)
+        rows = key_vocab_rows(key, self.facts)
+        if rows is not None:  # padded vocabulary rows
+            return local_part(self.full(key), dim, blocks, tp_rank, tp_size, rows)
         n = self.shape(key)[dim] // tp_size
         part = slice(tp_rank * n, (tp_rank + 1) * n)
         return self._read(key, (lambda s: s[part]) if dim == 0 else (lambda s: s[:, part]))
@@ -203,11 +210,11 @@ def megatron_plan(reader, config: LoraConfig, facts: Optional[ModelFacts], tp: i
         plans = []
         for key in reader.keys():
             dim, blocks = key_split(reader.modules, key)
-            shape = list(reader.full_shape(key))
-            if dim is not None:
-                if shape[dim] % (tp * blocks):
-                    raise ValueError(f"{key}: tensor parallel size {tp} does not divide its {shape[dim]} split rows")
-                shape[dim] //= tp
+            rows = key_vocab_rows(key, facts)
+            full = reader.full_shape(key)
+            if dim is not None and rows is None and full[dim] % (tp * blocks):
+                raise ValueError(f"{key}: tensor parallel size {tp} does not divide its {full[dim]} split rows")
+            shape = local_shape(full, dim, tp, rows)
             plans.append(TensorPlan(key, tuple(shape), reader.dtype(key), _bind(reader.local, key, j, tp)))
         ranks.append(plans)
     return checkpoint_config("lora", tp, facts, config.to_dict(), modules=reader.modules), ranks
@@ -263,9 +270,9 @@ def peft_config_dict(config: LoraConfig, modules: dict[str, tuple[int, float]], 
     a regex of the exact module names. Modules whose rank or alpha the patterns would not
     give get their own rank_pattern / alpha_pattern entry (first match wins, so in front).
     """
-    present = [p for p in HF_PROJECTIONS if any(n.endswith("." + p) for n in modules)]
+    present = [p for p in (*HF_PROJECTIONS, LM_HEAD) if any(n == p or n.endswith("." + p) for n in modules)]
     fields = {**config.to_dict(), "target_modules": present}
-    every = {hf_module_name(i, p): i for i in range(facts.num_layers) for p in HF_PROJECTIONS}
+    every = {hf_module_name(i, p): i for i in range(facts.num_layers) for p in HF_PROJECTIONS} | {LM_HEAD: None}
 
     def adapted(cfg: LoraConfig) -> set[str]:
         return {n for n, i in every.items() if cfg.matches(n, i)}

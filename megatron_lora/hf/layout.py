@@ -22,8 +22,10 @@ import torch
 
 ALL_LINEAR = "all-linear"
 HF_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-#: GPTModel's output layer (never part of "all-linear", as in PEFT).
+#: GPTModel's output layer and its HF name (never part of "all-linear", as in PEFT). Its
+#: rows are the vocabulary padded to a multiple of TP (:func:`padded_vocab_size`).
 OUTPUT_LAYER = "output_layer"
+LM_HEAD = "lm_head"
 
 #: Megatron module -> its path inside a transformer layer.
 MODULE_PATH = {
@@ -41,8 +43,9 @@ PROJECTION = {
     "gate_proj": ("mlp", "linear_fc1"),
     "up_proj": ("mlp", "linear_fc1"),
     "down_proj": ("mlp", "linear_fc2"),
+    LM_HEAD: (None, OUTPUT_LAYER),
 }
-COLUMN_MODULES = ("linear_qkv", "linear_fc1")
+COLUMN_MODULES = ("linear_qkv", "linear_fc1", OUTPUT_LAYER)
 #: HF prefix of PEFT LoRA tensor keys.
 PEFT_PREFIX = "base_model.model."
 
@@ -122,6 +125,7 @@ class ModelFacts:
             "linear_proj": (q, h),
             "linear_fc1": (h, f),
             "linear_fc2": (self.ffn_hidden_size, h),
+            OUTPUT_LAYER: (h, self.vocab_size),
         }[module]
 
     def projection_shape(self, proj: str) -> tuple[int, int]:
@@ -135,6 +139,7 @@ class ModelFacts:
             "gate_proj": (h, self.ffn_hidden_size),
             "up_proj": (h, self.ffn_hidden_size),
             "down_proj": (self.ffn_hidden_size, h),
+            LM_HEAD: (h, self.vocab_size),
         }[proj]
 
     def segment_geometry(self, module: str, proj: Optional[str], tp: int) -> dict:
@@ -155,12 +160,24 @@ class ModelFacts:
         return dict(width=f_local, period=2 * f_local, offset=0 if proj == "gate_proj" else f_local)
 
 
-def hf_module_name(layer: int, proj: str) -> str:
+def hf_module_name(layer: Optional[int], proj: str) -> str:
+    """HF name of a projection of global layer ``layer`` (None for ``lm_head``)."""
+    if proj == LM_HEAD:
+        return LM_HEAD
     return f"model.layers.{layer}.{PROJECTION[proj][0]}.{proj}"
 
 
-def megatron_module_name(layer: int, module: str) -> str:
+def megatron_module_name(layer: Optional[int], module: str) -> str:
+    """Megatron name of a module of global layer ``layer`` (None for the output layer)."""
+    if module == OUTPUT_LAYER:
+        return OUTPUT_LAYER
     return f"decoder.layers.{layer}.{MODULE_PATH[module]}"
+
+
+def vocab_rows(module: str, factor: str, facts: ModelFacts) -> Optional[int]:
+    """The real rows of a factor whose split dim is the (padded) vocabulary, else None: the
+    output layer's B, held as :func:`padded_vocab_size` rows."""
+    return facts.vocab_size if module == OUTPUT_LAYER and factor == "lora_B" else None
 
 
 def module_style(module: str) -> str:
@@ -307,8 +324,11 @@ def megatron_full_to_hf(full_state_dict: dict, facts: ModelFacts, biases: Option
 LAYER_INDEX = r"(?:0|[1-9][0-9]*)"
 
 
-def parse_hf_module_name(name: str) -> tuple[int, str]:
-    """(global layer, projection) of ``model.layers.{i}.<parent>.<proj>``; ValueError otherwise."""
+def parse_hf_module_name(name: str) -> tuple[Optional[int], str]:
+    """(global layer, projection) of ``model.layers.{i}.<parent>.<proj>`` (None, ``lm_head``)
+    of ``lm_head``; ValueError otherwise."""
+    if name == LM_HEAD:
+        return None, LM_HEAD
     parts = name.split(".")
     if len(parts) == 5 and parts[:2] == ["model", "layers"] and re.fullmatch(LAYER_INDEX, parts[2]):
         layer, parent, proj = int(parts[2]), parts[3], parts[4]
@@ -316,7 +336,7 @@ def parse_hf_module_name(name: str) -> tuple[int, str]:
             return layer, proj
     raise ValueError(
         f"{name!r} is not a linear projection of a LLaMA-family layer "
-        f"(model.layers.N.self_attn|mlp.{{{','.join(HF_PROJECTIONS)}}}, N without leading zeros)"
+        f"(model.layers.N.self_attn|mlp.{{{','.join(HF_PROJECTIONS)}}}, N without leading zeros) or lm_head"
     )
 
 

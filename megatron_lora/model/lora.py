@@ -12,7 +12,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
 from megatron_lora.config import LoraConfig
-from megatron_lora.hf.layout import ALL_LINEAR, MODULE_PATH, ModelFacts, hf_module_name
+from megatron_lora.hf.layout import ALL_LINEAR, LM_HEAD, MODULE_PATH, OUTPUT_LAYER, ModelFacts, hf_module_name
+from megatron_lora.model.gpt import real_vocab_size
 from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, add_lora_support, lora_layers
 from megatron_lora.parallel.device import device
 
@@ -29,8 +30,8 @@ class LinearSite:
     #: The enclosing TransformerLayer's global index (None outside one: matching then reads
     #: the index from the name by PEFT's rule).
     layer: Optional[int]
-    #: Megatron module of the LLaMA-family layout (``linear_qkv`` ...; HF names alias its
-    #: projections), or None for any other parallel linear.
+    #: Megatron module of the LLaMA-family layout (``linear_qkv`` ... and a GPT model's
+    #: ``output_layer``; HF names alias its projections), or None for any other parallel linear.
     kind: Optional[str]
     module: nn.Module
 
@@ -61,6 +62,8 @@ def iter_linear_sites(model: nn.Module, config: Optional[LoraConfig] = None) -> 
             layer = index
             inner = name[len(owner) :].lstrip(".")
             kind = next((k for k, path in MODULE_PATH.items() if inner == path), None)
+        elif name == OUTPUT_LAYER and real_vocab_size(model):
+            kind = OUTPUT_LAYER  # a GPT model's: HF's lm_head
         if isinstance(module, PARALLEL_LINEARS):
             inside_linear.append(name)
             yield LinearSite(name, global_name, layer, kind, module)
@@ -94,6 +97,18 @@ def layout_facts(module: nn.Module) -> ModelFacts:
     return ModelFacts.from_transformer_config(module.config, vocab_size=0)
 
 
+def _check_wrappable(site: LinearSite) -> None:
+    """Refuse parallel linears whose forward the LoRA layers do not implement."""
+    module = site.module
+    if module.weight is None:
+        raise ValueError(
+            f"cannot add LoRA to {site.global_name}: it owns no weight (it receives one at call "
+            "time, as an output layer tied to the embedding does); LoRA on tied weights is not supported"
+        )
+    if getattr(module, "explicit_expert_comm", False):
+        raise ValueError(f"cannot add LoRA to {site.global_name}: expert-parallel linears are not supported")
+
+
 def match_name(site: LinearSite, segment: str) -> str:
     """The name a segment of ``site`` matches targets and takes ``rank_pattern`` /
     ``alpha_pattern`` under: the HF name of a projection segment, else the module's own."""
@@ -105,10 +120,12 @@ def match_name(site: LinearSite, segment: str) -> str:
 def site_segment(site: LinearSite, segment: str, r: int, config: LoraConfig, tp: int) -> Segment:
     """Segment ``segment`` of rank ``r`` on ``site``: the rows of a projection where the
     LLaMA-family layout is known, else the whole output."""
-    if site.kind is None:
-        if segment != site.global_name.rsplit(".", 1)[-1]:
-            raise ValueError(f"{site.global_name} has no segment {segment!r} (one LoRA over the module, named like it)")
-        geometry = dict(width=site.module.weight.shape[0])
+    _check_wrappable(site)
+    if site.kind in (None, OUTPUT_LAYER):
+        allowed = (OUTPUT_LAYER, LM_HEAD) if site.kind else (site.global_name.rsplit(".", 1)[-1],)
+        if segment not in allowed:
+            raise ValueError(f"{site.global_name} has no segment {segment!r} (one LoRA over the module: {allowed})")
+        geometry = dict(width=site.module.weight.shape[0])  # the output layer's: the padded vocabulary
     else:
         facts = layout_facts(site.module)
         proj = None if segment == site.kind else segment
@@ -145,18 +162,6 @@ def adapter_spec_for(config: LoraConfig, site: LinearSite, tp: int) -> Optional[
     return AdapterSpec(segments, dropout=config.lora_dropout, init=config.init_lora_weights)
 
 
-def _check_wrappable(site: LinearSite) -> None:
-    """Refuse parallel linears whose forward the LoRA layers do not implement."""
-    module = site.module
-    if module.weight is None:
-        raise ValueError(
-            f"cannot add LoRA to {site.global_name}: it owns no weight (it receives one at call "
-            "time, as a tied output layer does)"
-        )
-    if getattr(module, "explicit_expert_comm", False):
-        raise ValueError(f"cannot add LoRA to {site.global_name}: expert-parallel linears are not supported")
-
-
 def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "default", dtype: torch.dtype = torch.float32) -> int:
     """Add adapter ``adapter_name`` to every matching parallel linear; return how many.
 
@@ -169,7 +174,6 @@ def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "defa
         spec = adapter_spec_for(config, site, tp)
         if spec is None:
             continue
-        _check_wrappable(site)
         if adapter_name in getattr(module, "lora_specs", {}):
             raise ValueError(f"adapter {adapter_name!r} already exists on {site.name}")
         planned.append((module, spec))
