@@ -1,6 +1,8 @@
-"""LoRA on a GPT model's output layer (HF ``lm_head``) at TP=1 and TP=2 against HF + PEFT
-(logits and LoRA gradients), converters both ways (padded vocabulary included), and the
-refusal of LoRA on an output layer tied to the embedding.
+"""LoRA on a GPT model's output layer (HF ``lm_head``) and word embedding (HF
+``embed_tokens``: PEFT's ``lora_embedding_A`` / ``lora_embedding_B``) at TP=1 and TP=2
+against HF + PEFT (logits and LoRA gradients), converters both ways (padded vocabulary
+included), the collective count, and the refusal of LoRA on an output layer tied to the
+embedding.
 
 Tolerance: max |diff| <= 1e-5 x max |logit| (fp32), gradients relative to their own scale.
 """
@@ -16,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from dist import run_ranks
 from oracle import TOL
 
-TARGETS = ["q_proj", "down_proj", "lm_head"]
+TARGET_SETS = {"lm_head": ["q_proj", "down_proj", "lm_head"], "embed_tokens": ["embed_tokens", "q_proj", "lm_head"]}
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 127, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
 
 
@@ -40,60 +42,88 @@ def _logits(model):
     return gather_from_tensor_model_parallel_region(model(IDS, positions_for(IDS), None))
 
 
-def _checks(rank, world, tmp):
+def _against_peft(rank, world, tmp, label, targets):
     import torch.distributed as dist
     from peft import PeftModel
 
-    from megatron_lora import LoraConfig, apply_lora, init_distributed, load_adapter, save_adapter
+    from megatron_lora import LoraConfig, apply_lora, load_adapter, save_adapter
     from megatron_lora.formats.convert import convert
     from megatron_lora.model.adapters import model_facts
-    from oracle import hf_llama, lora_grads, peft_lora_tensors, peft_model
+    from oracle import hf_llama, lora_grads, peft_factors, peft_lora_tensors, peft_model
 
-    init_distributed(world, seed=5)
     out = {}
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     model = apply_lora(_build(world), config)
-    out["segments"] = [s.name for s in model.output_layer.lora_specs["default"].segments]
+    out["segments"] = {n: [s.name for s in m.lora_specs["default"].segments]
+                       for n, m in (("output_layer", model.output_layer), ("embedding", model.embedding.word_embeddings))
+                       if hasattr(m, "lora_specs")}
     logits = _logits(model)
     weight = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
     (logits * weight).sum().backward()
     facts = model_facts(model)
     hf = hf_llama(model, facts)
-    pm = peft_model(hf, peft_lora_tensors(model), 4, 8, TARGETS)
+    pm = peft_model(hf, peft_lora_tensors(model), 4, 8, targets)
     ref = pm(IDS).logits
     (ref * weight).sum().backward()
     modules = dict(pm.base_model.model.named_modules())
     ours = lora_grads(model)
     out["grad_names"] = sorted(ours)
-    out["grad_err"] = max(max(_rel(ga, modules[n].lora_A["default"].weight.grad), _rel(gb, modules[n].lora_B["default"].weight.grad))
+    out["grad_err"] = max(max(_rel(ga, peft_factors(modules[n])[0].grad), _rel(gb, peft_factors(modules[n])[1].grad))
                           for n, (ga, gb) in ours.items())
     out["logit_err"] = _rel(logits.detach(), ref.detach())
 
     # Our checkpoint -> PEFT: PEFT's own loader gives our logits; PEFT -> ours at TP=1 loads back exactly.
-    save_adapter(model, f"{tmp}/meg{world}", config)
+    d = f"{tmp}/{label}{world}"
+    save_adapter(model, f"{d}_meg", config)
     hf_base = hf_llama(model, facts)  # gathers over TP: every rank
     failure = None
     if rank == 0:
         try:
-            convert(f"{tmp}/meg{world}", f"{tmp}/peft{world}", "peft", progress=False)
-            loaded = PeftModel.from_pretrained(hf_base, f"{tmp}/peft{world}").eval()
+            convert(f"{d}_meg", f"{d}_peft", "peft", progress=False)
+            loaded = PeftModel.from_pretrained(hf_base, f"{d}_peft").eval()
             with torch.no_grad():
                 out["peft_load_err"] = _rel(loaded(IDS).logits, logits.detach())
-            out["peft_config"] = json.loads(open(f"{tmp}/peft{world}/adapter_config.json").read())
-            convert(f"{tmp}/peft{world}", f"{tmp}/back{world}", "megatron", facts=facts, tp=1, progress=False)
+            out["peft_config"] = json.loads(open(f"{d}_peft/adapter_config.json").read())
+            out["peft_keys"] = sorted(load_file(f"{d}_peft/adapter_model.safetensors"))
+            convert(f"{d}_peft", f"{d}_back", "megatron", facts=facts, tp=1, progress=False)
         except Exception as e:  # re-raised after the barrier, which the other ranks wait at
             failure = e
     dist.barrier()
     if failure is not None:
         raise failure
     fresh = _build(world)
-    load_adapter(fresh, f"{tmp}/back{world}")
+    load_adapter(fresh, f"{d}_back")
     with torch.no_grad():
         out["reload_exact"] = torch.equal(_logits(fresh), logits.detach())
+    return out
 
-    # all-linear keeps PEFT's meaning: never the output layer.
+
+def _embedding_comm(world):
+    """Collectives of the embedding's forward + backward without and with LoRA."""
+    from test_lora_layers import _comm_of
+
+    from megatron_lora import LoraConfig, apply_lora
+
+    counts = []
+    for lora in (False, True):
+        model = _build(world)
+        emb = model.embedding.word_embeddings
+        if lora:
+            apply_lora(model, LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights=False))
+        emb.weight.requires_grad_(True)
+        counts.append(_comm_of(lambda: emb(IDS).square().sum().backward())[:2])
+    return counts
+
+
+def _checks(rank, world, tmp):
+    from megatron_lora import LoraConfig, apply_lora, init_distributed
+
+    init_distributed(world, seed=5)
+    out = {label: _against_peft(rank, world, tmp, label, targets) for label, targets in TARGET_SETS.items()}
+    out["comm"] = _embedding_comm(world)
+    # all-linear keeps PEFT's meaning: never the output layer, nor the embedding.
     every = apply_lora(_build(world), LoraConfig(r=2, target_modules="all-linear"))
-    out["all_linear_output"] = hasattr(every.output_layer, "lora_specs")
+    out["all_linear_output"] = hasattr(every.output_layer, "lora_specs") or hasattr(every.embedding.word_embeddings, "lora_specs")
     try:
         apply_lora(_build(world, tied=True), LoraConfig(r=2, target_modules=["lm_head"]))
     except ValueError as e:
@@ -108,17 +138,35 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_lm_head_lora_matches_peft(results, world):
+@pytest.mark.parametrize("label", list(TARGET_SETS))
+def test_lora_matches_peft(results, world, label):
+    segments = {"lm_head": {"output_layer": ["lm_head"]}, "embed_tokens": {"output_layer": ["lm_head"], "embedding": ["embed_tokens"]}}
     for r in results[world]:
-        assert r["segments"] == ["lm_head"]
-        assert "lm_head" in r["grad_names"] and len(r["grad_names"]) == 5
-        assert r["logit_err"] <= TOL and r["grad_err"] <= TOL, r
-        assert r["reload_exact"]
+        c = r[label]
+        assert c["segments"] == segments[label]
+        assert len(c["grad_names"]) == 5 if label == "lm_head" else 4, c["grad_names"]
+        assert c["logit_err"] <= TOL and c["grad_err"] <= TOL, c
+        assert c["reload_exact"]
+    r0 = results[world][0][label]
+    assert r0["peft_load_err"] <= TOL
+    assert r0["peft_config"]["target_modules"] == TARGET_SETS[label]
+    if label == "embed_tokens":
+        assert "base_model.model.model.embed_tokens.lora_embedding_A" in r0["peft_keys"]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_embedding_lora_adds_only_the_b_gradient_sum(results, world):
+    for r in results[world]:
+        (base_n, base_size), (lora_n, lora_size) = r["comm"]
+        # One replicated-factor sum (B: hidden x r); no activation collective.
+        assert (lora_n - base_n, lora_size - base_size) == ((1, 64 * 4) if world > 1 else (0, 0))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_all_linear_and_tied_output_layer(results, world):
+    for r in results[world]:
         assert not r["all_linear_output"]
         assert "tied" in r["tied"] and "output_layer" in r["tied"]
-    r0 = results[world][0]
-    assert r0["peft_load_err"] <= TOL
-    assert r0["peft_config"]["target_modules"] == TARGETS
 
 
 def test_padded_vocabulary_converts_both_ways(tmp_path):

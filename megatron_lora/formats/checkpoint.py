@@ -43,6 +43,8 @@ from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.hf.layout import (
     LAYER_INDEX,
     MODULE_PATH,
+    EMBEDDING,
+    EMBEDDING_PATH,
     OUTPUT_LAYER,
     ModelFacts,
     factor_dim,
@@ -93,6 +95,8 @@ def layout_module(module: str) -> Optional[tuple[Optional[int], str]]:
     for the output layer), else None."""
     if module == OUTPUT_LAYER:
         return None, OUTPUT_LAYER
+    if module == EMBEDDING_PATH:
+        return None, EMBEDDING
     m = _LAYOUT_MODULE.fullmatch(module)
     if m is None or m["path"] not in _MODULE_OF_PATH:
         return None
@@ -251,7 +255,7 @@ def check_against_config(keys: Iterable[str], rank_of: Callable[[str], int], con
     if facts is None:
         return
     expected = set()
-    layout = [(layer, module) for layer in range(facts.num_layers) for module in MODULE_PATH] + [(None, OUTPUT_LAYER)]
+    layout = [(layer, module) for layer in range(facts.num_layers) for module in MODULE_PATH] + [(None, OUTPUT_LAYER), (None, EMBEDDING)]
     for layer, module in layout:
         names = [megatron_module_name(layer, module)] + [hf_module_name(layer, p) for p in facts.projections(module)]
         expected.update(n for n in names if config.matches(n, layer))

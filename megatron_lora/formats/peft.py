@@ -42,6 +42,7 @@ from megatron_lora.config import LoraConfig
 from megatron_lora.formats.detect import CONFIG_NAME, Format, detect_lora
 from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.hf.layout import (
+    EMBED_TOKENS,
     HF_PROJECTIONS,
     LM_HEAD,
     PEFT_PREFIX,
@@ -53,7 +54,9 @@ from megatron_lora.hf.layout import (
 )
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_KEY = re.compile(rf"{re.escape(PEFT_PREFIX)}(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight")
+_PEFT_KEY = re.compile(
+    rf"{re.escape(PEFT_PREFIX)}(?P<module>.+)\.(?:(?P<factor>lora_A|lora_B)\.weight|lora_embedding_(?P<efactor>A|B))"
+)
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,11 @@ def read_peft_config(directory: str | Path) -> LoraConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
-def peft_key(layer: int, proj: str, factor: str) -> str:
+def peft_key(layer: Optional[int], proj: str, factor: str) -> str:
+    """PEFT's tensor key: ``<module>.lora_A.weight``, or ``<module>.lora_embedding_A`` on the
+    embedding."""
+    if proj == EMBED_TOKENS:
+        return f"{PEFT_PREFIX}{hf_module_name(layer, proj)}.lora_embedding_{factor[-1]}"
     return f"{PEFT_PREFIX}{hf_module_name(layer, proj)}.{factor}.weight"
 
 
@@ -110,14 +117,17 @@ class PeftReader:
             m = _PEFT_KEY.fullmatch(pk)
             if m is None:
                 raise ValueError(
-                    f"{self.path}: tensor {pk!r} is not a LoRA factor of a linear projection "
-                    "(embedding LoRA, DoRA magnitudes, LoRA biases and modules_to_save are not supported)"
+                    f"{self.path}: tensor {pk!r} is not a LoRA factor of a linear projection or the "
+                    "embedding (DoRA magnitudes, LoRA biases and modules_to_save are not supported)"
                 )
             try:
                 layer, proj = parse_hf_module_name(m["module"])
             except ValueError as e:
                 raise ValueError(f"{self.path}: tensor {pk!r}: {e}") from None
-            key = make_key(layer, PROJECTION[proj][1], m["factor"], proj)
+            factor = m["factor"] or f"lora_{m['efactor']}"
+            if peft_key(layer, proj, factor) != pk:  # lora_embedding_* on the embedding only
+                raise ValueError(f"{self.path}: tensor {pk!r}: PEFT names it {peft_key(layer, proj, factor)!r}")
+            key = make_key(layer, PROJECTION[proj][1], factor, proj)
             if key in self._peft_keys:
                 raise ValueError(f"{self.path}: tensors {self._peft_keys[key]!r} and {pk!r} name the same module")
             self._peft_keys[key] = pk
@@ -270,9 +280,10 @@ def peft_config_dict(config: LoraConfig, modules: dict[str, tuple[int, float]], 
     a regex of the exact module names. Modules whose rank or alpha the patterns would not
     give get their own rank_pattern / alpha_pattern entry (first match wins, so in front).
     """
-    present = [p for p in (*HF_PROJECTIONS, LM_HEAD) if any(n == p or n.endswith("." + p) for n in modules)]
+    present = [p for p in (EMBED_TOKENS, *HF_PROJECTIONS, LM_HEAD) if any(n == p or n.endswith("." + p) for n in modules)]
     fields = {**config.to_dict(), "target_modules": present}
-    every = {hf_module_name(i, p): i for i in range(facts.num_layers) for p in HF_PROJECTIONS} | {LM_HEAD: None}
+    every = {hf_module_name(i, p): i for i in range(facts.num_layers) for p in HF_PROJECTIONS}
+    every |= {hf_module_name(None, p): None for p in (EMBED_TOKENS, LM_HEAD)}
 
     def adapted(cfg: LoraConfig) -> set[str]:
         return {n for n, i in every.items() if cfg.matches(n, i)}

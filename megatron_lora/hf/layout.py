@@ -26,6 +26,11 @@ HF_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 #: rows are the vocabulary padded to a multiple of TP (:func:`padded_vocab_size`).
 OUTPUT_LAYER = "output_layer"
 LM_HEAD = "lm_head"
+#: GPTModel's word embedding (a VocabParallelEmbedding), its path and its HF projection name;
+#: LoRA's A holds the vocabulary (padded like the output layer's rows).
+EMBEDDING = "word_embeddings"
+EMBEDDING_PATH = "embedding.word_embeddings"
+EMBED_TOKENS = "embed_tokens"
 
 #: Megatron module -> its path inside a transformer layer.
 MODULE_PATH = {
@@ -44,6 +49,7 @@ PROJECTION = {
     "up_proj": ("mlp", "linear_fc1"),
     "down_proj": ("mlp", "linear_fc2"),
     LM_HEAD: (None, OUTPUT_LAYER),
+    EMBED_TOKENS: ("model", EMBEDDING),
 }
 COLUMN_MODULES = ("linear_qkv", "linear_fc1", OUTPUT_LAYER)
 #: HF prefix of PEFT LoRA tensor keys.
@@ -126,6 +132,7 @@ class ModelFacts:
             "linear_fc1": (h, f),
             "linear_fc2": (self.ffn_hidden_size, h),
             OUTPUT_LAYER: (h, self.vocab_size),
+            EMBEDDING: (self.vocab_size, h),
         }[module]
 
     def projection_shape(self, proj: str) -> tuple[int, int]:
@@ -140,6 +147,7 @@ class ModelFacts:
             "up_proj": (h, self.ffn_hidden_size),
             "down_proj": (self.ffn_hidden_size, h),
             LM_HEAD: (h, self.vocab_size),
+            EMBED_TOKENS: (self.vocab_size, h),
         }[proj]
 
     def segment_geometry(self, module: str, proj: Optional[str], tp: int) -> dict:
@@ -164,20 +172,25 @@ def hf_module_name(layer: Optional[int], proj: str) -> str:
     """HF name of a projection of global layer ``layer`` (None for ``lm_head``)."""
     if proj == LM_HEAD:
         return LM_HEAD
+    if proj == EMBED_TOKENS:
+        return f"model.{EMBED_TOKENS}"
     return f"model.layers.{layer}.{PROJECTION[proj][0]}.{proj}"
 
 
 def megatron_module_name(layer: Optional[int], module: str) -> str:
-    """Megatron name of a module of global layer ``layer`` (None for the output layer)."""
+    """Megatron name of a module of global layer ``layer`` (None outside the layers)."""
     if module == OUTPUT_LAYER:
         return OUTPUT_LAYER
+    if module == EMBEDDING:
+        return EMBEDDING_PATH
     return f"decoder.layers.{layer}.{MODULE_PATH[module]}"
 
 
 def vocab_rows(module: str, factor: str, facts: ModelFacts) -> Optional[int]:
-    """The real rows of a factor whose split dim is the (padded) vocabulary, else None: the
-    output layer's B, held as :func:`padded_vocab_size` rows."""
-    return facts.vocab_size if module == OUTPUT_LAYER and factor == "lora_B" else None
+    """The real size of a factor's split dim when it is the (padded) vocabulary, else None:
+    the output layer's B rows and the embedding's A columns, held as :func:`padded_vocab_size`."""
+    vocab = (module, factor) in ((OUTPUT_LAYER, "lora_B"), (EMBEDDING, "lora_A"))
+    return facts.vocab_size if vocab else None
 
 
 def module_style(module: str) -> str:
@@ -329,6 +342,8 @@ def parse_hf_module_name(name: str) -> tuple[Optional[int], str]:
     of ``lm_head``; ValueError otherwise."""
     if name == LM_HEAD:
         return None, LM_HEAD
+    if name == hf_module_name(None, EMBED_TOKENS):
+        return None, EMBED_TOKENS
     parts = name.split(".")
     if len(parts) == 5 and parts[:2] == ["model", "layers"] and re.fullmatch(LAYER_INDEX, parts[2]):
         layer, parent, proj = int(parts[2]), parts[3], parts[4]
@@ -336,7 +351,7 @@ def parse_hf_module_name(name: str) -> tuple[Optional[int], str]:
             return layer, proj
     raise ValueError(
         f"{name!r} is not a linear projection of a LLaMA-family layer "
-        f"(model.layers.N.self_attn|mlp.{{{','.join(HF_PROJECTIONS)}}}, N without leading zeros) or lm_head"
+        f"(model.layers.N.self_attn|mlp.{{{','.join(HF_PROJECTIONS)}}}, N without leading zeros), model.embed_tokens or lm_head"
     )
 
 

@@ -6,13 +6,23 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
 from megatron_lora.config import LoraConfig
-from megatron_lora.hf.layout import ALL_LINEAR, LM_HEAD, MODULE_PATH, OUTPUT_LAYER, ModelFacts, hf_module_name
+from megatron_lora.hf.layout import (
+    ALL_LINEAR,
+    EMBED_TOKENS,
+    EMBEDDING,
+    EMBEDDING_PATH,
+    LM_HEAD,
+    MODULE_PATH,
+    OUTPUT_LAYER,
+    ModelFacts,
+    hf_module_name,
+)
 from megatron_lora.model.gpt import real_vocab_size
 from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, add_lora_support, lora_layers
 from megatron_lora.parallel.device import device
@@ -36,7 +46,10 @@ class LinearSite:
     module: nn.Module
 
 
-PARALLEL_LINEARS = (ColumnParallelLinear, RowParallelLinear)
+#: GPT-model modules adapted as a whole -> their HF name (``output_layer`` is ``lm_head``).
+_WHOLE = {OUTPUT_LAYER: LM_HEAD, EMBEDDING: EMBED_TOKENS}
+#: The parallel modules LoRA wraps.
+PARALLEL_LINEARS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
 
 
 def iter_linear_sites(model: nn.Module, config: Optional[LoraConfig] = None) -> Iterator[LinearSite]:
@@ -62,8 +75,8 @@ def iter_linear_sites(model: nn.Module, config: Optional[LoraConfig] = None) -> 
             layer = index
             inner = name[len(owner) :].lstrip(".")
             kind = next((k for k, path in MODULE_PATH.items() if inner == path), None)
-        elif name == OUTPUT_LAYER and real_vocab_size(model):
-            kind = OUTPUT_LAYER  # a GPT model's: HF's lm_head
+        elif name in (OUTPUT_LAYER, EMBEDDING_PATH) and real_vocab_size(model):
+            kind = name.rsplit(".", 1)[-1]  # a GPT model's: HF's lm_head, embed_tokens
         if isinstance(module, PARALLEL_LINEARS):
             inside_linear.append(name)
             yield LinearSite(name, global_name, layer, kind, module)
@@ -121,11 +134,11 @@ def site_segment(site: LinearSite, segment: str, r: int, config: LoraConfig, tp:
     """Segment ``segment`` of rank ``r`` on ``site``: the rows of a projection where the
     LLaMA-family layout is known, else the whole output."""
     _check_wrappable(site)
-    if site.kind in (None, OUTPUT_LAYER):
-        allowed = (OUTPUT_LAYER, LM_HEAD) if site.kind else (site.global_name.rsplit(".", 1)[-1],)
+    if site.kind is None or site.kind in _WHOLE:
+        allowed = (site.global_name.rsplit(".", 1)[-1], *([_WHOLE[site.kind]] if site.kind else []))
         if segment not in allowed:
             raise ValueError(f"{site.global_name} has no segment {segment!r} (one LoRA over the module: {allowed})")
-        geometry = dict(width=site.module.weight.shape[0])  # the output layer's: the padded vocabulary
+        geometry = dict(width=site.module.weight.shape[0])  # output layer and embedding: the padded vocabulary
     else:
         facts = layout_facts(site.module)
         proj = None if segment == site.kind else segment
@@ -143,13 +156,15 @@ def adapter_spec_for(config: LoraConfig, site: LinearSite, tp: int) -> Optional[
     Megatron name only and gets one segment over its whole output, named like the module.
     """
     if site.kind is None:
-        if not config.matches(site.global_name, site.layer, any_linear=True):
+        linear = not isinstance(site.module, VocabParallelEmbedding)  # all-linear: linears only
+        if not config.matches(site.global_name, site.layer, any_linear=linear):
             return None
         names = [site.global_name.rsplit(".", 1)[-1]]
     else:
         kind, layer = site.kind, site.layer
         shared = config.matches(site.global_name, layer)
-        projections = [p for p in layout_facts(site.module).projections(kind) if config.matches(hf_module_name(layer, p), layer)]
+        every = (_WHOLE[kind],) if kind in _WHOLE else layout_facts(site.module).projections(kind)
+        projections = [p for p in every if config.matches(hf_module_name(layer, p), layer)]
         if shared and projections:
             raise ValueError(
                 f"target_modules={config.target_modules!r} names both {kind} and {projections} on "
