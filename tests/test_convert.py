@@ -284,7 +284,13 @@ def test_bad_input(base, adapter, tmp_path):
         _expect_error(tmp_path, _copy_peft(adapter, tmp_path / f"opt{i}", update), ValueError, match, facts=facts)
     embedding = _copy_peft(adapter, tmp_path / "embedding", tensors_update={
         "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 128)})
-    _expect_error(tmp_path, embedding, ValueError, "embed_tokens.lora_embedding_A' is not a LoRA factor", facts=facts)
+    _expect_error(tmp_path, embedding, ValueError, "embed_tokens.lora_embedding_A' has no matching lora_B", facts=facts)
+    misnamed = _copy_peft(adapter, tmp_path / "misnamed", tensors_update={
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_embedding_A": torch.zeros(4, 64)})
+    _expect_error(tmp_path, misnamed, ValueError, "PEFT names it .*q_proj.lora_A.weight", facts=facts)
+    dora = _copy_peft(adapter, tmp_path / "dora", tensors_update={
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.zeros(64)})
+    _expect_error(tmp_path, dora, ValueError, "lora_magnitude_vector' is not a LoRA factor", facts=facts)
     # An existing output directory is kept unless overwrite.
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
