@@ -46,8 +46,9 @@ def _against_peft(rank, world, tmp, label, targets):
     import torch.distributed as dist
     from peft import PeftModel
 
-    from megatron_lora import LoraConfig, apply_lora, load_adapter, save_adapter
+    from megatron_lora import LoraConfig, apply_lora, load_adapter, merge_lora, save_adapter, unmerge_lora
     from megatron_lora.formats.convert import convert
+    from megatron_lora.formats.xlora import expert_layers
     from megatron_lora.model.adapters import model_facts
     from oracle import hf_llama, lora_grads, peft_factors, peft_lora_tensors, peft_model
 
@@ -95,6 +96,17 @@ def _against_peft(rank, world, tmp, label, targets):
     load_adapter(fresh, f"{d}_back")
     with torch.no_grad():
         out["reload_exact"] = torch.equal(_logits(fresh), logits.detach())
+        # Merge gives the same logits; unmerge restores the base weights bit for bit.
+        weights = {n: p.detach().clone() for n, p in fresh.named_parameters() if n.endswith(".weight")}
+        merge_lora(fresh)
+        out["merged_err"] = _rel(_logits(fresh), logits.detach())
+        unmerge_lora(fresh)
+        out["unmerge_exact"] = all(torch.equal(p, weights[n]) for n, p in fresh.named_parameters() if n in weights)
+    # X-LoRA mixes the layers' projections only: an expert on these modules is refused.
+    try:
+        expert_layers([f"{d}_back"], facts)
+    except ValueError as e:
+        out["xlora"] = str(e)
     return out
 
 
@@ -146,7 +158,8 @@ def test_lora_matches_peft(results, world, label):
         assert c["segments"] == segments[label]
         assert len(c["grad_names"]) == 5 if label == "lm_head" else 4, c["grad_names"]
         assert c["logit_err"] <= TOL and c["grad_err"] <= TOL, c
-        assert c["reload_exact"]
+        assert c["reload_exact"] and c["merged_err"] <= TOL and c["unmerge_exact"]
+        assert "an expert on" in c["xlora"]
     r0 = results[world][0][label]
     assert r0["peft_load_err"] <= TOL
     assert r0["peft_config"]["target_modules"] == TARGET_SETS[label]

@@ -377,6 +377,8 @@ def segment_projection(module: str, segment: str, facts: ModelFacts) -> str:
     A per-projection segment is named for it; a shared-A segment (named for its Megatron
     module) qualifies only when the module fuses a single projection.
     """
+    if module in (OUTPUT_LAYER, EMBEDDING):
+        raise ValueError(f"X-LoRA mixes the LoRAs of the layers' linear projections: an expert on {module} is not supported")
     if segment in HF_PROJECTIONS:
         return segment
     projections = facts.projections(module)
