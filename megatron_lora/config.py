@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from megatron_lora.hf.layout import ALL_LINEAR, HF_PROJECTIONS, MEGATRON_MODULES
+from megatron_lora.hf.layout import ALL_LINEAR, HF_PROJECTIONS, OUTPUT_LAYER
 
 #: PEFT's default targets for the LLaMA family when ``target_modules`` is None.
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
@@ -24,9 +24,11 @@ class LoraConfig:
     lora_alpha: float = 8
     #: Dropout on the LoRA input (training only).
     lora_dropout: float = 0.0
-    #: HF projection names (``q_proj`` ... ``down_proj``: one LoRA per projection),
-    #: Megatron module names (``linear_qkv`` ... ``linear_fc2``: one shared-A LoRA per fused
-    #: module), ``"all-linear"``, or a regex string matched in full against HF names.
+    #: Module names matched against each parallel linear's dotted name (exact or whole
+    #: trailing components): Megatron names (``linear_qkv``, ``linear_q_down_proj`` ...: one
+    #: LoRA per module, shared A on a fused one), HF projection names where the LLaMA-family
+    #: layout is known (``q_proj`` ... ``down_proj``: one LoRA per projection),
+    #: ``"all-linear"``, or a regex string matched in full against either name.
     target_modules: Optional[Union[list[str], str]] = None
     #: Modules to leave out (same matching as target_modules).
     exclude_modules: Optional[Union[list[str], str]] = None
@@ -36,7 +38,8 @@ class LoraConfig:
     init_lora_weights: Union[bool, str] = True
     #: Global layer indices to adapt (list targets only, as in PEFT).
     layers_to_transform: Optional[Union[list[int], int]] = None
-    #: Accepted for PEFT compatibility; only the default "layers" naming exists here.
+    #: Name of the numbered module list whose index layers_to_transform selects (PEFT's rule;
+    #: None: the first numbered component after another component).
     layers_pattern: Optional[Union[list[str], str]] = None
     #: Per-module rank overrides: key regex matched as ``(.*\.)?(key)$``, first match wins.
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -86,18 +89,9 @@ class LoraConfig:
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported (True, False, 'gaussian')"
             )
-        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else (self.layers_pattern or [])
-        if any(p != "layers" for p in patterns):
-            raise ValueError(f"layers_pattern={self.layers_pattern!r} is not supported (only 'layers')")
-        if isinstance(self.target_modules, list):
-            known = set(HF_PROJECTIONS) | set(MEGATRON_MODULES)
-            for t in self.target_modules:
-                # PEFT also writes full module names (``model.layers.0.self_attn.q_proj``).
-                if t.rsplit(".", 1)[-1] not in known:
-                    raise ValueError(
-                        f"target_modules contains unknown target {t!r}; known targets: "
-                        f"{sorted(known)} or 'all-linear' or a regex string"
-                    )
+        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+        if patterns is not None and not (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):
+            raise ValueError(f"layers_pattern must be a name or a list of names, got {self.layers_pattern!r}")
 
     # -- resolution (PEFT's rules) ---------------------------------------------------------
     def target_list(self) -> Optional[list[str]]:
@@ -108,16 +102,38 @@ class LoraConfig:
             return None
         return list(self.target_modules)
 
-    def matches(self, name: str, layer: int) -> bool:
-        """Whether the module ``name`` (HF or Megatron, global layer ``layer``) is adapted."""
+    def matches(self, name: str, layer: Optional[int] = None, any_linear: bool = False) -> bool:
+        """Whether the module ``name`` (HF or Megatron, global layer indices) is adapted.
+
+        ``layer``: the global layer index when the caller knows it (the enclosing
+        TransformerLayer's), else PEFT's rule finds it in ``name``. ``any_linear``: ``name``
+        is a parallel linear outside the known HF layout, which ``"all-linear"`` covers
+        unless it is the output layer (PEFT never adapts the output embedding that way).
+        """
         if _matches(self.exclude_modules, name):
             return False
+        if any_linear and self.target_modules == ALL_LINEAR:
+            return name.rsplit(".", 1)[-1] != OUTPUT_LAYER
         targets = self.target_list()
         if targets is None:
             return re.fullmatch(self.target_modules, name) is not None
         if not any(name == t or name.endswith("." + t) for t in targets):
             return False
-        return self.layers_to_transform is None or layer in self.layers_to_transform
+        if self.layers_to_transform is None:
+            return True
+        if layer is None:
+            layer = self.layer_index(name)
+        return layer is not None and layer in self.layers_to_transform
+
+    def layer_index(self, name: str) -> Optional[int]:
+        """The layer index PEFT reads from a module name for ``layers_to_transform``: the
+        first number after ``layers_pattern`` (or, without one, after any component)."""
+        if not self.layers_pattern:
+            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        else:
+            patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+            m = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in patterns)), None)
+        return None if m is None else int(m["idx"])
 
     def rank_alpha(self, name: str) -> tuple[int, float]:
         r = self.rank_pattern.get(_pattern_key(self.rank_pattern, name), self.r)

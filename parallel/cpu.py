@@ -65,6 +65,19 @@ def define_moe_names_without_te() -> None:
         moe_utils.te_general_gemm = None
 
 
+class _CpuStream:
+    """What megatron-core asks of the current CUDA stream; CPU ops run in order."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def enable_cpu_execution() -> None:
     """Make megatron-core place tensors and keep RNG streams on the CPU (idempotent)."""
     global _enabled
@@ -77,6 +90,9 @@ def enable_cpu_execution() -> None:
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
+    # megatron-core 0.19's DDP waits on CUDA-graph events of the current stream at every
+    # gradient sync; the CPU executes in order, so there is nothing to wait for.
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
     torch.cuda.get_rng_state = _get_rng_state
     torch.cuda.set_rng_state = _set_rng_state
     torch.cuda.manual_seed = _manual_seed

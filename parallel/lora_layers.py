@@ -52,7 +52,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, mappings
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
@@ -187,9 +187,7 @@ class LoraLayer:
         a_dict, b_dict = nn.ParameterDict(), nn.ParameterDict()
         for seg in spec.segments:
             self._check_segment(seg, world)
-            full_in = self.input_size
-            full_out = seg.local_rows * (world if self.parallel_mode == "column" else 1)
-            a, b = _initial_factors(seg, full_in, full_out, spec.init, dtype, generator)
+            a, b = self._initial_full_factors(seg, world, spec.init, dtype, generator)
             if self.parallel_mode == "column":
                 b = shard_rows(b, seg.blocks, tp, world)
             else:
@@ -207,6 +205,10 @@ class LoraLayer:
         self.lora_B[name] = b_dict
         self.lora_specs[name] = spec
         self.active_adapters.append(name)
+
+    def _initial_full_factors(self, seg: Segment, world: int, init, dtype, generator):
+        full_out = seg.local_rows * (world if self.parallel_mode == "column" else 1)
+        return _initial_factors(seg, self.input_size, full_out, init, dtype, generator)
 
     def set_active_adapters(self, names: Iterable[str]) -> None:
         names = list(names)
@@ -522,26 +524,95 @@ class LoraRowParallelLinear(LoraLayer, RowParallelLinear):
         return out + self.bias, None
 
 
+class LoraVocabParallelEmbedding(LoraLayer, VocabParallelEmbedding):
+    """VocabParallelEmbedding with PEFT's embedding LoRA: y = W[ids] + s (A^T[ids]) B^T.
+
+    A [r, vocab] is split like the vocabulary (``parallel_mode`` "row": A split along dim 1,
+    B [hidden, r] replicated). Each rank looks up its vocabulary slice of A^T, so its LoRA
+    term, like its base rows, is zero for ids outside the slice: the term joins the
+    embedding's own reduction. No dropout (PEFT applies none to embeddings). A segment's
+    ``width`` is the local vocabulary (the weight's rows, which merging updates).
+    """
+
+    parallel_mode = "row"
+    _base_axis_map = {"weight": 0}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_lora()
+
+    def _initial_full_factors(self, seg: Segment, world: int, init, dtype, generator):
+        # PEFT: A zeros and B normal(0, 1) unless init_lora_weights=False (both standard normal).
+        vocab, hidden = seg.local_rows * world, self.embedding_dim
+        b = torch.empty(hidden, seg.r, dtype=dtype).normal_(generator=generator)
+        if init is False:
+            return torch.empty(seg.r, vocab, dtype=dtype).normal_(generator=generator), b
+        if init not in (True, "gaussian"):
+            raise ValueError(f"init_lora_weights={init!r} is not supported (True, False, 'gaussian')")
+        return torch.zeros(seg.r, vocab, dtype=dtype), b
+
+    @torch.no_grad()
+    def _delta_weight(self, adapter: str, seg: Segment) -> torch.Tensor:
+        a, b = self.lora_A[adapter][seg.name], self.lora_B[adapter][seg.name]
+        return (b.float() @ a.float()).t() * seg.scaling
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        split = self.tp_group.size() > 1
+        ids = input_
+        if split:
+            outside = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
+            ids = (input_ - self.vocab_start_index).masked_fill(outside, 0)
+        out = F.embedding(ids, self.weight)
+        if not self.lora_disabled:
+            for name in self.active_adapters:
+                if name in self.merged_adapters:
+                    continue
+                for seg in self.lora_specs[name].segments:
+                    a, b = self.factors(name, seg, out.dtype)
+                    out = out + (F.embedding(ids, a.t()) @ b.t()) * seg.scaling
+        if split:
+            out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.reduce_scatter_embeddings:
+            return mappings.reduce_scatter_to_sequence_parallel_region(out.transpose(0, 1).contiguous(), group=self.tp_group)
+        return mappings.reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+
+
 LORA_CLASSES: dict[type, type] = {
     ColumnParallelLinear: LoraColumnParallelLinear,
     RowParallelLinear: LoraRowParallelLinear,
-    LoraColumnParallelLinear: LoraColumnParallelLinear,
-    LoraRowParallelLinear: LoraRowParallelLinear,
+    VocabParallelEmbedding: LoraVocabParallelEmbedding,
 }
 
 
+def lora_class(cls: type) -> type:
+    """The LoRA class of a ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding
+    class or subclass.
+
+    A subclass gets a LoRA subclass of its own (made once), so ``isinstance`` checks on the
+    original class keep holding; the LoRA forward replaces the base class's.
+    """
+    if issubclass(cls, LoraLayer):
+        return cls
+    if cls not in LORA_CLASSES:
+        base = next((b for b in (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding) if issubclass(cls, b)), None)
+        if base is None:
+            raise TypeError(
+                f"cannot add LoRA to {cls.__module__}.{cls.__qualname__}: supported classes are "
+                "ColumnParallelLinear, RowParallelLinear and VocabParallelEmbedding (and their subclasses)"
+            )
+        lora = LORA_CLASSES[base]
+        LORA_CLASSES[cls] = type(f"Lora{cls.__name__}", (lora, cls), {"__module__": __name__})
+    return LORA_CLASSES[cls]
+
+
 def add_lora_support(module: nn.Module) -> LoraLayer:
-    """Turn a ColumnParallelLinear / RowParallelLinear into its LoRA subclass, in place.
+    """Turn a ColumnParallelLinear / RowParallelLinear (or subclass) into its LoRA class, in
+    place.
 
     Parameters, buffers, hooks and state-dict keys stay as they are; the instance only
     gains the adapter containers. Any other class is refused by name.
     """
-    cls = LORA_CLASSES.get(type(module))
-    if cls is None:
-        raise TypeError(
-            f"cannot add LoRA to {type(module).__module__}.{type(module).__qualname__}: "
-            f"supported classes are {sorted(c.__name__ for c in LORA_CLASSES)}"
-        )
+    cls = lora_class(type(module))
     if type(module) is not cls:
         module.__class__ = cls
         module.init_lora()

@@ -104,7 +104,14 @@ def peft_model(hf, tensors: dict, r: int, alpha: float, targets: list[str]):
     modules = dict(pm.base_model.model.named_modules())
     with torch.no_grad():
         for name, (a, b) in tensors.items():
-            m = modules[name]
-            m.lora_A["default"].weight.copy_(a)
-            m.lora_B["default"].weight.copy_(b)
+            pa, pb = peft_factors(modules[name])
+            pa.copy_(a)
+            pb.copy_(b)
     return pm.eval()
+
+
+def peft_factors(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's (A, B) parameters of adapter "default" on a LoRA module (linear or embedding)."""
+    if "default" in getattr(module, "lora_embedding_A", {}):
+        return module.lora_embedding_A["default"], module.lora_embedding_B["default"]
+    return module.lora_A["default"].weight, module.lora_B["default"].weight

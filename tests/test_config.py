@@ -18,7 +18,8 @@ FACTS = ModelFacts(num_layers=4, hidden_size=64, num_attention_heads=8, num_quer
 @pytest.mark.parametrize(
     "kwargs, field, value",
     [
-        (dict(target_modules=["q_proj", "qkv"]), "target_modules", "'qkv'"),
+        (dict(target_modules=["q_proj", 3]), "target_modules", "3"),
+        (dict(layers_pattern=["layers", 2]), "layers_pattern", "2"),
         (dict(r=0), "r", "0"),
         (dict(r=-2), "r", "-2"),
         (dict(rank_pattern={"q_proj": 0}), "rank_pattern", "0"),
@@ -53,6 +54,17 @@ def test_matching_follows_peft():
     assert not regex.matches("model.layers.2.self_attn.q_proj", 2)
     assert LoraConfig(target_modules="all-linear").target_list() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert LoraConfig().target_modules == ["q_proj", "v_proj"]
+    # Any module name; without a known layer index, layers_to_transform reads PEFT's from the name.
+    mla = LoraConfig(target_modules=["linear_q_down_proj"], layers_to_transform=[2])
+    assert mla.matches("decoder.layers.2.self_attention.linear_q_down_proj")
+    assert not mla.matches("decoder.layers.1.self_attention.linear_q_down_proj")
+    assert not mla.matches("layers.2.linear_q_down_proj")  # PEFT's default pattern needs a component before
+    assert LoraConfig(target_modules=["linear_fc1"], layers_to_transform=[2], layers_pattern="blocks").matches("blocks.2.linear_fc1")
+    assert mla.layer_index("vision.blocks.3.layers.1.x") == 3  # the first numbered component, as in PEFT
+    every = LoraConfig(target_modules="all-linear", exclude_modules=["linear_kv_up_proj"])
+    assert every.matches("tower.linear_fc1", any_linear=True) and not every.matches("output_layer", any_linear=True)
+    assert not every.matches("a.linear_kv_up_proj", any_linear=True)
+    assert not every.matches("decoder.layers.0.mlp.linear_fc1")  # the known layout: HF projections only
 
 
 def test_rank_alpha_patterns_and_rslora():

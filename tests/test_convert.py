@@ -277,14 +277,20 @@ def test_bad_input(base, adapter, tmp_path):
         ({"bias": "lora_only"}, "bias='lora_only' is not supported"),
         ({"lora_bias": True}, "unsupported LoRA config field lora_bias=True"),
         ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] is not supported"),
-        ({"target_modules": ["embed_tokens"]}, "target_modules contains unknown target 'embed_tokens'"),
+        ({"target_modules": ["embed_tokens"]}, "which the config does not adapt"),
         ({"fan_in_fan_out": True}, "fan_in_fan_out=True is not supported"),
         ({"peft_type": "LOHA"}, "peft_type='LOHA' is not a LoRA or X-LoRA adapter"),
     ]):
         _expect_error(tmp_path, _copy_peft(adapter, tmp_path / f"opt{i}", update), ValueError, match, facts=facts)
     embedding = _copy_peft(adapter, tmp_path / "embedding", tensors_update={
         "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 128)})
-    _expect_error(tmp_path, embedding, ValueError, "embed_tokens.lora_embedding_A' is not a LoRA factor", facts=facts)
+    _expect_error(tmp_path, embedding, ValueError, "embed_tokens.lora_embedding_A' has no matching lora_B", facts=facts)
+    misnamed = _copy_peft(adapter, tmp_path / "misnamed", tensors_update={
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_embedding_A": torch.zeros(4, 64)})
+    _expect_error(tmp_path, misnamed, ValueError, "PEFT names it .*q_proj.lora_A.weight", facts=facts)
+    dora = _copy_peft(adapter, tmp_path / "dora", tensors_update={
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.zeros(64)})
+    _expect_error(tmp_path, dora, ValueError, "lora_magnitude_vector' is not a LoRA factor", facts=facts)
     # An existing output directory is kept unless overwrite.
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")

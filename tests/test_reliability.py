@@ -312,7 +312,8 @@ def _dead_pid() -> int:
 def test_10_sigterm_and_stale_temporaries(base, adapter, tmp_path):
     cases = Cases("10 SIGTERM and stale temporaries")
     with cases("SIGTERM"):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+        env = {**os.environ, "PYTHONWARNINGS": "ignore",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         proc = subprocess.Popen(
             [sys.executable, "-c", _SIGTERM_SCRIPT, "convert", str(adapter), str(tmp_path / "out"),
              "--to", "megatron", "--base", str(base), "--tp", "2"],

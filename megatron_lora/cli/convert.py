@@ -141,8 +141,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
         return 0
     if info["kind"] == "xlora":
         return _print_xlora(info)
-    print(f"format:       {info['format']}")
+    print(f"format:       {info['format']}" + (f" (version {info['version']})" if info["version"] else ""))
     print(f"tp size:      {info['tp_size']}")
+    print(f"modules:      {info['modules']['column']} column-parallel, {info['modules']['row']} row-parallel")
     print(f"targets:      {info['target_modules']}")
     print(f"use_rslora:   {info['use_rslora']}")
     print(f"parameters:   {info['parameters']:,}")

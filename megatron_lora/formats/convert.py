@@ -24,10 +24,10 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from megatron_lora.formats.checkpoint import parse_key, shard_file, write_config
+from megatron_lora.formats.checkpoint import adapted_name, layout_module, shard_file, split_key, write_config
 from megatron_lora.errors import check_positive_int
 from megatron_lora.hf.importer import hf_model_facts, read_hf_config
-from megatron_lora.hf.layout import HF_PROJECTIONS, ModelFacts, hf_module_name, megatron_module_name
+from megatron_lora.hf.layout import HF_PROJECTIONS, ModelFacts
 from megatron_lora.formats.detect import Format, detect
 from megatron_lora.formats.outputs import atomic_directory, check_destination
 from megatron_lora.formats.peft import (
@@ -154,7 +154,8 @@ def _convert_xlora(
 
 
 def describe(directory: str | Path, confine_experts: bool = False) -> dict:
-    """Format, kind, TP size, targets, per-projection ranks and alphas, and parameter count.
+    """Format, kind, checkpoint version (None for PEFT), TP size, adapted modules by parallel
+    style, targets, per-segment layers, ranks and alphas, and parameter count.
 
     For an X-LoRA directory: its layout, the classifier's options and shapes,
     n_layers x n_experts, each expert's description and where it lives (``path``, resolved;
@@ -169,19 +170,24 @@ def describe(directory: str | Path, confine_experts: bool = False) -> dict:
     params = 0
     for key in reader.keys():
         params += math.prod(reader.full_shape(key))
-        layer, module, factor, seg = parse_key(key)
+        module, factor, seg = split_key(key)
         if factor != "lora_A":
             continue
-        name = megatron_module_name(layer, module) if seg == module else hf_module_name(layer, seg)
+        known = layout_module(module)
+        layer = known[0] if known is not None else config.layer_index(module)
         info = segments.setdefault(seg, {"layers": [], "r": set(), "lora_alpha": set()})
-        info["layers"].append(layer)
+        if layer is not None:
+            info["layers"].append(layer)
         info["r"].add(reader.full_shape(key)[0])
-        info["lora_alpha"].add(config.rank_alpha(name)[1])
+        info["lora_alpha"].add(config.rank_alpha(adapted_name(key))[1])
+    styles = [m["parallel"] for m in reader.modules.values()]
     order = {s: i for i, s in enumerate(HF_PROJECTIONS)}
     return {
         "format": fmt.value,
         "kind": "lora",
+        "version": getattr(reader, "config", {}).get("version"),
         "tp_size": reader.saved_tp,
+        "modules": {"column": styles.count("column"), "row": styles.count("row")},
         "target_modules": config.target_modules,
         "use_rslora": config.use_rslora,
         "segments": {

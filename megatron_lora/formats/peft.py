@@ -25,28 +25,38 @@ from safetensors import SafetensorError
 
 from megatron_lora.formats.checkpoint import (
     ShardReader,
+    adapted_name,
     check_against_config,
     checkpoint_config,
+    key_split,
+    key_vocab_rows,
+    layout_module,
+    local_part,
+    local_shape,
+    layout_module_table,
     make_key,
     parse_key,
+    split_key,
 )
 from megatron_lora.config import LoraConfig
 from megatron_lora.formats.detect import CONFIG_NAME, Format, detect_lora
 from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.hf.layout import (
+    EMBED_TOKENS,
     HF_PROJECTIONS,
+    LM_HEAD,
     PEFT_PREFIX,
     PROJECTION,
     ModelFacts,
-    factor_split,
     hf_module_name,
-    megatron_module_name,
     parse_hf_module_name,
     split_shared_b,
 )
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_KEY = re.compile(rf"{re.escape(PEFT_PREFIX)}(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight")
+_PEFT_KEY = re.compile(
+    rf"{re.escape(PEFT_PREFIX)}(?P<module>.+)\.(?:(?P<factor>lora_A|lora_B)\.weight|lora_embedding_(?P<efactor>A|B))"
+)
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,11 @@ def read_peft_config(directory: str | Path) -> LoraConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
-def peft_key(layer: int, proj: str, factor: str) -> str:
+def peft_key(layer: Optional[int], proj: str, factor: str) -> str:
+    """PEFT's tensor key: ``<module>.lora_A.weight``, or ``<module>.lora_embedding_A`` on the
+    embedding."""
+    if proj == EMBED_TOKENS:
+        return f"{PEFT_PREFIX}{hf_module_name(layer, proj)}.lora_embedding_{factor[-1]}"
     return f"{PEFT_PREFIX}{hf_module_name(layer, proj)}.{factor}.weight"
 
 
@@ -103,18 +117,22 @@ class PeftReader:
             m = _PEFT_KEY.fullmatch(pk)
             if m is None:
                 raise ValueError(
-                    f"{self.path}: tensor {pk!r} is not a LoRA factor of a linear projection "
-                    "(embedding LoRA, DoRA magnitudes, LoRA biases and modules_to_save are not supported)"
+                    f"{self.path}: tensor {pk!r} is not a LoRA factor of a linear projection or the "
+                    "embedding (DoRA magnitudes, LoRA biases and modules_to_save are not supported)"
                 )
             try:
                 layer, proj = parse_hf_module_name(m["module"])
             except ValueError as e:
                 raise ValueError(f"{self.path}: tensor {pk!r}: {e}") from None
-            key = make_key(layer, PROJECTION[proj][1], m["factor"], proj)
+            factor = m["factor"] or f"lora_{m['efactor']}"
+            if peft_key(layer, proj, factor) != pk:  # lora_embedding_* on the embedding only
+                raise ValueError(f"{self.path}: tensor {pk!r}: PEFT names it {peft_key(layer, proj, factor)!r}")
+            key = make_key(layer, PROJECTION[proj][1], factor, proj)
             if key in self._peft_keys:
                 raise ValueError(f"{self.path}: tensors {self._peft_keys[key]!r} and {pk!r} name the same module")
             self._peft_keys[key] = pk
         self._check()
+        self.modules = layout_module_table(self.keys(), facts)
         check_against_config(self.keys(), lambda k: self.shape(k)[0], self.lora_config, str(self.path), facts)
 
     def _check(self) -> None:
@@ -131,7 +149,7 @@ class PeftReader:
                 raise ValueError(f"{self.path}: {name}: lora_A {a} and lora_B {b} do not form a LoRA")
             if self.facts is None:
                 continue
-            if layer >= self.facts.num_layers:
+            if layer is not None and layer >= self.facts.num_layers:
                 raise ValueError(f"{self.path}: {name} is beyond the base model's {self.facts.num_layers} layers")
             fan_in, fan_out = self.facts.projection_shape(proj)
             if a[1] != fan_in or b[0] != fan_out:
@@ -158,10 +176,12 @@ class PeftReader:
         return self._read(key, lambda s: s[:])
 
     def local(self, key: str, tp_rank: int, tp_size: int) -> torch.Tensor:
-        _, module, factor, proj = parse_key(key)
-        dim, _ = factor_split(module, factor, proj, self.facts)
+        dim, blocks = key_split(self.modules, key)
         if dim is None:
             return self.full(key)
+        rows = key_vocab_rows(key, self.facts)
+        if rows is not None:  # padded vocabulary rows
+            return local_part(self.full(key), dim, blocks, tp_rank, tp_size, rows)
         n = self.shape(key)[dim] // tp_size
         part = slice(tp_rank * n, (tp_rank + 1) * n)
         return self._read(key, (lambda s: s[part]) if dim == 0 else (lambda s: s[:, part]))
@@ -191,21 +211,23 @@ def open_adapter(directory: str | Path, facts: Optional[ModelFacts] = None):
 # -- plans ------------------------------------------------------------------------------------
 
 
-def megatron_plan(reader, config: LoraConfig, facts: ModelFacts, tp: int) -> tuple[dict, list[list[TensorPlan]]]:
+def megatron_plan(reader, config: LoraConfig, facts: Optional[ModelFacts], tp: int) -> tuple[dict, list[list[TensorPlan]]]:
     """Our checkpoint at TP=``tp`` from any reader: (checkpoint config, per-rank plans)."""
-    facts.check_tp(tp)
+    if facts is not None:
+        facts.check_tp(tp)
     ranks = []
     for j in range(tp):
         plans = []
         for key in reader.keys():
-            _, module, factor, seg = parse_key(key)
-            dim, _ = factor_split(module, factor, seg, facts)
-            shape = list(reader.full_shape(key))
-            if dim is not None:
-                shape[dim] //= tp
+            dim, blocks = key_split(reader.modules, key)
+            rows = key_vocab_rows(key, facts)
+            full = reader.full_shape(key)
+            if dim is not None and rows is None and full[dim] % (tp * blocks):
+                raise ValueError(f"{key}: tensor parallel size {tp} does not divide its {full[dim]} split rows")
+            shape = local_shape(full, dim, tp, rows)
             plans.append(TensorPlan(key, tuple(shape), reader.dtype(key), _bind(reader.local, key, j, tp)))
         ranks.append(plans)
-    return checkpoint_config("lora", tp, facts, config.to_dict()), ranks
+    return checkpoint_config("lora", tp, facts, config.to_dict(), modules=reader.modules), ranks
 
 
 def peft_plan(reader: ShardReader, config: LoraConfig) -> tuple[dict, list[TensorPlan]]:
@@ -218,11 +240,18 @@ def peft_plan(reader: ShardReader, config: LoraConfig) -> tuple[dict, list[Tenso
     plans: list[TensorPlan] = []
     modules: dict[str, tuple[int, float]] = {}
     for key in reader.keys():
-        layer, module, factor, seg = parse_key(key)
+        module_name, factor, seg = split_key(key)
+        known = layout_module(module_name)
+        if known is None or facts is None:
+            raise ValueError(
+                f"{reader.directory}: {module_name} has no HF PEFT name: only the linears of "
+                "the LLaMA-family layout of a GPT model convert to PEFT"
+            )
+        layer, module = known
         shared = seg == module
         projections = facts.projections(module) if shared else (seg,)
         r = reader.full_shape(make_key(layer, module, "lora_A", seg))[0]
-        alpha = config.rank_alpha(megatron_module_name(layer, module) if shared else hf_module_name(layer, seg))[1]
+        alpha = config.rank_alpha(adapted_name(key))[1]
         for proj in projections:
             modules[hf_module_name(layer, proj)] = (r, alpha)
             fan_in, fan_out = facts.projection_shape(proj)
@@ -251,9 +280,10 @@ def peft_config_dict(config: LoraConfig, modules: dict[str, tuple[int, float]], 
     a regex of the exact module names. Modules whose rank or alpha the patterns would not
     give get their own rank_pattern / alpha_pattern entry (first match wins, so in front).
     """
-    present = [p for p in HF_PROJECTIONS if any(n.endswith("." + p) for n in modules)]
+    present = [p for p in (EMBED_TOKENS, *HF_PROJECTIONS, LM_HEAD) if any(n == p or n.endswith("." + p) for n in modules)]
     fields = {**config.to_dict(), "target_modules": present}
     every = {hf_module_name(i, p): i for i in range(facts.num_layers) for p in HF_PROJECTIONS}
+    every |= {hf_module_name(None, p): None for p in (EMBED_TOKENS, LM_HEAD)}
 
     def adapted(cfg: LoraConfig) -> set[str]:
         return {n for n, i in every.items() if cfg.matches(n, i)}

@@ -26,7 +26,15 @@ import torch
 
 ALL_LINEAR = "all-linear"
 HF_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MEGATRON_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+#: GPTModel's output layer and its HF name (never part of "all-linear", as in PEFT). Its
+#: rows are the vocabulary padded to a multiple of TP (:func:`padded_vocab_size`).
+OUTPUT_LAYER = "output_layer"
+LM_HEAD = "lm_head"
+#: GPTModel's word embedding (a VocabParallelEmbedding), its path and its HF projection name;
+#: LoRA's A holds the vocabulary (padded like the output layer's rows).
+EMBEDDING = "word_embeddings"
+EMBEDDING_PATH = "embedding.word_embeddings"
+EMBED_TOKENS = "embed_tokens"
 
 #: Megatron module -> its path inside a transformer layer.
 MODULE_PATH = {
@@ -44,8 +52,10 @@ PROJECTION = {
     "gate_proj": ("mlp", "linear_fc1"),
     "up_proj": ("mlp", "linear_fc1"),
     "down_proj": ("mlp", "linear_fc2"),
+    LM_HEAD: (None, OUTPUT_LAYER),
+    EMBED_TOKENS: ("model", EMBEDDING),
 }
-COLUMN_MODULES = ("linear_qkv", "linear_fc1")
+COLUMN_MODULES = ("linear_qkv", "linear_fc1", OUTPUT_LAYER)
 #: HF prefix of PEFT LoRA tensor keys.
 PEFT_PREFIX = "base_model.model."
 
@@ -125,6 +135,8 @@ class ModelFacts:
             "linear_proj": (q, h),
             "linear_fc1": (h, f),
             "linear_fc2": (self.ffn_hidden_size, h),
+            OUTPUT_LAYER: (h, self.vocab_size),
+            EMBEDDING: (self.vocab_size, h),
         }[module]
 
     def projection_shape(self, proj: str) -> tuple[int, int]:
@@ -138,6 +150,8 @@ class ModelFacts:
             "gate_proj": (h, self.ffn_hidden_size),
             "up_proj": (h, self.ffn_hidden_size),
             "down_proj": (self.ffn_hidden_size, h),
+            LM_HEAD: (h, self.vocab_size),
+            EMBED_TOKENS: (self.vocab_size, h),
         }[proj]
 
     def segment_geometry(self, module: str, proj: Optional[str], tp: int) -> dict:
@@ -158,22 +172,50 @@ class ModelFacts:
         return dict(width=f_local, period=2 * f_local, offset=0 if proj == "gate_proj" else f_local)
 
 
-def hf_module_name(layer: int, proj: str) -> str:
+def hf_module_name(layer: Optional[int], proj: str) -> str:
+    """HF name of a projection of global layer ``layer`` (None for ``lm_head``)."""
+    if proj == LM_HEAD:
+        return LM_HEAD
+    if proj == EMBED_TOKENS:
+        return f"model.{EMBED_TOKENS}"
     return f"model.layers.{layer}.{PROJECTION[proj][0]}.{proj}"
 
 
-def megatron_module_name(layer: int, module: str) -> str:
+def megatron_module_name(layer: Optional[int], module: str) -> str:
+    """Megatron name of a module of global layer ``layer`` (None outside the layers)."""
+    if module == OUTPUT_LAYER:
+        return OUTPUT_LAYER
+    if module == EMBEDDING:
+        return EMBEDDING_PATH
     return f"decoder.layers.{layer}.{MODULE_PATH[module]}"
 
 
+def vocab_rows(module: str, factor: str, facts: ModelFacts) -> Optional[int]:
+    """The real size of a factor's split dim when it is the (padded) vocabulary, else None:
+    the output layer's B rows and the embedding's A columns, held as :func:`padded_vocab_size`."""
+    vocab = (module, factor) in ((OUTPUT_LAYER, "lora_B"), (EMBEDDING, "lora_A"))
+    return facts.vocab_size if vocab else None
+
+
+def module_style(module: str) -> str:
+    """"column" or "row": how a Megatron module of the LLaMA-family layout is split."""
+    return "column" if module in COLUMN_MODULES else "row"
+
+
+def factor_dim(style: str, factor: str) -> Optional[int]:
+    """The dim a LoRA factor is split along over TP (None: replicated): a column module
+    splits B by rows and replicates A; a row module splits A by columns and replicates B."""
+    if style == "column":
+        return None if factor == "lora_A" else 0
+    return 1 if factor == "lora_A" else None
+
+
 def factor_split(module: str, factor: str, segment: str, facts: ModelFacts) -> tuple[Optional[int], int]:
-    """(dim split over TP or None if replicated, blocks) of a LoRA factor in our checkpoints."""
-    if module in COLUMN_MODULES:
-        if factor == "lora_A":
-            return None, 1
-        shared_gated = module == "linear_fc1" and segment == module and facts.gated_linear_unit
-        return 0, 2 if shared_gated else 1
-    return (1, 1) if factor == "lora_A" else (None, 1)
+    """(dim split over TP or None if replicated, blocks) of a LoRA factor of the LLaMA-family
+    layout in our checkpoints."""
+    dim = factor_dim(module_style(module), factor)
+    shared_gated = module == "linear_fc1" and segment == module and dim == 0 and facts.gated_linear_unit
+    return dim, 2 if shared_gated else 1
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
@@ -359,8 +401,13 @@ def megatron_full_to_hf(full_state_dict: dict, facts: ModelFacts, biases: Option
 LAYER_INDEX = r"(?:0|[1-9][0-9]*)"
 
 
-def parse_hf_module_name(name: str) -> tuple[int, str]:
-    """(global layer, projection) of ``model.layers.{i}.<parent>.<proj>``; ValueError otherwise."""
+def parse_hf_module_name(name: str) -> tuple[Optional[int], str]:
+    """(global layer, projection) of ``model.layers.{i}.<parent>.<proj>`` (None, ``lm_head``)
+    of ``lm_head``; ValueError otherwise."""
+    if name == LM_HEAD:
+        return None, LM_HEAD
+    if name == hf_module_name(None, EMBED_TOKENS):
+        return None, EMBED_TOKENS
     parts = name.split(".")
     if len(parts) == 5 and parts[:2] == ["model", "layers"] and re.fullmatch(LAYER_INDEX, parts[2]):
         layer, parent, proj = int(parts[2]), parts[3], parts[4]
@@ -368,7 +415,7 @@ def parse_hf_module_name(name: str) -> tuple[int, str]:
             return layer, proj
     raise ValueError(
         f"{name!r} is not a linear projection of a LLaMA-family layer "
-        f"(model.layers.N.self_attn|mlp.{{{','.join(HF_PROJECTIONS)}}}, N without leading zeros)"
+        f"(model.layers.N.self_attn|mlp.{{{','.join(HF_PROJECTIONS)}}}, N without leading zeros), model.embed_tokens or lm_head"
     )
 
 
@@ -394,6 +441,8 @@ def segment_projection(module: str, segment: str, facts: ModelFacts) -> str:
     A per-projection segment is named for it; a shared-A segment (named for its Megatron
     module) qualifies only when the module fuses a single projection.
     """
+    if module in (OUTPUT_LAYER, EMBEDDING):
+        raise ValueError(f"X-LoRA mixes the LoRAs of the layers' linear projections: an expert on {module} is not supported")
     if segment in HF_PROJECTIONS:
         return segment
     projections = facts.projections(module)

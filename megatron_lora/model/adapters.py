@@ -3,41 +3,59 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
-from megatron_lora.formats.checkpoint import checkpoint_config, make_key, parse_key, write_config, write_shard
+from megatron_lora.formats.checkpoint import ModuleTable, checkpoint_config, module_key, split_key, write_config, write_shard
 from megatron_lora.config import LoraConfig
 from megatron_lora.formats.detect import AdapterReader
 from megatron_lora.formats.peft import open_adapter
 from megatron_lora.model.gpt import real_vocab_size
-from megatron_lora.hf.layout import ModelFacts, hf_module_name, megatron_module_name
-from megatron_lora.model.lora import freeze_base, iter_linear_modules
+from megatron_lora.hf.layout import ModelFacts
+from megatron_lora.model.lora import LinearSite, freeze_base, iter_linear_sites, layout_facts, site_segment
 from megatron_lora.formats.outputs import shared_atomic_directory
-from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, LoraLayer, add_lora_support
+from megatron_lora.parallel.lora_layers import AdapterSpec, LoraLayer, add_lora_support
 
 
 def _tp() -> tuple[int, int]:
     return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
+def _adapted_sites(model: nn.Module, adapter_name: str) -> Iterator[LinearSite]:
+    for site in iter_linear_sites(model):
+        if isinstance(site.module, LoraLayer) and adapter_name in site.module.lora_specs:
+            yield site
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """This rank's tensors of ``adapter_name`` under checkpoint keys (global layer indices)."""
     out = {}
-    for _, layer, kind, module in iter_linear_modules(model):
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_specs:
-            for factor in ("lora_A", "lora_B"):
-                for seg, p in getattr(module, factor)[adapter_name].items():
-                    out[make_key(layer, kind, factor, seg)] = p.detach()
+    for site in _adapted_sites(model, adapter_name):
+        for factor in ("lora_A", "lora_B"):
+            for seg, p in getattr(site.module, factor)[adapter_name].items():
+                out[module_key(site.global_name, factor, seg)] = p.detach()
     return out
 
 
-def model_facts(model: nn.Module) -> ModelFacts:
-    return ModelFacts.from_transformer_config(model.config, real_vocab_size(model))
+def adapter_module_table(model: nn.Module, adapter_name: str = "default") -> ModuleTable:
+    """The checkpoint's ``modules`` table of this rank's modules carrying ``adapter_name``."""
+    return {
+        site.global_name: {
+            "parallel": site.module.parallel_mode,
+            "segments": {s.name: {"blocks": s.blocks} for s in site.module.lora_specs[adapter_name].segments},
+        }
+        for site in _adapted_sites(model, adapter_name)
+    }
+
+
+def model_facts(model: nn.Module) -> Optional[ModelFacts]:
+    """The layout facts of a GPT model (None for any other module tree)."""
+    vocab = real_vocab_size(model)
+    return ModelFacts.from_transformer_config(model.config, vocab) if vocab and hasattr(model, "config") else None
 
 
 def save_adapter(
@@ -54,47 +72,35 @@ def save_adapter(
     writes; the directory appears only when complete.
     """
     tp_rank, tp = _tp()
-    state = adapter_state_dict(model, adapter_name)
+    state, table = adapter_state_dict(model, adapter_name), adapter_module_table(model, adapter_name)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         parts = [None] * ps.get_pipeline_model_parallel_world_size()
         # Pickled for the gather: CPU tensors unpickle on any rank (they go to a file next).
-        state = {k: v.cpu() for k, v in state.items()}
-        dist.all_gather_object(parts, state, group=ps.get_pipeline_model_parallel_group())
-        state = {k: v for part in parts for k, v in part.items()}
+        dist.all_gather_object(parts, ({k: v.cpu() for k, v in state.items()}, table), group=ps.get_pipeline_model_parallel_group())
+        state = {k: v for part, _ in parts for k, v in part.items()}
+        table = {k: v for _, part in parts for k, v in part.items()}
     with shared_atomic_directory(directory, overwrite) as tmp:
         if ps.get_data_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
             write_shard(tmp, tp_rank, state)
         if dist.get_rank() == 0:
-            cfg = checkpoint_config("lora", tp, model_facts(model), config.to_dict())
+            # The LLaMA-family layout's modules need the facts, also outside a GPT model.
+            layout = next((site for site in _adapted_sites(model, adapter_name) if site.kind is not None), None)
+            facts = model_facts(model) or (layout_facts(layout.module) if layout is not None else None)
+            cfg = checkpoint_config("lora", tp, facts, config.to_dict(), modules=table)
             write_config(tmp, {**cfg, **(extra or {})})
 
 
-def adapter_specs_from_keys(
-    keys: list[str], reader: AdapterReader, config: LoraConfig, facts: ModelFacts, tp: int
-) -> dict[tuple[int, str], AdapterSpec]:
-    """Per (global layer, module): the segments present in a checkpoint's keys.
+def adapter_spec_for_keys(site: LinearSite, keys: list[str], reader: AdapterReader, config: LoraConfig, tp: int) -> AdapterSpec:
+    """The spec of the segments whose lora_A ``keys`` a checkpoint holds for ``site``.
 
-    Ranks come from the tensors' shapes and scalings from the config (by the HF name of a
-    projection segment, the Megatron name of a shared one), never from re-matching targets.
+    Ranks come from the tensors' shapes and scalings from the config (by the name each
+    segment matches under), never from re-matching targets.
     """
-    segs: dict[tuple[int, str], list[Segment]] = {}
+    segments = []
     for key in keys:
-        layer, module, factor, seg = parse_key(key)
-        if factor != "lora_A":
-            continue
-        r = reader.shape(key)[0]
-        proj = None if seg == module else seg
-        if proj is not None and proj not in facts.projections(module):
-            raise ValueError(f"{key}: segment {seg!r} does not belong to {module}")
-        name = megatron_module_name(layer, module) if proj is None else hf_module_name(layer, proj)
-        geometry = facts.segment_geometry(module, proj, tp)
-        segs.setdefault((layer, module), []).append(
-            Segment(name=seg, r=r, scaling=config.scaling(name), **geometry)
-        )
-    return {
-        k: AdapterSpec(tuple(v), dropout=config.lora_dropout, init=config.init_lora_weights)
-        for k, v in segs.items()
-    }
+        _, _, seg = split_key(key)
+        segments.append(site_segment(site, seg, reader.shape(key)[0], config, tp))
+    return AdapterSpec(tuple(segments), dropout=config.lora_dropout, init=config.init_lora_weights)
 
 
 def load_adapter(
@@ -124,23 +130,27 @@ def add_adapter_from_reader(
 
     ``reader`` has ``keys()``, ``shape(key)`` and ``local(key, tp_rank, tp_size)`` over
     checkpoint keys (:class:`ShardReader`, or ``peft_format.PeftReader`` for PEFT files).
+    Under pipeline parallelism each stage loads its modules; every key must find its module
+    on some stage.
     """
-    facts = model_facts(model)
     tp_rank, tp = _tp()
     keys = reader.keys()
-    specs = adapter_specs_from_keys(keys, reader, config, facts, tp)
-    modules = [(layer, kind, module) for _, layer, kind, module in iter_linear_modules(model) if (layer, kind) in specs]
-    taken = [m for _, _, m in modules if adapter_name in getattr(m, "lora_specs", {})]
-    if taken:  # checked before any module changes
+    a_keys: dict[str, list[str]] = {}
+    for key in keys:
+        module, factor, _ = split_key(key)
+        if factor == "lora_A":
+            a_keys.setdefault(module, []).append(key)
+    sites = [s for s in iter_linear_sites(model) if s.global_name in a_keys]
+    specs = [(s, adapter_spec_for_keys(s, a_keys[s.global_name], reader, config, tp)) for s in sites]
+    if any(adapter_name in getattr(s.module, "lora_specs", {}) for s in sites):  # checked before any module changes
         raise ValueError(f"adapter {adapter_name!r} already exists on this model")
     used = set()
-    for layer, kind, module in modules:
-        spec = specs[(layer, kind)]
-        lora = add_lora_support(module)
+    for site, spec in specs:
+        lora = add_lora_support(site.module)
         lora.add_adapter(adapter_name, spec)
         for factor in ("lora_A", "lora_B"):
             for seg, p in getattr(lora, factor)[adapter_name].items():
-                key = make_key(layer, kind, factor, seg)
+                key = module_key(site.global_name, factor, seg)
                 t = reader.local(key, tp_rank, tp)
                 if t.shape != p.shape:
                     raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(p.shape)}")
@@ -148,7 +158,10 @@ def add_adapter_from_reader(
                     p.copy_(t)
                 p.data = p.data.to(t.dtype)
                 used.add(key)
-    stage_layers = {layer for _, layer, _, _ in iter_linear_modules(model)}
-    missing = [k for k in keys if parse_key(k)[0] in stage_layers and k not in used]
+    if dist.is_initialized() and ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        parts = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(parts, used, group=ps.get_pipeline_model_parallel_group())
+        used = set().union(*parts)
+    missing = [k for k in keys if k not in used]
     if missing:
         raise ValueError(f"{source}: tensors for modules this model lacks: {missing[:4]}")

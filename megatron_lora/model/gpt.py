@@ -142,9 +142,12 @@ def check_moe_config(config: TransformerConfig) -> None:
                          "without CUDA; use 'allgather'")
 
 
-def real_vocab_size(model) -> int:
-    """The vocabulary without the TP padding (:func:`build_gpt`); a GPTModel built elsewhere has none."""
-    return getattr(model, "unpadded_vocab_size", model.vocab_size)
+def real_vocab_size(model: torch.nn.Module) -> Optional[int]:
+    """The vocabulary without the TP padding :func:`build_gpt` adds (a GPTModel built elsewhere
+    has none); None for a module tree without a vocabulary."""
+    if hasattr(model, "unpadded_vocab_size"):
+        return model.unpadded_vocab_size
+    return model.vocab_size if isinstance(model, GPTModel) else None
 
 
 def positions_for(ids: torch.Tensor) -> torch.Tensor:

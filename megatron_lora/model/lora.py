@@ -3,63 +3,179 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
 from megatron_lora.config import LoraConfig
-from megatron_lora.hf.layout import MODULE_PATH, ModelFacts, hf_module_name, megatron_module_name
+from megatron_lora.hf.layout import (
+    ALL_LINEAR,
+    EMBED_TOKENS,
+    EMBEDDING,
+    EMBEDDING_PATH,
+    LM_HEAD,
+    MODULE_PATH,
+    OUTPUT_LAYER,
+    ModelFacts,
+    hf_module_name,
+)
+from megatron_lora.model.gpt import real_vocab_size
 from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, add_lora_support, lora_layers
 from megatron_lora.parallel.device import device
 
 
-def iter_linear_modules(model: nn.Module) -> Iterator[tuple[str, int, str, nn.Module]]:
-    """(name, global layer index, Megatron module kind, module) of every targetable linear.
+@dataclass(frozen=True)
+class LinearSite:
+    """A parallel linear of a model, named as adapter matching and checkpoints see it."""
 
-    The global index comes from the enclosing TransformerLayer's ``layer_number``, so
-    pipeline stages (whose ``decoder.layers.{i}`` is stage-local) match PEFT's indices.
+    #: The module's dotted name in the model.
+    name: str
+    #: ``name`` with the enclosing TransformerLayer's index made global (pipeline stages
+    #: number their ``decoder.layers.{i}`` from 0).
+    global_name: str
+    #: The enclosing TransformerLayer's global index (None outside one: matching then reads
+    #: the index from the name by PEFT's rule).
+    layer: Optional[int]
+    #: Megatron module of the LLaMA-family layout (``linear_qkv`` ... and a GPT model's
+    #: ``output_layer``; HF names alias its projections), or None for any other parallel linear.
+    kind: Optional[str]
+    module: nn.Module
+
+
+#: GPT-model modules adapted as a whole -> their HF name (``output_layer`` is ``lm_head``).
+_WHOLE = {OUTPUT_LAYER: LM_HEAD, EMBEDDING: EMBED_TOKENS}
+#: The parallel modules LoRA wraps.
+PARALLEL_LINEARS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
+
+
+def iter_linear_sites(model: nn.Module, config: Optional[LoraConfig] = None) -> Iterator[LinearSite]:
+    """Every ColumnParallelLinear / RowParallelLinear (subclasses included) of ``model``.
+
+    With ``config``, any other module that its targets name is refused (TypeError naming
+    the class), as PEFT refuses a module type it cannot wrap.
     """
-    layer_of: dict[str, int] = {}
+    owners: dict[str, TransformerLayer] = {}
+    inside_linear: list[str] = []
     for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside_linear):
+            continue  # a LoRA layer's own containers
         if isinstance(module, TransformerLayer):
-            layer_of[name] = module.layer_number - 1
-        for kind, path in MODULE_PATH.items():
-            if name == path or name.endswith("." + path):
-                owner = name[: -len(path)].rstrip(".")
-                if owner not in layer_of:
-                    raise ValueError(f"cannot find the transformer layer that owns {name!r}")
-                yield name, layer_of[owner], kind, module
+            owners[name] = module
+        owner = next((p for p in _prefixes(name) if p in owners), None)
+        global_name, layer, kind = name, None, None
+        if owner is not None:
+            index = owners[owner].layer_number - 1
+            head, _, last = owner.rpartition(".")
+            if last.isdigit():
+                global_name = f"{head + '.' if head else ''}{index}{name[len(owner):]}"
+            layer = index
+            inner = name[len(owner) :].lstrip(".")
+            kind = next((k for k, path in MODULE_PATH.items() if inner == path), None)
+        elif name in (OUTPUT_LAYER, EMBEDDING_PATH) and real_vocab_size(model):
+            kind = name.rsplit(".", 1)[-1]  # a GPT model's: HF's lm_head, embed_tokens
+        if isinstance(module, PARALLEL_LINEARS):
+            inside_linear.append(name)
+            yield LinearSite(name, global_name, layer, kind, module)
+        elif config is not None and name and config.target_modules != ALL_LINEAR and config.matches(global_name, layer):
+            cls = type(module)
+            raise TypeError(
+                f"target_modules={config.target_modules!r} matches {global_name!r}, a "
+                f"{cls.__module__}.{cls.__qualname__}: LoRA supports megatron-core's "
+                "ColumnParallelLinear and RowParallelLinear (and their subclasses) only"
+            )
 
 
-def _model_facts(module: nn.Module) -> ModelFacts:
+def _prefixes(name: str) -> Iterator[str]:
+    """``name`` and its enclosing module names, innermost first ("" last)."""
+    while name:
+        yield name
+        name = name.rpartition(".")[0]
+    yield ""
+
+
+def iter_linear_modules(model: nn.Module) -> Iterator[tuple[str, int, str, nn.Module]]:
+    """(name, global layer index, Megatron module kind, module) of the LLaMA-family layout's
+    linears (the sites with a ``kind``)."""
+    for site in iter_linear_sites(model):
+        if site.kind is not None:
+            yield site.name, site.layer, site.kind, site.module
+
+
+def layout_facts(module: nn.Module) -> ModelFacts:
+    """The layout facts of a module's TransformerConfig (no vocabulary)."""
     return ModelFacts.from_transformer_config(module.config, vocab_size=0)
 
 
-def adapter_spec_for(config: LoraConfig, facts: ModelFacts, layer: int, kind: str, tp: int) -> Optional[AdapterSpec]:
-    """The segments ``config`` puts on Megatron module ``kind`` of global layer ``layer``."""
-    shared_name = megatron_module_name(layer, kind)
-    shared = config.matches(shared_name, layer)
-    projections = [p for p in facts.projections(kind) if config.matches(hf_module_name(layer, p), layer)]
-    if shared and projections:
+def _check_wrappable(site: LinearSite) -> None:
+    """Refuse parallel linears whose forward the LoRA layers do not implement."""
+    module = site.module
+    if module.weight is None:
         raise ValueError(
-            f"target_modules={config.target_modules!r} names both {kind} and {projections} on "
-            f"layer {layer}: use Megatron names (shared A) or HF names (per projection), not both"
+            f"cannot add LoRA to {site.global_name}: it owns no weight (it receives one at call "
+            "time, as an output layer tied to the embedding does); LoRA on tied weights is not supported"
         )
-    if shared:
-        named = [(kind, None, shared_name)]
+    if getattr(module, "explicit_expert_comm", False):
+        raise ValueError(f"cannot add LoRA to {site.global_name}: expert-parallel linears are not supported")
+
+
+def match_name(site: LinearSite, segment: str) -> str:
+    """The name a segment of ``site`` matches targets and takes ``rank_pattern`` /
+    ``alpha_pattern`` under: the HF name of a projection segment, else the module's own."""
+    if site.kind is not None and segment != site.kind:
+        return hf_module_name(site.layer, segment)
+    return site.global_name
+
+
+def site_segment(site: LinearSite, segment: str, r: int, config: LoraConfig, tp: int) -> Segment:
+    """Segment ``segment`` of rank ``r`` on ``site``: the rows of a projection where the
+    LLaMA-family layout is known, else the whole output."""
+    _check_wrappable(site)
+    if site.kind is None or site.kind in _WHOLE:
+        allowed = (site.global_name.rsplit(".", 1)[-1], *([_WHOLE[site.kind]] if site.kind else []))
+        if segment not in allowed:
+            raise ValueError(f"{site.global_name} has no segment {segment!r} (one LoRA over the module: {allowed})")
+        geometry = dict(width=site.module.weight.shape[0])  # output layer and embedding: the padded vocabulary
     else:
-        named = [(p, p, hf_module_name(layer, p)) for p in projections]
-    if not named:
+        facts = layout_facts(site.module)
+        proj = None if segment == site.kind else segment
+        if proj is not None and proj not in facts.projections(site.kind):
+            raise ValueError(f"{site.global_name}: segment {segment!r} does not belong to {site.kind}")
+        geometry = facts.segment_geometry(site.kind, proj, tp)
+    return Segment(name=segment, r=r, scaling=config.scaling(match_name(site, segment)), **geometry)
+
+
+def adapter_spec_for(config: LoraConfig, site: LinearSite, tp: int) -> Optional[AdapterSpec]:
+    """The segments ``config`` puts on ``site`` (None: not adapted).
+
+    A site of the LLaMA-family layout matches by its Megatron name (one shared-A segment) or
+    by the HF names of its projections (one segment each); any other site matches by its
+    Megatron name only and gets one segment over its whole output, named like the module.
+    """
+    if site.kind is None:
+        linear = not isinstance(site.module, VocabParallelEmbedding)  # all-linear: linears only
+        if not config.matches(site.global_name, site.layer, any_linear=linear):
+            return None
+        names = [site.global_name.rsplit(".", 1)[-1]]
+    else:
+        kind, layer = site.kind, site.layer
+        shared = config.matches(site.global_name, layer)
+        every = (_WHOLE[kind],) if kind in _WHOLE else layout_facts(site.module).projections(kind)
+        projections = [p for p in every if config.matches(hf_module_name(layer, p), layer)]
+        if shared and projections:
+            raise ValueError(
+                f"target_modules={config.target_modules!r} names both {kind} and {projections} on "
+                f"layer {layer}: use Megatron names (shared A) or HF names (per projection), not both"
+            )
+        names = [kind] if shared else projections
+    if not names:
         return None
-    segments = []
-    for seg_name, proj, full_name in named:
-        r, _ = config.rank_alpha(full_name)
-        geometry = facts.segment_geometry(kind, proj, tp)
-        segments.append(Segment(name=seg_name, r=r, scaling=config.scaling(full_name), **geometry))
-    return AdapterSpec(tuple(segments), dropout=config.lora_dropout, init=config.init_lora_weights)
+    segments = tuple(site_segment(site, n, config.rank_alpha(match_name(site, n))[0], config, tp) for n in names)
+    return AdapterSpec(segments, dropout=config.lora_dropout, init=config.init_lora_weights)
 
 
 def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
@@ -72,14 +188,15 @@ def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "defa
     tensor and pipeline split of the model starts from the same adapter.
     """
     planned = []
-    for name, layer, kind, module in iter_linear_modules(model):
+    for site in iter_linear_sites(model, config):
+        module = site.module
         tp = module.tp_group.size() if module.tp_group is not None else 1
-        spec = adapter_spec_for(config, _model_facts(module), layer, kind, tp)
+        spec = adapter_spec_for(config, site, tp)
         if spec is None:
             continue
         if adapter_name in getattr(module, "lora_specs", {}):
-            raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
-        planned.append((module, spec, megatron_module_name(layer, kind)))
+            raise ValueError(f"adapter {adapter_name!r} already exists on {site.name}")
+        planned.append((module, spec, site.global_name))
     for module, spec, global_name in planned:
         generator = None if seed is None else torch.Generator().manual_seed(_module_seed(seed, global_name))
         add_lora_support(module).add_adapter(adapter_name, spec, dtype=dtype, generator=generator)
@@ -100,9 +217,10 @@ def apply_lora(
 ) -> nn.Module:
     """Add adapter ``adapter_name`` to every matching parallel linear; freeze the rest.
 
-    Works on any module tree containing megatron-core TransformerLayers (a GPTModel in
-    particular). Adapter weights are created in ``dtype`` (fp32 by default, also on a
-    bf16/fp16 base). ``seed``: as in :func:`add_adapters`. Returns ``model``.
+    Works on any module tree of megatron-core parallel linears (a GPTModel, a stack of
+    TransformerLayers, or plain ColumnParallelLinear / RowParallelLinear modules). Adapter
+    weights are created in ``dtype`` (fp32 by default, also on a bf16/fp16 base). ``seed``: as
+    in :func:`add_adapters`. Returns ``model``.
     """
     if add_adapters(model, config, adapter_name, dtype, seed) == 0:
         raise ValueError(f"target_modules={config.target_modules!r} matched no module of the model")
