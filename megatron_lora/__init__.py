@@ -15,6 +15,7 @@ from megatron_lora.model.lora import (
     unmerge_lora,
 )
 from megatron_lora.model.xlora import XLoraConfig, XLoraModel, apply_xlora
+from megatron_lora.parallel.lora_layers import LoraComputeDtype, configure_lora_layers
 
 __all__ = [
     "LoraConfig",
@@ -34,4 +35,6 @@ __all__ = [
     "XLoraConfig",
     "XLoraModel",
     "apply_xlora",
+    "LoraComputeDtype",
+    "configure_lora_layers",
 ]
