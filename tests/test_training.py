@@ -53,19 +53,13 @@ def _single_body(rank, world, root):
             "fallback": _fallback(root), "packing": _packing()}
 
 
-def _block_causal(document_ids):
-    """A stand-in for the SFT data module's packed mask: True = masked, causal within a document."""
-    s = document_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool).triu(1)
-    return ((document_ids[:, :, None] != document_ids[:, None, :]) | causal)[:, None]
-
-
 def _packing():
     """Two examples packed into one sequence (positions restart, block-diagonal mask) give
     the evaluation loss of the two unpacked; without the mask they do not."""
     import tempfile
 
     from megatron_lora.config import LoraConfig
+    from megatron_lora.runtime.data import packed_attention_mask
     from megatron_lora.runtime.engine import Engine, EngineSettings
     from megatron_lora.model.lora import apply_lora
     from megatron_lora.runtime.training import load_base, write_tiny_base
@@ -89,7 +83,7 @@ def _packing():
         apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                      init_lora_weights=False), seed=1)
         losses = {}
-        for name, data, mask in (("unpacked", [a, b], _block_causal), ("packed", [packed], _block_causal),
+        for name, data, mask in (("unpacked", [a, b], packed_attention_mask), ("packed", [packed], packed_attention_mask),
                                  ("packed-causal-only", [packed], None)):
             losses[name] = Engine(model, model, settings, data, data, mask).evaluate()
     return losses
