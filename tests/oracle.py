@@ -115,3 +115,20 @@ def peft_factors(module) -> tuple[torch.Tensor, torch.Tensor]:
     if "default" in getattr(module, "lora_embedding_A", {}):
         return module.lora_embedding_A["default"], module.lora_embedding_B["default"]
     return module.lora_A["default"].weight, module.lora_B["default"].weight
+
+
+def save_random_peft_lora(base, path, seed: int, b_scale: float, **lora_config):
+    """A PEFT LoRA with random A and B (B times ``b_scale``: moderate deltas keep fp32 comparisons
+    well conditioned) on a copy of the HF ``base``, saved to ``path``; returns the PEFT model."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **lora_config))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(b_scale)
+    pm.save_pretrained(path)
+    return pm

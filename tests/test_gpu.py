@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from dist import run_ranks
-from oracle import TOL
+from oracle import TOL, save_random_peft_lora
 
 pytestmark = pytest.mark.gpu
 
@@ -52,7 +52,7 @@ def _env() -> dict:
 def dirs(tmp_path_factory):
     """A tiny HF Llama, a PEFT LoRA on all seven projections, a PEFT X-LoRA over two experts,
     and HF + PEFT's fp32 CUDA logits, greedy tokens and scalings on the prompt."""
-    from peft import LoraConfig, XLoraConfig, get_peft_model
+    from peft import XLoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from megatron_lora.model.xlora import XLoraConfig as OurXLoraConfig
@@ -68,15 +68,7 @@ def dirs(tmp_path_factory):
     base.save_pretrained(root / "base")
 
     def lora(targets, r, alpha, seed, path):
-        torch.manual_seed(seed)
-        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                            init_lora_weights=False))
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.mul_(0.3)
-        pm.save_pretrained(path)
-        return pm
+        return save_random_peft_lora(base, path, seed, 0.3, r=r, lora_alpha=alpha, target_modules=targets)
 
     pm = lora(SEVEN, 4, 8, 1, root / "peft").cuda().eval()
     ids = torch.tensor([PROMPT], device="cuda")

@@ -13,14 +13,13 @@ relative to their own scale.
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
 
 from dist import run_ranks
-from oracle import TOL
+from oracle import TOL, save_random_peft_lora
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 127, 8, 0, 31, 77, 12], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
 
@@ -54,7 +53,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """A tiny HF Llama directory and three PEFT LoRA expert directories (non-zero B)."""
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("xlora")
@@ -67,14 +65,8 @@ def dirs(tmp_path_factory):
     base_logits = base(IDS).logits.detach()
     experts = {}
     for i, (r, alpha, targets, extra) in enumerate(EXPERTS):
-        torch.manual_seed(10 + i)
-        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                            init_lora_weights=False, **extra))
-        with torch.no_grad():  # moderate deltas keep the fp32 comparison well conditioned
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.mul_(0.1)
-        pm.save_pretrained(root / f"expert{i}")
+        save_random_peft_lora(base, root / f"expert{i}", 10 + i, 0.1, r=r, lora_alpha=alpha,
+                              target_modules=targets, **extra)
         experts[str(i)] = str(root / f"expert{i}")
     return {"base": str(root / "base"), "experts": experts, "base_logits": base_logits}
 

@@ -10,7 +10,6 @@ Tolerance: max |diff| <= 1e-5 x max |logit| (fp32); scalings relative to their o
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import subprocess
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from dist import run_ranks
-from oracle import TOL
+from oracle import TOL, save_random_peft_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [3, 17, 42, 99, 5, 64, 127, 8, 0, 31]
@@ -42,7 +41,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def dirs(tmp_path_factory):
     """The HF base, a PEFT X-LoRA directory (intended layout), a megatron one at TP=2, and
     PEFT's logits and logged scalings on the prompt."""
-    from peft import LoraConfig, XLoraConfig, get_peft_model
+    from peft import XLoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from megatron_lora.formats.convert import base_facts
@@ -58,14 +57,7 @@ def dirs(tmp_path_factory):
     base.save_pretrained(root / "base")
     experts = {}
     for i, (r, alpha, targets) in enumerate(EXPERTS):
-        torch.manual_seed(10 + i)
-        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                            init_lora_weights=False))
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.mul_(0.3)
-        pm.save_pretrained(root / f"expert{i}")
+        save_random_peft_lora(base, root / f"expert{i}", 10 + i, 0.3, r=r, lora_alpha=alpha, target_modules=targets)
         experts[str(i)] = str(root / f"expert{i}")
     pm = get_peft_model(base, XLoraConfig(task_type="CAUSAL_LM", hidden_size=64, adapters=experts, **CASE)).eval()
     gen = torch.Generator().manual_seed(5)

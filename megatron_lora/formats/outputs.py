@@ -290,8 +290,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
             raise
 
 
-def _from_rank0(make, group) -> str:
-    """``make()`` on rank 0 of ``group``, its result (or its error) on every rank."""
+def from_rank0(make, group=None):
+    """``make()`` on rank 0 of ``group``, its (picklable) result, or its error, on every rank."""
     import torch.distributed as dist
 
     box: list = [None, None]
@@ -310,7 +310,7 @@ def shared_temp_dir(near: str | Path, group=None) -> Path:
     """A scratch directory next to ``near``, made by rank 0 and the same path on every rank
     (named as :func:`atomic_directory` names its own, so one left behind is removed by a later
     write to ``near``); the caller removes it."""
-    return Path(_from_rank0(lambda: str(_begin(Path(os.path.abspath(near)), directory=True)), group))
+    return Path(from_rank0(lambda: str(_begin(Path(os.path.abspath(near)), directory=True)), group))
 
 
 @contextlib.contextmanager
@@ -329,7 +329,7 @@ def shared_atomic_directory(path: str | Path, overwrite: bool = False, group=Non
 
     rank0 = dist.get_rank(group) == 0
     src = dist.get_global_rank(group, 0) if group is not None else 0
-    tmp = Path(_from_rank0(lambda: str(_begin(check_destination(path, overwrite), directory=True)), group))
+    tmp = Path(from_rank0(lambda: str(_begin(check_destination(path, overwrite), directory=True)), group))
     committed = False
     try:
         with cleanup_on_signals():

@@ -42,7 +42,7 @@ from megatron_lora.hf.importer import eos_token_ids
 from megatron_lora.runtime import data
 from megatron_lora.runtime.generation import generate
 from megatron_lora.runtime.tiny_task import counting_datasets, write_tiny_base
-from megatron_lora.formats.outputs import check_flag_output, shared_temp_dir
+from megatron_lora.formats.outputs import check_flag_output, from_rank0, shared_temp_dir
 from megatron_lora.runtime.checkpoints import (
     LATEST,
     check_save_dir,
@@ -213,14 +213,20 @@ def add_xlora(model: nn.Module, base_dir: Path, options: FinetuneOptions, scratc
     return apply_xlora(model, config)
 
 
-def _datasets(options: FinetuneOptions, base: nn.Module):
-    """(train, eval, attention-mask function or None) of the run."""
+def _tokenizer(options: FinetuneOptions):
+    """The base's tokenizer, which SFT data needs (None for the synthetic task)."""
     if options.tiny:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(options.base)
+
+
+def _datasets(options: FinetuneOptions, base: nn.Module, tokenizer):
+    """(train, eval, attention-mask function or None) of the run."""
+    if tokenizer is None:
         train, evaluation = counting_datasets(options.seq_length, real_vocab_size(base), options.seed)
         return train, evaluation, None
-    from transformers import AutoTokenizer  # only SFT data needs the tokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(options.base)
     train, stats = data.load_sft_samples(options.data, tokenizer, options.seq_length, options.packing)
     lines = [stats.summary()]
     evaluation = None
@@ -235,26 +241,22 @@ def _datasets(options: FinetuneOptions, base: nn.Module):
     return train, evaluation, data.packed_attention_mask if options.packing else None
 
 
-def _held_out_prompts(options: FinetuneOptions) -> list[tuple[list[int], str]]:
+def _held_out_prompts(options: FinetuneOptions, tokenizer) -> list[tuple[list[int], str]]:
     """The first ``--show-answers`` prompts of ``--eval-data`` (none without it, or with PP > 1,
     where generation cannot run)."""
     if not options.show_answers or not options.eval_data or options.pp > 1:
         return []
-    from transformers import AutoTokenizer
-
-    return data.held_out_prompts(options.eval_data, AutoTokenizer.from_pretrained(options.base), options.show_answers)
+    return data.held_out_prompts(options.eval_data, tokenizer, options.show_answers)
 
 
-def _show_answers(model: nn.Module, base_dir: Path, prompts: list[tuple[list[int], str]], when: str) -> None:
+def _show_answers(model: nn.Module, tokenizer, eos: list[int], prompts: list[tuple[list[int], str]],
+                  when: str) -> None:
     """Greedy answers to ``prompts`` (every rank generates; rank 0 prints them with the references)."""
     if not prompts:
         return
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     was_training = model.training
     model.eval()
-    answers = [generate(model, ids, 48, eos_token_ids(base_dir)) for ids, _ in prompts]
+    answers = [generate(model, ids, 48, eos) for ids, _ in prompts]
     model.train(was_training)
     if dist.get_rank() == 0:
         print(f"held-out answers {when}:", flush=True)
@@ -282,27 +284,13 @@ def _save_with_fallback(write: Callable[[Path], None], directory: Path) -> Path:
         error = e
     if _all_ok(error is None):
         return directory
-    box = [tempfile.mkdtemp(prefix="megatron-lora-adapter-") if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    fallback = Path(box[0]) / "adapter"
+    # A plain temporary directory, not an output's temporary sibling: it must outlive this run.
+    fallback = Path(from_rank0(lambda: tempfile.mkdtemp(prefix="megatron-lora-adapter-"))) / "adapter"
     write(fallback)
     if dist.get_rank() == 0:
         print(f"could not save the adapter to {directory} ({error or 'failed on another rank'}); "
               f"saved it to {fallback} instead", file=sys.stderr, flush=True)
     return fallback
-
-
-def _on_rank0(fn: Callable[[], object], failure: str) -> None:
-    """Run ``fn`` on rank 0; every rank raises RuntimeError(failure: cause) if it fails."""
-    box = [None]
-    if dist.get_rank() == 0:
-        try:
-            fn()
-        except Exception as e:  # shared with every rank, which all raise it
-            box[0] = f"{failure}: {e}"
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise RuntimeError(box[0])
 
 
 # -- the job ----------------------------------------------------------------------------------------
@@ -362,7 +350,8 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
                                 lora_dropout=options.lora_dropout, target_modules=options.target_modules)
             apply_lora(model, config, seed=options.seed)
         report = trainable_parameters_report(model)  # a collective: every rank calls it
-        train, evaluation, mask = _datasets(options, base_gpt(model))
+        tokenizer = _tokenizer(options)
+        train, evaluation, mask = _datasets(options, base_gpt(model), tokenizer)
         engine = Engine(model, base_gpt(model), options.settings(), train, evaluation, mask)
         if options.load and (latest_checkpoint(options.load) is not None or not _resume_if_any(options)):
             saved = load_checkpoint(engine, options.load)
@@ -373,10 +362,11 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
                                      f"resuming needs the same value (got {value}): the data order depends on it")
         if dist.get_rank() == 0:
             print(report, flush=True)
-        prompts = _held_out_prompts(options)
-        _show_answers(model, base_dir, prompts, "before training")
+        prompts = _held_out_prompts(options, tokenizer)
+        eos = eos_token_ids(base_dir) if prompts else []
+        _show_answers(model, tokenizer, eos, prompts, "before training")
         start, final, losses = _train(engine, options)
-        _show_answers(model, base_dir, prompts, "after training")
+        _show_answers(model, tokenizer, eos, prompts, "after training")
         if options.xlora:
             write = lambda directory: save_xlora(model, directory, overwrite=True)  # noqa: E731
         else:
@@ -384,8 +374,11 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
                 model, directory, config, overwrite=True, extra={"finetune": asdict(options)})
         adapter = _save_with_fallback(write, save / "adapter")
         if options.export_peft:
-            _on_rank0(lambda: convert(adapter, options.export_peft, to="peft", progress=False),
-                      f"--export-peft {options.export_peft} failed (the adapter is saved in {adapter})")
+            try:
+                from_rank0(lambda: convert(adapter, options.export_peft, to="peft", progress=False))
+            except Exception as e:  # every rank raises it: the adapter itself is safe
+                raise RuntimeError(f"--export-peft {options.export_peft} failed (the adapter is saved in "
+                                   f"{adapter}): {e}") from e
     finally:
         if dist.get_rank() == 0:
             shutil.rmtree(scratch, ignore_errors=True)
