@@ -182,7 +182,7 @@ def _body(rank, world, dirs, qwen_adapter, prompt, weights, root):
     from megatron_lora.model.gpt import positions_for
     from megatron_lora.hf.importer import load_hf_base
     from megatron_lora.model.adapters import load_adapter, save_adapter
-    from megatron_lora.model.lora import apply_lora, enable_adapters
+    from megatron_lora.model.lora import apply_lora, enable_adapters, merge_lora
     from megatron_lora.runtime.generation import forward_logits
 
     ids = torch.tensor([prompt])
@@ -214,7 +214,10 @@ def _body(rank, world, dirs, qwen_adapter, prompt, weights, root):
             sizes = {p.numel() for p in model.parameters() if p.requires_grad}
             r = out[(name, tp, ep, etp)] = {
                 "logits": logits[-1].detach(), "base_logits": logits[0].detach(), "grads": _full_grads(model, tp),
-                "extra": lora_comm - base_comm, "missing": base_comm - lora_comm, "factor_sizes": sizes}
+                "extra": lora_comm - base_comm, "missing": base_comm - lora_comm, "factor_sizes": sizes,
+                "marks": _marks_follow_weights(model)}
+            merge_lora(model)
+            r["merged_logits"] = forward_logits(model, ids)[0]
             if name == "mixtral":
                 save_adapter(model, root / f"mixtral_{i}", mixtral_config)
                 if i > 0:  # the previous layout's adapter, loaded here
@@ -226,7 +229,57 @@ def _body(rank, world, dirs, qwen_adapter, prompt, weights, root):
     loaded, _ = load_hf_base(dirs["mixtral"])
     load_adapter(loaded, root / f"mixtral_{len(LAYOUTS) - 1}")
     out["last_loaded_logits"] = forward_logits(loaded, ids)[0]
+    out.update(_targets_and_refusals(dirs["qwen"]))
     return out
+
+
+def _marks_follow_weights(model) -> bool:
+    """Every factor carries its weight's gradient-reduction marks: an expert's allreduce=False
+    (expert data-parallel reduction), the router's sequence_parallel."""
+    from megatron_lora.parallel.lora_layers import lora_layers
+
+    ok = True
+    for _, layer in lora_layers(model):
+        for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]:
+            for mark in ("allreduce", "sequence_parallel"):
+                ok &= getattr(p, mark, None) == getattr(layer.weight, mark, None)
+    return ok
+
+
+def _targets_and_refusals(qwen_dir) -> dict:
+    """What "all-linear" adapts on layer 0 of an MoE model, and the refusals (at TP=1)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron_lora.config import LoraConfig
+    from megatron_lora.hf.importer import load_hf_base
+    from megatron_lora.model.gpt import build_gpt, gpt_config
+    from megatron_lora.model.lora import apply_lora
+
+    model, _ = load_hf_base(qwen_dir)
+    errors = {}
+    refused = {
+        "megatron_and_hf": LoraConfig(target_modules=["linear_fc1", "gate_proj"]),
+        "module_and_parameter": LoraConfig(target_modules=["linear_fc2"], target_parameters=["down_proj"]),
+    }
+    cfg = gpt_config(num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=32, num_moe_experts=4,
+                     moe_router_topk=2, moe_ffn_hidden_size=16, moe_shared_expert_intermediate_size=16,
+                     moe_token_dispatcher_type="allgather")
+    # build_gpt refuses shared experts itself; a model built with them elsewhere is refused here.
+    shared = build_gpt(cfg, vocab_size=64, layer_spec=get_gpt_decoder_block_spec(cfg, use_transformer_engine=False))
+    for key, config in refused.items():
+        try:
+            apply_lora(model, config)
+        except ValueError as e:
+            errors[key] = str(e)
+    for targets in (["linear_fc1"], ["down_proj"]):
+        try:
+            apply_lora(shared, LoraConfig(target_modules=targets))
+        except ValueError as e:
+            errors[f"shared_{targets[0]}"] = str(e)
+    apply_lora(model, LoraConfig(target_modules="all-linear"))
+    adapted = {(n.split(".lora_A.")[0].removeprefix("decoder.layers.0."), n.rsplit(".", 1)[1])
+               for n, _ in model.named_parameters() if ".lora_A." in n and n.startswith("decoder.layers.0.")}
+    return {"errors": errors, "all_linear": adapted}
 
 
 def test_moe_lora_layouts_checkpoints_and_peft(moe_setup, tmp_path):
@@ -257,9 +310,21 @@ def test_moe_lora_layouts_checkpoints_and_peft(moe_setup, tmp_path):
                 # adds only sums of replicated factors' gradients.
                 assert not r["missing"], (name, layout, r["missing"])
                 assert all(op == "all_reduce" and n in r["factor_sizes"] for op, n in r["extra"]), (name, layout, r["extra"])
+                assert r["marks"], (name, layout)
+                # Merged into the experts' and router's local weights: the same logits.
+                assert (r["merged_logits"] - r["logits"]).abs().max().item() <= TOL * scale, (name, layout)
                 if "loaded_logits" in r:
                     assert (r["loaded_logits"] - want["logits"]).abs().max().item() <= TOL * scale, (name, layout)
             assert seen == want["grads"].keys(), (name, layout, seen ^ want["grads"].keys())
+    errors = ranks[0]["errors"]
+    assert "names both" in errors["megatron_and_hf"]
+    assert "both target_modules and target_parameters" in errors["module_and_parameter"]
+    assert "shared experts" in errors["shared_linear_fc1"] and "shared experts" in errors["shared_down_proj"]
+    # "all-linear": the HF projections (per-projection LoRA) and, as in PEFT, the router.
+    experts = {(f"mlp.experts.local_experts.{e}.{m}", s) for e in range(E)
+               for m, segs in (("linear_fc1", ("gate_proj", "up_proj")), ("linear_fc2", ("down_proj",))) for s in segs}
+    attention = {("self_attention.linear_qkv", p) for p in ("q_proj", "k_proj", "v_proj")} | {("self_attention.linear_proj", "o_proj")}
+    assert ranks[0]["all_linear"] == experts | attention | {("mlp.router", "router")}
     mixtral_scale = ref["mixtral"]["logits"].abs().max().item()
     assert (ranks[0]["last_loaded_logits"] - ref["mixtral"]["logits"]).abs().max().item() <= TOL * mixtral_scale
     # Every expert of every layer, with global indices, in every file.

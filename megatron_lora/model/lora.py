@@ -115,8 +115,10 @@ def _refuse_unsupported_experts(config: LoraConfig, name: str, layer: int, modul
     what = next((v for cls, v in _UNSUPPORTED_EXPERTS.items() if isinstance(module, cls)), None)
     if what is None:
         return
-    if isinstance(module, SharedExpertMLP):
-        targeted = any(config.matches(f"{name}.{m}", layer) for m in ("linear_fc1", "linear_fc2"))
+    if isinstance(module, SharedExpertMLP):  # by its Megatron names, or Qwen2-MoE's HF names
+        names = [f"{name}.{m}" for m in ("linear_fc1", "linear_fc2")]
+        names += [f"model.layers.{layer}.mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+        targeted = any(config.matches(n, layer) for n in names)
     else:  # the names its experts would have as SequentialMLP experts
         targeted = any(config.moe_segment_name(MoeModule(layer, 0, m), seg) is not None
                        for m in ("linear_fc1", "linear_fc2") for seg in (m, *MoeModule(layer, 0, m).projections()))
