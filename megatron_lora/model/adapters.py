@@ -10,15 +10,23 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
-from megatron_lora.formats.checkpoint import ModuleTable, checkpoint_config, module_key, split_key, write_config, write_shard
+from megatron_lora.formats.checkpoint import (
+    CHECKPOINT_FACTORS,
+    ModuleTable,
+    checkpoint_config,
+    module_key,
+    split_key,
+    write_config,
+    write_shard,
+)
 from megatron_lora.config import LoraConfig
 from megatron_lora.formats.detect import AdapterReader
 from megatron_lora.formats.peft import open_adapter
 from megatron_lora.model.gpt import real_vocab_size
 from megatron_lora.hf.layout import ModelFacts
-from megatron_lora.model.lora import LinearSite, freeze_base, iter_linear_sites, layout_facts, site_segment
+from megatron_lora.model.lora import LinearSite, freeze_base, iter_linear_sites, layout_facts, lora_module, site_segment
 from megatron_lora.formats.outputs import shared_atomic_directory
-from megatron_lora.parallel.lora_layers import AdapterSpec, LoraLayer, add_lora_support
+from megatron_lora.parallel.lora_layers import AdapterSpec, LoraLayer
 
 
 def _tp() -> tuple[int, int]:
@@ -35,10 +43,19 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """This rank's tensors of ``adapter_name`` under checkpoint keys (global layer indices)."""
     out = {}
     for site in _adapted_sites(model, adapter_name):
-        for factor in ("lora_A", "lora_B"):
-            for seg, p in getattr(site.module, factor)[adapter_name].items():
-                out[module_key(site.global_name, factor, seg)] = p.detach()
+        for factor, seg, p in _adapter_tensors(site.module, adapter_name):
+            out[module_key(site.global_name, factor, seg)] = p.detach()
     return out
+
+
+def _adapter_tensors(layer: LoraLayer, adapter_name: str) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(factor, segment, parameter) of every tensor of ``adapter_name`` on ``layer``, DoRA
+    magnitudes included, as checkpoint keys name them."""
+    for factor in CHECKPOINT_FACTORS:
+        tensors = getattr(layer, factor)
+        if adapter_name in tensors:
+            for seg, p in tensors[adapter_name].items():
+                yield factor, seg, p
 
 
 def adapter_module_table(model: nn.Module, adapter_name: str = "default") -> ModuleTable:
@@ -100,7 +117,7 @@ def adapter_spec_for_keys(site: LinearSite, keys: list[str], reader: AdapterRead
     for key in keys:
         _, _, seg = split_key(key)
         segments.append(site_segment(site, seg, reader.shape(key)[0], config, tp))
-    return AdapterSpec(tuple(segments), dropout=config.lora_dropout, init=config.init_lora_weights)
+    return AdapterSpec(tuple(segments), dropout=config.lora_dropout, init=config.init_lora_weights, dora=config.use_dora)
 
 
 def load_adapter(
@@ -146,18 +163,17 @@ def add_adapter_from_reader(
         raise ValueError(f"adapter {adapter_name!r} already exists on this model")
     used = set()
     for site, spec in specs:
-        lora = add_lora_support(site.module)
+        lora = lora_module(site, model)
         lora.add_adapter(adapter_name, spec)
-        for factor in ("lora_A", "lora_B"):
-            for seg, p in getattr(lora, factor)[adapter_name].items():
-                key = module_key(site.global_name, factor, seg)
-                t = reader.local(key, tp_rank, tp)
-                if t.shape != p.shape:
-                    raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(p.shape)}")
-                with torch.no_grad():
-                    p.copy_(t)
-                p.data = p.data.to(t.dtype)
-                used.add(key)
+        for factor, seg, p in _adapter_tensors(lora, adapter_name):
+            key = module_key(site.global_name, factor, seg)
+            t = reader.local(key, tp_rank, tp)
+            if t.shape != p.shape:
+                raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(p.shape)}")
+            with torch.no_grad():
+                p.copy_(t)
+            p.data = p.data.to(t.dtype)
+            used.add(key)
     if dist.is_initialized() and ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
         parts = [None] * ps.get_pipeline_model_parallel_world_size()
         dist.all_gather_object(parts, used, group=ps.get_pipeline_model_parallel_group())
