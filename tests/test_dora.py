@@ -185,8 +185,15 @@ def _against_peft(rank, world, tmp, label):
 
 def _shared_a(rank, world, tmp):
     """Megatron names: one DoRA over each fused module (shared A, one magnitude over the fused
-    rows, gated linear_fc1 split in blocks) exports to per-projection PEFT DoRA exactly."""
+    rows, gated linear_fc1 split in blocks) exports to per-projection PEFT DoRA exactly; and
+    megatron-core's dist_checkpointing saves it at TP=2 and loads it at TP=1 (magnitudes
+    sharded like B)."""
+    import os
+
+    from megatron.core import dist_checkpointing
     from peft import PeftModel
+
+    from megatron_lora import apply_lora
 
     from megatron_lora import save_adapter
     from megatron_lora.formats.convert import convert
@@ -207,6 +214,15 @@ def _shared_a(rank, world, tmp):
             out["peft_load_err"] = _rel(PeftModel.from_pretrained(hf_base, f"{d}_peft").eval()(IDS).logits, logits)
 
     _on_rank0(rank, export)
+    if world == 2:
+        _on_rank0(rank, lambda: os.makedirs(f"{tmp}/shared_dist"))
+        dist_checkpointing.save(model.sharded_state_dict(), f"{tmp}/shared_dist")
+        torch.save(logits, f"{tmp}/shared_dist_logits.{rank}.pt")
+    else:
+        target = apply_lora(_build(world, 128), config)
+        target.load_state_dict(dist_checkpointing.load(target.sharded_state_dict(), f"{tmp}/shared_dist"))
+        with torch.no_grad():
+            out["dist_reload_err"] = _rel(_logits(target), torch.load(f"{tmp}/shared_dist_logits.{rank}.pt"))
     return out
 
 
@@ -357,6 +373,10 @@ def test_shared_a_dora_exports_to_peft(results, tp):
     assert results[0][tp]["shared"]["peft_load_err"] <= TOL
 
 
+def test_dist_checkpointing_reshards_magnitudes(results):
+    assert all(r[1]["shared"]["dist_reload_err"] <= TOL for r in results)
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_dropout_recomputes_the_base_product(results, tp):
     for r in results:
@@ -378,3 +398,104 @@ def test_collectives_one_small_all_reduce_per_row_layer_and_embedding(results):
             assert dora_b[0] == plain_b[0] and dora_b[1] == plain_b[1] + rows, (kind, plain_b, dora_b)
         for kind in ("layers", "embedding"):  # TP=1: nothing at all
             assert all(c[0] == 0 for c in r[1]["comm"][kind][True])
+
+
+def test_dora_files_checked_against_config_and_shapes(tmp_path, capsys):
+    """A PEFT DoRA directory saved by PEFT converts to TP=2 and back bit-exact; ``inspect``
+    shows DoRA; a missing or misshapen magnitude, or one without use_dora, is refused by name
+    in PEFT files and in our checkpoints."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_lora.cli.main import main as cli_main
+    from megatron_lora.formats.checkpoint import shard_file
+    from megatron_lora.formats.convert import base_facts, convert, describe
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=2,
+                                        num_hidden_layers=2, vocab_size=128))
+    base.save_pretrained(tmp_path / "base")
+    pm = get_peft_model(base, PeftLoraConfig(r=R, target_modules=["q_proj", "down_proj"], use_dora=True, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "peft")
+    facts = base_facts(tmp_path / "base")
+    convert(tmp_path / "peft", tmp_path / "meg", "megatron", facts=facts, tp=2, progress=False)
+    convert(tmp_path / "meg", tmp_path / "back", "peft", progress=False)
+    src, back = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("peft", "back"))
+    assert src.keys() == back.keys() and all(torch.equal(src[k], back[k]) for k in src)
+    ranks = [load_file(str(shard_file(tmp_path / "meg", j))) for j in range(2)]
+    q = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    mq = "decoder.layers.0.self_attention.linear_qkv.lora_magnitude_vector.q_proj"
+    md = "decoder.layers.0.mlp.linear_fc2.lora_magnitude_vector.down_proj"
+    assert torch.equal(torch.cat([r[mq] for r in ranks]), src[q])  # split like q_proj's B rows
+    d = "base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector"
+    assert all(torch.equal(r[md], src[d]) for r in ranks)  # replicated like down_proj's B
+    info = describe(tmp_path / "meg")
+    assert info["use_dora"] is True
+    assert info["parameters"] == sum(t.numel() for t in src.values())
+    assert cli_main(["inspect", str(tmp_path / "meg")]) == 0
+    assert "use_dora:     True" in capsys.readouterr().out
+
+    def refused(directory, match, **kw):
+        with pytest.raises(ValueError, match=match):
+            convert(directory, tmp_path / "out", "megatron", **kw, progress=False)
+
+    def peft_copy(name, drop=(), update=None, config=None):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
+        save_file({**{k: v for k, v in src.items() if k not in drop}, **(update or {})}, str(d / "adapter_model.safetensors"))
+        return d
+
+    refused(peft_copy("missing", drop=[q]), "no matching lora_magnitude_vector .use_dora is true.", facts=facts)
+    refused(peft_copy("short", update={q: torch.ones(63)}), r"lora_magnitude_vector \[63\] does not match lora_B \[64, 4\]", facts=facts)
+    refused(peft_copy("plain", config={"use_dora": False}), "is a DoRA magnitude, but use_dora is false", facts=facts)
+
+    def meg_copy(name, rank_update):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "adapter_config.json").write_text((tmp_path / "meg" / "adapter_config.json").read_text())
+        for j, r in enumerate(ranks):
+            tensors = {k: v for k, v in r.items() if rank_update.get(k, 0) is not None}
+            tensors.update({k: v for k, v in rank_update.items() if v is not None and j == 1})
+            save_file(tensors, str(shard_file(d, j)))
+        return d
+
+    refused(meg_copy("meg_short", {mq: torch.ones(31)}), r"lora_magnitude_vector\.q_proj has shape \[31\].*need \[32\]")
+    refused(meg_copy("meg_missing", {md: None}), "the modules table and the tensors disagree")
+
+
+def _initial_magnitudes(rank, world, base, seed, adapter):
+    """The magnitudes ``apply_lora(seed=...)`` starts from on the tiny base (the same at any
+    TP), and the trained ones of ``adapter`` resharded to TP=1."""
+    from megatron_lora import apply_lora, init_distributed
+    from megatron_lora.formats.checkpoint import ShardReader
+    from megatron_lora.model.adapters import adapter_state_dict
+    from megatron_lora.runtime.training import FinetuneOptions, load_base
+
+    init_distributed(1, seed=seed)
+    reader = ShardReader(adapter)
+    model = apply_lora(load_base(base, FinetuneOptions(tiny=True)), reader.lora_config, seed=seed)
+    start = {k: v for k, v in adapter_state_dict(model).items() if ".lora_magnitude_vector." in k}
+    return {k: (v, reader.full(k)) for k, v in start.items()}
+
+
+def test_finetune_use_dora_trains_and_saves_the_magnitudes(tmp_path):
+    """``finetune --use-dora`` at TP=2: the loss falls, every magnitude moves from its
+    initial row norm and is saved; the PEFT export is a DoRA adapter."""
+    from test_finetune import _finetune
+
+    from megatron_lora.runtime.tiny_task import write_tiny_base
+
+    save, peft_dir = tmp_path / "run", tmp_path / "peft"
+    start, final = _finetune("--tiny", "--tp", "2", "--steps", "6", "--seq-length", "16", "--save", str(save),
+                             "--seed", "3", "--use-dora", "--export-peft", str(peft_dir))
+    assert final < start, (start, final)
+    write_tiny_base(tmp_path / "base", 3)
+    got = run_ranks(_initial_magnitudes, 1, str(tmp_path / "base"), 3, str(save / "adapter"))[0]
+    assert len(got) == 4 * 7  # 4 layers x 7 projections
+    assert all(trained.shape == initial.shape and (trained - initial).abs().max() > 1e-4 for initial, trained in got.values())
+    assert json.loads((peft_dir / "adapter_config.json").read_text())["use_dora"] is True
+    assert sum(k.endswith(".lora_magnitude_vector") for k in load_file(str(peft_dir / "adapter_model.safetensors"))) == 28
