@@ -309,7 +309,10 @@ class LoraLayer:
         squares = torch.cat(parts)
         if self.parallel_mode == "row":
             collectives.sum_over_ranks(squares, self.tp_group)
-        return dict(zip(keys, squares.sqrt().split([p.numel() for p in parts])))
+        # A zero row (the TP padding of an output layer's vocabulary) gets ratio m / tiny = 0
+        # for its m = 0 instead of 0 / 0, which would poison the gradient norm.
+        norms = squares.sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+        return dict(zip(keys, norms.split([p.numel() for p in parts])))
 
     def _squared_norms(self, adapter: str, seg: Segment) -> torch.Tensor:
         """This rank's part of the squared norm of each output row of W + s B A (fp32)."""

@@ -3,7 +3,7 @@
 One spawned 2-rank group runs every check at TP=2, then again at TP=1 (model parallelism
 re-initialised): logits and the gradients of A, B and the magnitude on a tiny Llama with DoRA
 on the seven projections (fused linear_qkv / linear_fc1 segments, row-parallel o_proj /
-down_proj) and on embed_tokens (a vocabulary of 127, padded to 128 at TP=2); merge and
+down_proj), on embed_tokens and on lm_head (a vocabulary of 127, padded to 128 at TP=2); merge and
 unmerge; PEFT -> ours -> PEFT bit-exact and resharding TP=2 -> 1; shared-A DoRA exported to
 PEFT; LoRA dropout against PEFT's recomputed base product; and the collective count.
 
@@ -25,7 +25,7 @@ from dist import run_ranks
 from oracle import TOL
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TARGET_SETS = {"linear": (PROJECTIONS, 128), "embed": (["embed_tokens"], 127)}
+TARGET_SETS = {"linear": (PROJECTIONS, 128), "embed": (["embed_tokens"], 127), "lm_head": (["lm_head"], 127)}
 SHARED = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 126, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
 R, ALPHA = 4, 8
@@ -86,6 +86,13 @@ def _full_tensors(model, value):
     return out
 
 
+def _unpadded(t, shape):
+    """``t`` without the vocabulary padding rows or columns PEFT's ``shape`` lacks."""
+    for dim, n in enumerate(shape):
+        t = t.narrow(dim, 0, n)
+    return t
+
+
 def _peft_tensors(module):
     """PEFT's (A, B, magnitude) parameters of adapter "default" on a DoRA module."""
     m = module.lora_magnitude_vector["default"].weight
@@ -131,14 +138,14 @@ def _against_peft(rank, world, tmp, label):
     with torch.no_grad():
         for name, tensors in _full_tensors(model, lambda p: p.detach()).items():
             for ours, theirs in zip(tensors, _peft_tensors(modules[name])):
-                theirs.copy_(ours[:, :vocab] if ours.shape != theirs.shape else ours)  # vocabulary padding
+                theirs.copy_(_unpadded(ours, theirs.shape))
     ref = pm.eval()(IDS).logits
     (ref * weight).sum().backward()
     out["logit_err"] = _rel(logits.detach(), ref.detach())
     grads = _full_tensors(model, lambda p: p.grad)
     out["grad_names"] = sorted(grads)
     out["grad_err"] = {
-        f"{n}.{f}": _rel(ours[:, :vocab] if ours.shape != theirs.grad.shape else ours, theirs.grad)
+        f"{n}.{f}": _rel(_unpadded(ours, theirs.grad.shape), theirs.grad)
         for n, g in grads.items() for f, ours, theirs in zip("ABm", g, _peft_tensors(modules[n]))
     }
     with pm.disable_adapter(), torch.no_grad():
@@ -342,7 +349,7 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("label", list(TARGET_SETS))
 def test_dora_matches_peft(results, tp, label):
-    names = {"linear": 14, "embed": 1}
+    names = {"linear": 14, "embed": 1, "lm_head": 1}
     for r in results:
         c = r[tp][label]
         assert len(c["grad_names"]) == names[label], c["grad_names"]
