@@ -270,28 +270,21 @@ class LoraLayer:
         with get_cuda_rng_tracker().fork():
             return F.dropout(x, p, True)
 
-    def factors(self, adapter: str, seg: Segment, activation: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, adapter: str, seg: Segment, activation: torch.dtype, magnitude: bool = False) -> tuple[torch.Tensor, ...]:
         """(A, B) of one segment as the LoRA term uses them: replicated factors sum their
-        gradient over TP (in the parameters' dtype), then both are cast to the compute dtype."""
+        gradient over TP (in the parameters' dtype), then both are cast to the compute dtype.
+        With ``magnitude``, (A, B, m) of a DoRA segment, m in its own dtype; a row layer's
+        replicated B and m sum their gradients in one collective."""
         a, b = self.lora_A[adapter][seg.name], self.lora_B[adapter][seg.name]
+        extra = (self.lora_magnitude_vector[adapter][seg.name],) if magnitude else ()
         if self.parallel_mode == "column":
             a = collectives.replicated_factor(a, self.tp_group)
+        elif extra:
+            b, *extra = collectives.replicated_factors((b, *extra), self.tp_group)
         else:
             b = collectives.replicated_factor(b, self.tp_group)
         dtype = compute_dtype(self.lora_compute_dtype, a.dtype, activation)
-        return a.to(dtype), b.to(dtype)
-
-    def dora_factors(self, adapter: str, seg: Segment, activation: torch.dtype):
-        """(A, B, magnitude) of a DoRA segment: like :meth:`factors`, A and B cast to the compute
-        dtype; on a row layer the replicated B and magnitude sum their gradients in one collective."""
-        a, b = self.lora_A[adapter][seg.name], self.lora_B[adapter][seg.name]
-        m = self.lora_magnitude_vector[adapter][seg.name]
-        if self.parallel_mode == "column":
-            a = collectives.replicated_factor(a, self.tp_group)
-        else:
-            b, m = collectives.replicated_factors((b, m), self.tp_group)
-        dtype = compute_dtype(self.lora_compute_dtype, a.dtype, activation)
-        return a.to(dtype), b.to(dtype), m
+        return (a.to(dtype), b.to(dtype), *extra)
 
     @torch.no_grad()
     def _weight_norms(self, adapters: Iterable[str]) -> dict[tuple[str, str], torch.Tensor]:
@@ -369,20 +362,19 @@ class LoraLayer:
             spec = self.lora_specs[name]
             xin = self.lora_input(x2, spec.dropout)
             for seg in spec.segments:
-                if not spec.dora:
-                    a, b = self.factors(name, seg, x2.dtype)
-                    out = _with_rows(out, seg, _rows(out, seg) + F.linear(F.linear(xin.to(a.dtype), a), b) * seg.scaling)
-                    continue
-                a, b, m = self.dora_factors(name, seg, x2.dtype)
+                a, b, *m = self.factors(name, seg, x2.dtype, magnitude=spec.dora)
                 lora = F.linear(F.linear(xin.to(a.dtype), a), b) * seg.scaling
                 rows = _rows(out, seg)
+                if not spec.dora:
+                    out = _with_rows(out, seg, rows + lora)
+                    continue
                 if xin is not x2:
                     base = F.linear(xin.to(dtype), self._weight_rows(seg).reshape(-1, self.weight.shape[1]).to(dtype))
                 elif bias is not None:
                     base = rows - _rows(bias.view(1, -1), seg).to(dtype)
                 else:
                     base = rows
-                ratio = m.float() / norms[(name, seg.name)]
+                ratio = m[0].float() / norms[(name, seg.name)]
                 out = _with_rows(out, seg, rows + (ratio - 1).to(dtype) * base + ratio.to(dtype) * lora)
         return out.to(x2.dtype)
 
@@ -726,7 +718,7 @@ class LoraVocabParallelEmbedding(LoraLayer, VocabParallelEmbedding):
                         out = out + (F.embedding(ids, a.t()) @ b.t()) * seg.scaling
                         continue
                     # PEFT: (m / n) (running output + s A^T[ids] B^T), n over the vocabulary.
-                    a, b, m = self.dora_factors(name, seg, out.dtype)
+                    a, b, m = self.factors(name, seg, out.dtype, magnitude=True)
                     ratio = (m.float() / norms[(name, seg.name)]).to(a.dtype)
                     out = ratio * (out + (F.embedding(ids, a.t()) @ b.t()) * seg.scaling)
         if split:
