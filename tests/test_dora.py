@@ -5,7 +5,10 @@ re-initialised): logits and the gradients of A, B and the magnitude on a tiny Ll
 on the seven projections (fused linear_qkv / linear_fc1 segments, row-parallel o_proj /
 down_proj), on embed_tokens and on lm_head (a vocabulary of 127, padded to 128 at TP=2); merge and
 unmerge; PEFT -> ours -> PEFT bit-exact and resharding TP=2 -> 1; shared-A DoRA exported to
-PEFT; LoRA dropout against PEFT's recomputed base product; and the collective count.
+PEFT (and dist_checkpointing TP=2 -> 1); LoRA dropout against PEFT's recomputed base product;
+a plain adapter active before a DoRA one (PEFT rescales the running output); sequence
+parallelism; bf16 bases in both precision modes; and the collective count. Outside the group:
+PEFT-saved DoRA files through the converters and their checks, and ``finetune --use-dora``.
 
 Every B is scaled after ``apply_lora`` so that each magnitude differs from its row norm (the
 norm then changes the output, and a wrong norm cannot cancel against the magnitude).
@@ -285,7 +288,20 @@ def _dropout(world):
         no_recompute = base + proj.lora_magnitude_vector["default"](
             xd, lora_A=proj.lora_A["default"], lora_B=proj.lora_B["default"], scaling=proj.scaling["default"],
             base_layer=proj.base_layer, base_result=base)
+    # A plain adapter active before the DoRA one: PEFT's DoRA then rescales the running output,
+    # plain term included.
+    plain = AdapterSpec((Segment(name="x", r=R, scaling=2.0, width=48 // world),), init=False)
+    col.add_adapter("plain", plain, generator=torch.Generator().manual_seed(8))
+    col.set_active_adapters(["plain", "default"])
+    pm.add_adapter("plain", PeftLoraConfig(r=R, lora_alpha=2 * R, target_modules=["proj"], init_lora_weights=False))
+    with torch.no_grad():
+        proj.lora_A["plain"].weight.copy_(col.lora_A["plain"]["x"])
+        proj.lora_B["plain"].weight.copy_(gather_rows(col.lora_B["plain"]["x"].detach(), 0))
+        pm.base_model.set_adapter(["plain", "default"])
+        col.eval(), pm.eval()
+        mixed = _rel(gather_rows(col(x)[0], 1), pm(x))
     return {
+        "mixed": mixed,
         "y": _rel(gather_rows(y.detach(), 1), ref.detach()),
         "grad_m": _rel(gather_rows(col.lora_magnitude_vector["default"]["x"].grad, 0), m.grad),
         "grad_A": _rel(col.lora_A["default"]["x"].grad, a.grad),
@@ -293,18 +309,58 @@ def _dropout(world):
     }
 
 
+def _dora_pair(world, sequence_parallel=False, dtype=torch.float32):
+    """test_lora_layers' column + row pair with a DoRA adapter "dora" (seeded, B scaled so
+    m differs from the row norms) as the only active one."""
+    from test_lora_layers import IN, OUT, _layers
+
+    from megatron_lora.parallel.lora_layers import AdapterSpec, Segment
+
+    col, row = _layers(world, sequence_parallel, dtype=dtype)
+    for i, (layer, width) in enumerate(((col, OUT // world), (row, IN))):
+        spec = AdapterSpec((Segment(name="x", r=R, scaling=1.5, width=width),), init=False, dora=True)
+        layer.add_adapter("dora", spec, generator=torch.Generator().manual_seed(20 + i))
+        layer.set_active_adapters(["dora"])
+        with torch.no_grad():
+            layer.lora_B["dora"]["x"].mul_(2.0)
+    return col, row
+
+
+def _layer_variants(rank, world):
+    """Sequence parallelism gives the non-SP outputs and magnitude gradients; a bf16 base runs
+    in both precision modes close to the fp32 math."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_lora.parallel.lora_layers import configure_lora_layers
+    from oracle import gather_rows
+    from test_lora_layers import IN
+
+    x = torch.randn(8, 2, IN, generator=torch.Generator().manual_seed(4))
+    res = {}
+    for sp in (False, True) if world > 1 else (False,):  # megatron-core refuses SP without TP
+        col, row = _dora_pair(world, sp)
+        xin = x.chunk(world, 0)[ps.get_tensor_model_parallel_rank()] if sp else x
+        y = row(col(xin)[0])[0]
+        y.square().sum().backward()
+        res[sp] = (gather_rows(y.detach(), 0) if sp else y.detach(),
+                   gather_rows(col.lora_magnitude_vector["dora"]["x"].grad, 0), row.lora_magnitude_vector["dora"]["x"].grad)
+    out = {"sp": max(_rel(a, b) for a, b in zip(res[True], res[False])) if world > 1 else 0.0}
+    ref = [layer.float() for layer in _dora_pair(world, dtype=torch.bfloat16)]
+    with torch.no_grad():
+        y32 = ref[1](ref[0](x)[0])[0]
+        for mode in ("base", "fp32"):
+            col, row = _dora_pair(world, dtype=torch.bfloat16)
+            configure_lora_layers(torch.nn.ModuleList([col, row]), compute_dtype=mode)
+            y16 = row(col(x.bfloat16())[0])[0]
+            out[f"bf16_{mode}"] = (str(y16.dtype), _rel(y16.float(), y32))
+    return out
+
+
 def _layer_comm(world, dora):
     """Collectives of a column + row pair's forward and backward (no sequence parallelism)."""
     from test_lora_layers import IN, _comm_of, _layers
 
-    from megatron_lora.parallel.lora_layers import AdapterSpec, Segment
-
-    col, row = _layers(world, False)
-    if dora:
-        for layer, width in ((col, 48 // world), (row, IN)):
-            spec = AdapterSpec((Segment(name="x", r=R, scaling=1.5, width=width),), init=False, dora=True)
-            layer.add_adapter("dora", spec)
-            layer.set_active_adapters(["dora"])
+    col, row = _dora_pair(world) if dora else _layers(world, False)
     x = torch.randn(8, IN, requires_grad=True)
     y = []
     forward = _comm_of(lambda: y.append(row(col(x)[0])[0]))
@@ -335,6 +391,7 @@ def _checks(rank, world, tmp):
         res = {label: _against_peft(rank, tp, tmp, label) for label in TARGET_SETS}
         res["shared"] = _shared_a(rank, tp, tmp)
         res["dropout"] = _dropout(tp)
+        res["variants"] = _layer_variants(rank, tp)
         res["comm"] = {kind: {dora: fn(tp, dora) for dora in (False, True)}
                        for kind, fn in (("layers", _layer_comm), ("embedding", _embedding_comm))}
         out[tp] = res
@@ -385,11 +442,21 @@ def test_dist_checkpointing_reshards_magnitudes(results):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_dropout_recomputes_the_base_product(results, tp):
+def test_dropout_recomputes_the_base_product_and_mixed_adapters(results, tp):
     for r in results:
         d = r[tp]["dropout"]
-        assert d["y"] <= TOL and d["grad_m"] <= TOL and d["grad_A"] <= TOL, d
+        assert d["y"] <= TOL and d["grad_m"] <= TOL and d["grad_A"] <= TOL and d["mixed"] <= TOL, d
         assert d["dropout_matters"]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_sequence_parallel_and_bf16_bases(results, tp):
+    for r in results:
+        v = r[tp]["variants"]
+        assert v["sp"] <= TOL, v
+        for mode in ("base", "fp32"):
+            dtype, err = v[f"bf16_{mode}"]
+            assert dtype == "torch.bfloat16" and err <= 2e-2, (mode, v)
 
 
 def test_collectives_one_small_all_reduce_per_row_layer_and_embedding(results):
