@@ -382,6 +382,19 @@ def _embedding_comm(world, dora):
     return forward, backward
 
 
+def _model_comm(world, dora):
+    """Collectives of a whole model's forward and backward with LoRA / DoRA on all-linear."""
+    from megatron_lora import LoraConfig, apply_lora
+    from megatron_lora.model.gpt import positions_for
+    from test_lora_layers import _comm_of
+
+    model = apply_lora(_build(world, 128), LoraConfig(r=R, target_modules="all-linear", init_lora_weights=False, use_dora=dora))
+    y = []
+    forward = _comm_of(lambda: y.append(model(IDS, positions_for(IDS), None)))
+    backward = _comm_of(lambda: y[0].float().square().mean().backward())
+    return forward, backward
+
+
 def _checks(rank, world, tmp):
     from megatron_lora import init_distributed
 
@@ -393,7 +406,7 @@ def _checks(rank, world, tmp):
         res["dropout"] = _dropout(tp)
         res["variants"] = _layer_variants(rank, tp)
         res["comm"] = {kind: {dora: fn(tp, dora) for dora in (False, True)}
-                       for kind, fn in (("layers", _layer_comm), ("embedding", _embedding_comm))}
+                       for kind, fn in (("layers", _layer_comm), ("embedding", _embedding_comm), ("model", _model_comm))}
         out[tp] = res
     return out
 
@@ -470,19 +483,25 @@ def test_collectives_one_small_all_reduce_per_row_layer_and_embedding(results):
             (plain_f, plain_b), (dora_f, dora_b) = (r[2]["comm"][kind][d] for d in (False, True))
             assert sorted(dora_f[2]) == sorted(list(plain_f[2]) + [("all_reduce", rows)]), (kind, plain_f, dora_f)
             assert dora_b[0] == plain_b[0] and dora_b[1] == plain_b[1] + rows, (kind, plain_b, dora_b)
-        for kind in ("layers", "embedding"):  # TP=1: nothing at all
+        # The model (2 layers, all-linear): one [hidden] all-reduce per row layer (linear_proj,
+        # linear_fc2), 4 in all, in the forward; the backward's collectives keep their count.
+        (plain_f, plain_b), (dora_f, dora_b) = r[2]["comm"]["model"][False], r[2]["comm"]["model"][True]
+        assert sorted(dora_f[2]) == sorted(list(plain_f[2]) + [("all_reduce", 64)] * 4), (plain_f, dora_f)
+        assert dora_b[0] == plain_b[0] and dora_b[1] == plain_b[1] + 4 * 64, (plain_b, dora_b)
+        for kind in ("layers", "embedding", "model"):  # TP=1: nothing at all
             assert all(c[0] == 0 for c in r[1]["comm"][kind][True])
 
 
 def test_dora_files_checked_against_config_and_shapes(tmp_path, capsys):
-    """A PEFT DoRA directory saved by PEFT converts to TP=2 and back bit-exact; ``inspect``
-    shows DoRA; a missing or misshapen magnitude, or one without use_dora, is refused by name
+    """A PEFT DoRA directory saved by PEFT converts to TP=2 and back bit-exact and loads onto
+    the imported HF base with PEFT's logits; ``inspect`` shows DoRA; a missing or misshapen magnitude, or one without use_dora, is refused by name
     in PEFT files and in our checkpoints."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from megatron_lora.cli.convert import verify
     from megatron_lora.cli.main import main as cli_main
     from megatron_lora.formats.checkpoint import shard_file
     from megatron_lora.formats.convert import base_facts, convert, describe
@@ -505,6 +524,9 @@ def test_dora_files_checked_against_config_and_shapes(tmp_path, capsys):
     assert torch.equal(torch.cat([r[mq] for r in ranks]), src[q])  # split like q_proj's B rows
     d = "base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector"
     assert all(torch.equal(r[md], src[d]) for r in ranks)  # replicated like down_proj's B
+    # convert --verify's check: our TP=1 model on the imported HF base gives HF + PEFT's logits.
+    diff, scale = verify(tmp_path / "base", tmp_path / "peft", tmp_path / "meg")
+    assert diff <= TOL * scale, (diff, scale)
     info = describe(tmp_path / "meg")
     assert info["use_dora"] is True
     assert info["parameters"] == sum(t.numel() for t in src.values())
