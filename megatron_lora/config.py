@@ -51,9 +51,11 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     #: Per-module alpha overrides, matched like rank_pattern.
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    #: DoRA (weight-decomposed LoRA): a trainable magnitude per output row (per hidden unit on
+    #: the embedding) rescales the adapted weight to magnitude / its row norm, as PEFT does.
+    use_dora: bool = False
     #: Unsupported PEFT options, accepted only at their defaults.
     bias: str = "none"
-    use_dora: bool = False
     fan_in_fan_out: bool = False
     modules_to_save: Optional[list[str]] = None
 
@@ -89,13 +91,14 @@ class LoraConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={self.lora_dropout}")
         unsupported = {
             "bias": (self.bias, "none"),
-            "use_dora": (self.use_dora, False),
             "fan_in_fan_out": (self.fan_in_fan_out, False),
             "modules_to_save": (self.modules_to_save or None, None),
         }
         for name, (value, default) in unsupported.items():
             if value != default:
                 raise ValueError(f"{name}={value!r} is not supported (only {default!r})")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be true or false, got {self.use_dora!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported (True, False, 'gaussian')"

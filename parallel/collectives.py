@@ -6,9 +6,13 @@ carries the LoRA term too, and the only extra communication is the parameter-gra
 of a replicated LoRA factor (size r x hidden per layer and backward pass, independent of
 the number of tokens) and, under sequence parallelism when a column layer keeps only its
 input shard, one reduce-scatter of the rank-r term ``[tokens, sum r]`` per backward pass.
+DoRA on a row layer or the embedding adds one all-reduce of its squared partial row norms
+(a vector of output rows) per forward; its replicated magnitude shares B's gradient sum.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from megatron.core.tensor_parallel import mappings
@@ -53,6 +57,38 @@ def replicated_factor(weight: torch.Tensor, group) -> torch.Tensor:
     ``sequence_parallel`` nor ``average_gradients_across_tp_domain``).
     """
     return mappings.copy_to_tensor_model_parallel_region(weight, group=group)
+
+
+def replicated_factors(tensors: tuple[torch.Tensor, ...], group) -> tuple[torch.Tensor, ...]:
+    """:func:`replicated_factor` for several replicated tensors whose gradients are summed
+    over TP in one all-reduce (a row layer's DoRA B and magnitude)."""
+    return _ReplicatedFactors.apply(group, *tensors)
+
+
+class _ReplicatedFactors(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, *tensors):
+        ctx.group = group
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        present = [g for g in grads if g is not None]
+        if present and torch.distributed.get_world_size(ctx.group) > 1:
+            dtype = functools.reduce(torch.promote_types, [g.dtype for g in present])
+            flat = torch.cat([g.reshape(-1).to(dtype) for g in present])
+            torch.distributed.all_reduce(flat, group=ctx.group)
+            parts = iter(flat.split([g.numel() for g in present]))
+            grads = tuple(None if g is None else next(parts).view_as(g).to(g.dtype) for g in grads)
+        return (None, *grads)
+
+
+def sum_over_ranks(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum a small weight-space tensor over the ranks of ``group``, in place (no autograd:
+    DoRA's squared partial row norms)."""
+    if torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(t, group=group)
+    return t
 
 
 def all_gather_rows(t: torch.Tensor, group) -> torch.Tensor:

@@ -42,6 +42,18 @@ and adds no collective. With ``lora_sp_shard_input`` it keeps only this rank's
 all-gather). The default keeps the package's rule of no activation collective beyond the
 base's; memory-bound runs switch it on with ``configure_lora_layers``.
 
+DoRA (PEFT's ``use_dora``): an adapter whose spec has ``dora`` carries a magnitude per output
+row of each segment (``lora_magnitude_vector``, fp32 like the factors, split like B) and
+rescales its rows to ``m / ||W + s B A||`` times the LoRA-adapted output, the norm taken per
+row and detached (as PEFT does). A column layer holds whole rows, so the norm is local; a row
+layer (and the embedding, whose norm runs over the split vocabulary) sums its squared partial
+norms in one all-reduce of a vector of output rows per forward (and merge), independent of the
+tokens. Its replicated magnitude and B sum their gradients in one collective, as B alone does
+without DoRA, so backward adds none. The norm is computed in fp32. With LoRA dropout active the
+base product is recomputed on the dropped-out input (PEFT's rule). DoRA runs outside the fused
+autograd function (plain-LoRA layers keep it) and keeps the gathered input under sequence
+parallelism (``lora_sp_shard_input`` does not apply).
+
 X-LoRA and other mixtures plug in through ``extra_terms`` (see ``megatron_lora.parallel.xlora_mixing``).
 """
 
@@ -96,6 +108,7 @@ class AdapterSpec:
     segments: tuple[Segment, ...]
     dropout: float = 0.0
     init: bool | str = True  # True: A kaiming-uniform, B zero; "gaussian"; False: both random
+    dora: bool = False  # PEFT's use_dora: a magnitude per output row of each segment
 
 
 def shard_rows(full: torch.Tensor, blocks: int, rank: int, world: int) -> torch.Tensor:
@@ -161,6 +174,8 @@ class LoraLayer:
     def init_lora(self) -> None:
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        #: DoRA magnitudes: adapter -> segment -> [local rows] (split like B).
+        self.lora_magnitude_vector = nn.ModuleDict()
         self.lora_specs: dict[str, AdapterSpec] = {}
         self.active_adapters: list[str] = []
         self.lora_disabled = False
@@ -212,6 +227,16 @@ class LoraLayer:
         self.lora_A[name] = a_dict
         self.lora_B[name] = b_dict
         self.lora_specs[name] = spec
+        if spec.dora:
+            # PEFT's initial magnitude: the norm of the adapted weight, so the output starts at LoRA's.
+            norms = self._weight_norms([name])
+            m_dict = nn.ParameterDict({s.name: nn.Parameter(norms[(name, s.name)].to(dtype)) for s in spec.segments})
+            for seg in spec.segments:
+                if self.parallel_mode == "column":
+                    set_tensor_model_parallel_attributes(m_dict[seg.name], True, 0, 1)
+                if hasattr(self.weight, "allreduce"):
+                    m_dict[seg.name].allreduce = self.weight.allreduce
+            self.lora_magnitude_vector[name] = m_dict
         self.active_adapters.append(name)
 
     def _initial_full_factors(self, seg: Segment, world: int, init, dtype, generator):
@@ -253,17 +278,49 @@ class LoraLayer:
         with get_cuda_rng_tracker().fork():
             return F.dropout(x, p, True)
 
-    def factors(self, adapter: str, seg: Segment, activation: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of one segment as the LoRA term uses them: the replicated factor of a split
-        pair sums its gradient over TP (in the parameters' dtype), then both are cast to the
-        compute dtype."""
+    def factors(self, adapter: str, seg: Segment, activation: torch.dtype, magnitude: bool = False) -> tuple[torch.Tensor, ...]:
+        """(A, B) of one segment as the LoRA term uses them: replicated factors sum their
+        gradient over TP (in the parameters' dtype), then both are cast to the compute dtype.
+        With ``magnitude``, (A, B, m) of a DoRA segment, m in its own dtype; a row layer's
+        replicated B and m sum their gradients in one collective."""
         a, b = self.lora_A[adapter][seg.name], self.lora_B[adapter][seg.name]
+        extra = (self.lora_magnitude_vector[adapter][seg.name],) if magnitude else ()
         if self.parallel_mode == "column":
             a = collectives.replicated_factor(a, self.tp_group)
         elif self.parallel_mode == "row":
-            b = collectives.replicated_factor(b, self.tp_group)
+            b, *extra = collectives.replicated_factors((b, *extra), self.tp_group)
         dtype = compute_dtype(self.lora_compute_dtype, a.dtype, activation)
-        return a.to(dtype), b.to(dtype)
+        return (a.to(dtype), b.to(dtype), *extra)
+
+    @torch.no_grad()
+    def _weight_norms(self, adapters: Iterable[str]) -> dict[tuple[str, str], torch.Tensor]:
+        """(adapter, segment) -> ||W + s B A|| per output row (fp32, no autograd) of the DoRA
+        segments of ``adapters`` and this layer's base weight; a row layer sums the squared
+        partial norms of all of them in one all-reduce."""
+        keys, parts = [], []
+        for name in adapters:
+            if self.lora_specs[name].dora:
+                for seg in self.lora_specs[name].segments:
+                    keys.append((name, seg.name))
+                    parts.append(self._squared_norms(name, seg))
+        if not parts:
+            return {}
+        squares = torch.cat(parts)
+        if self.parallel_mode == "row":
+            collectives.sum_over_ranks(squares, self.tp_group)
+        # A zero row (the TP padding of an output layer's vocabulary) gets ratio m / tiny = 0
+        # for its m = 0 instead of 0 / 0, which would poison the gradient norm.
+        norms = squares.sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+        return dict(zip(keys, norms.split([p.numel() for p in parts])))
+
+    def _squared_norms(self, adapter: str, seg: Segment) -> torch.Tensor:
+        """This rank's part of the squared norm of each output row of W + s B A (fp32)."""
+        w = self._weight_rows(seg).float().reshape(-1, self.weight.shape[1])
+        return (w + self._delta_weight(adapter, seg)).square().sum(1)
+
+    def _row_factor(self, seg: Segment, v: torch.Tensor) -> torch.Tensor:
+        """A per-row vector of ``seg`` shaped to scale :meth:`_weight_rows`."""
+        return v.view(seg.groups, seg.width, 1)
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None, x_shard: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias) with the LoRA and extra terms added, computed on [tokens, features].
@@ -281,10 +338,11 @@ class LoraLayer:
 
     def _lora_linear(self, x2: torch.Tensor, bias: torch.Tensor | None, x_shard: torch.Tensor | None) -> torch.Tensor:
         """x W^T (+ bias) + sum over active adapters and segments of s * (x A^T) B^T."""
+        active = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if any(self.lora_specs[n].dora for n in active):
+            return self._dora_linear(x2, bias, active)
         segments, inputs, a_s, b_s = [], [], [], []
-        for name in self.active_adapters:
-            if name in self.merged_adapters:
-                continue
+        for name in active:
             spec = self.lora_specs[name]
             xin = self.lora_input(x2, spec.dropout)
             for seg in spec.segments:
@@ -294,6 +352,37 @@ class LoraLayer:
             return F.linear(x2, self.weight, bias)
         group = self.tp_group if x_shard is not None else None
         return _LinearWithLora.apply(x2, x_shard, self.weight, bias, tuple(segments), group, *inputs, *a_s, *b_s)
+
+    def _dora_linear(self, x2: torch.Tensor, bias: torch.Tensor | None, adapters: list[str]) -> torch.Tensor:
+        """PEFT's forward with DoRA adapters, adapter by adapter: a DoRA segment's rows become
+        ``rows + (m/n - 1) base + (m/n) s (x' A^T) B^T``, ``base`` being the running rows
+        without the bias, or ``x' W^T`` when dropout makes ``x'`` differ from ``x`` (PEFT
+        recomputes the base product then). A plain adapter adds its term as usual. Written
+        as plain autograd ops: m's gradient comes from autograd, the norm ``n`` is a constant.
+        """
+        first = self.lora_A[adapters[0]][self.lora_specs[adapters[0]].segments[0].name]
+        dtype = compute_dtype(self.lora_compute_dtype, first.dtype, x2.dtype)
+        out = F.linear(x2, self.weight, bias).to(dtype)
+        norms = self._weight_norms(adapters)
+        for name in adapters:
+            spec = self.lora_specs[name]
+            xin = self.lora_input(x2, spec.dropout)
+            for seg in spec.segments:
+                a, b, *m = self.factors(name, seg, x2.dtype, magnitude=spec.dora)
+                lora = F.linear(F.linear(xin.to(a.dtype), a), b) * seg.scaling
+                rows = _rows(out, seg)
+                if not spec.dora:
+                    out = _with_rows(out, seg, rows + lora)
+                    continue
+                if xin is not x2:
+                    base = F.linear(xin.to(dtype), self._weight_rows(seg).reshape(-1, self.weight.shape[1]).to(dtype))
+                elif bias is not None:
+                    base = rows - _rows(bias.view(1, -1), seg).to(dtype)
+                else:
+                    base = rows
+                ratio = m[0].float() / norms[(name, seg.name)]
+                out = _with_rows(out, seg, rows + (ratio - 1).to(dtype) * base + ratio.to(dtype) * lora)
+        return out.to(x2.dtype)
 
     # -- merge --------------------------------------------------------------------------
     @torch.no_grad()
@@ -308,23 +397,35 @@ class LoraLayer:
 
     @torch.no_grad()
     def merge(self, adapters: Iterable[str] | None = None) -> None:
-        """Add the adapters' deltas into the TP-local base weight (no communication).
+        """Add the adapters' deltas into the TP-local base weight.
 
-        On an fp32 base the unmerge round trip is bit-exact: the few elements where
-        ``(W + d) - d`` does not round back to W are remembered and restored.
+        A DoRA adapter's rows become ``(m / n) (W + s B A)`` (PEFT's merge), ``n`` the norm of
+        the unmerged base plus its delta: merging one onto already merged adapters first
+        unmerges those (bit-exact) and merges them all again; a row layer sums its squared
+        partial norms in one all-reduce. On an fp32 base the unmerge round trip is bit-exact:
+        the few elements that do not round back to W are remembered and restored.
         """
-        for name in list(adapters or self.active_adapters):
-            if name in self.merged_adapters:
-                continue
+        names = [n for n in (adapters or self.active_adapters) if n not in self.merged_adapters]
+        if any(self.lora_specs[n].dora for n in names) and self.merged_adapters:
+            names = self.merged_adapters + names
+            self.unmerge()
+        norms = self._weight_norms(names)
+        for name in names:
             fixups = []
             for seg in self.lora_specs[name].segments:
                 rows = self._weight_rows(seg)
                 delta = self._delta_weight(name, seg).view(rows.shape)
+                factor = None
+                if (name, seg.name) in norms:
+                    m = self.lora_magnitude_vector[name][seg.name].float()
+                    factor = self._row_factor(seg, m / norms[(name, seg.name)])
                 before = rows.clone() if rows.dtype == torch.float32 else None
-                rows.add_(delta.to(rows.dtype))
+                rows.copy_(_merged(rows.float(), delta, factor))
                 if before is not None:
-                    bad = (rows - delta) != before
-                    fixups.append((bad.nonzero(as_tuple=True), before[bad]))
+                    bad = _unmerged(rows, delta, factor) != before
+                    fixups.append((factor, bad.nonzero(as_tuple=True), before[bad]))
+                else:
+                    fixups.append((factor, None, None))
             self._merge_fixups[name] = fixups
             self.merged_adapters.append(name)
 
@@ -334,11 +435,10 @@ class LoraLayer:
             if name not in self.merged_adapters:
                 continue
             fixups = self._merge_fixups.pop(name)
-            for i, seg in enumerate(self.lora_specs[name].segments):
+            for seg, (factor, index, values) in zip(self.lora_specs[name].segments, fixups):
                 rows = self._weight_rows(seg)
-                rows.sub_(self._delta_weight(name, seg).view(rows.shape).to(rows.dtype))
-                if fixups:
-                    index, values = fixups[i]
+                rows.copy_(_unmerged(rows.float(), self._delta_weight(name, seg).view(rows.shape), factor))
+                if index is not None:
                     rows[index] = values
             self.merged_adapters.remove(name)
 
@@ -357,9 +457,12 @@ class LoraLayer:
             for seg in spec.segments:
                 if self.parallel_mode == "replicated":
                     continue
-                axis_map[f"{split}.{name}.{seg.name}"] = axis
-                if seg.blocks == 2:
-                    gated.append(f"{prefix}{split}.{name}.{seg.name}")
+                # A column layer's magnitudes are split like its B (rows); a row layer's are replicated.
+                parts = [split] + (["lora_magnitude_vector"] if spec.dora and self.parallel_mode == "column" else [])
+                for part in parts:
+                    axis_map[f"{part}.{name}.{seg.name}"] = axis
+                    if seg.blocks == 2:
+                        gated.append(f"{prefix}{part}.{name}.{seg.name}")
         sd = make_sharded_tensors_for_checkpoint(
             self.state_dict(prefix="", keep_vars=True),
             prefix,
@@ -453,6 +556,28 @@ def _rows(t: torch.Tensor, seg: Segment) -> torch.Tensor:
         return t
     period = seg.period or t.shape[1]
     return t.view(t.shape[0], seg.groups, period)[:, :, seg.offset : seg.offset + seg.width].reshape(t.shape[0], -1)
+
+
+def _with_rows(t: torch.Tensor, seg: Segment, rows: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` [tokens, out_local] with the columns ``seg`` writes replaced by ``rows``
+    (out of place: views of ``t`` may be saved for backward)."""
+    if seg.groups == 1 and seg.width == t.shape[1]:
+        return rows
+    period = seg.period or t.shape[1]
+    v = t.view(t.shape[0], seg.groups, period)
+    end = seg.offset + seg.width
+    parts = (v[:, :, : seg.offset], rows.reshape(t.shape[0], seg.groups, seg.width), v[:, :, end:])
+    return torch.cat(parts, 2).view(t.shape)
+
+
+def _merged(w: torch.Tensor, delta: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """A merged weight: ``W + delta``, or DoRA's ``factor (W + delta)``."""
+    return w + delta if factor is None else factor * (w + delta)
+
+
+def _unmerged(w: torch.Tensor, delta: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of :func:`_merged` (PEFT's unmerge)."""
+    return w - delta if factor is None else w / factor - delta
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -552,6 +677,12 @@ class LoraVocabParallelEmbedding(LoraLayer, VocabParallelEmbedding):
         super().__init__(*args, **kwargs)
         self.init_lora()
 
+    def init_lora(self) -> None:
+        super().init_lora()
+        #: The vocabulary without TP padding (None: every row is real): DoRA's norm over the
+        #: vocabulary leaves the padding rows out, as the unpadded model has none.
+        self.lora_vocab_size: int | None = None
+
     def _initial_full_factors(self, seg: Segment, world: int, init, dtype, generator):
         # PEFT: A zeros and B normal(0, 1) unless init_lora_weights=False (both standard normal).
         vocab, hidden = seg.local_rows * world, self.embedding_dim
@@ -567,6 +698,17 @@ class LoraVocabParallelEmbedding(LoraLayer, VocabParallelEmbedding):
         a, b = self.lora_A[adapter][seg.name], self.lora_B[adapter][seg.name]
         return (b.float() @ a.float()).t() * seg.scaling
 
+    def _squared_norms(self, adapter: str, seg: Segment) -> torch.Tensor:
+        """PEFT's embedding DoRA norm runs over the vocabulary, per hidden unit: this rank's
+        part of it (real vocabulary rows only)."""
+        w = self.weight.float() + self._delta_weight(adapter, seg)
+        if self.lora_vocab_size is not None:
+            w = w[: max(0, min(w.shape[0], self.lora_vocab_size - self.vocab_start_index))]
+        return w.square().sum(0)
+
+    def _row_factor(self, seg: Segment, v: torch.Tensor) -> torch.Tensor:
+        return v.view(1, 1, -1)
+
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         split = self.tp_group.size() > 1
         ids = input_
@@ -575,12 +717,18 @@ class LoraVocabParallelEmbedding(LoraLayer, VocabParallelEmbedding):
             ids = (input_ - self.vocab_start_index).masked_fill(outside, 0)
         out = F.embedding(ids, self.weight)
         if not self.lora_disabled:
-            for name in self.active_adapters:
-                if name in self.merged_adapters:
-                    continue
+            active = [n for n in self.active_adapters if n not in self.merged_adapters]
+            norms = self._weight_norms(active)
+            for name in active:
                 for seg in self.lora_specs[name].segments:
-                    a, b = self.factors(name, seg, out.dtype)
-                    out = out + (F.embedding(ids, a.t()) @ b.t()) * seg.scaling
+                    if not self.lora_specs[name].dora:
+                        a, b = self.factors(name, seg, out.dtype)
+                        out = out + (F.embedding(ids, a.t()) @ b.t()) * seg.scaling
+                        continue
+                    # PEFT: (m / n) (running output + s A^T[ids] B^T), n over the vocabulary.
+                    a, b, m = self.factors(name, seg, out.dtype, magnitude=True)
+                    ratio = (m.float() / norms[(name, seg.name)]).to(a.dtype)
+                    out = ratio * (out + (F.embedding(ids, a.t()) @ b.t()) * seg.scaling)
         if split:
             out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         if self.reduce_scatter_embeddings:

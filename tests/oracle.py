@@ -39,7 +39,7 @@ def full_base_state(model) -> dict[str, torch.Tensor]:
     return {
         n: full_param(n, p, gated)
         for n, p in model.named_parameters()
-        if ".lora_A." not in n and ".lora_B." not in n
+        if not any(f".{f}." in n for f in ("lora_A", "lora_B", "lora_magnitude_vector"))
     }
 
 

@@ -23,7 +23,7 @@ FACTS = ModelFacts(num_layers=4, hidden_size=64, num_attention_heads=8, num_quer
         (dict(r=0), "r", "0"),
         (dict(r=-2), "r", "-2"),
         (dict(rank_pattern={"q_proj": 0}), "rank_pattern", "0"),
-        (dict(use_dora=True), "use_dora", "True"),
+        (dict(use_dora="yes"), "use_dora", "'yes'"),
         (dict(bias="lora_only"), "bias", "'lora_only'"),
         (dict(modules_to_save=["lm_head"]), "modules_to_save", "['lm_head']"),
         (dict(init_lora_weights="pissa"), "init_lora_weights", "'pissa'"),

@@ -273,7 +273,7 @@ def test_bad_input(base, adapter, tmp_path):
     _expect_error(tmp_path, adapter, ValueError, "does not divide ffn_hidden_size=99", facts=odd_ffn, tp=2)
     # PEFT options we cannot represent.
     for i, (update, match) in enumerate([
-        ({"use_dora": True}, "use_dora=True is not supported"),
+        ({"use_dora": True}, r"has no matching lora_magnitude_vector \(use_dora is true\)"),
         ({"bias": "lora_only"}, "bias='lora_only' is not supported"),
         ({"lora_bias": True}, "unsupported LoRA config field lora_bias=True"),
         ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] is not supported"),
@@ -290,7 +290,7 @@ def test_bad_input(base, adapter, tmp_path):
     _expect_error(tmp_path, misnamed, ValueError, "PEFT names it .*q_proj.lora_A.weight", facts=facts)
     dora = _copy_peft(adapter, tmp_path / "dora", tensors_update={
         "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.zeros(64)})
-    _expect_error(tmp_path, dora, ValueError, "lora_magnitude_vector' is not a LoRA factor", facts=facts)
+    _expect_error(tmp_path, dora, ValueError, "is a DoRA magnitude, but use_dora is false", facts=facts)
     # An existing output directory is kept unless overwrite.
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")

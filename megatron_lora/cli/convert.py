@@ -146,6 +146,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     print(f"modules:      {info['modules']['column']} column-parallel, {info['modules']['row']} row-parallel")
     print(f"targets:      {info['target_modules']}")
     print(f"use_rslora:   {info['use_rslora']}")
+    print(f"use_dora:     {info['use_dora']}" + (" (a magnitude per segment row)" if info["use_dora"] else ""))
     print(f"parameters:   {info['parameters']:,}")
     _print_segments(info["segments"])
     return 0

@@ -71,6 +71,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"dropout on the LoRA input (default {d.lora_dropout:g})")
     p.add_argument("--target-modules", nargs="+", default=d.target_modules, metavar="NAME",
                    help="HF projection names, Megatron module names or all-linear (default: the seven HF projections)")
+    p.add_argument("--use-dora", action="store_true",
+                   help="DoRA (PEFT's use_dora): also train a magnitude per output row of each adapted module")
     p.add_argument("--save", default=DEFAULT_SAVE, metavar="DIR",
                    help=f"checkpoints and the final adapter (default {DEFAULT_SAVE}); an existing one must "
                         "hold our checkpoints")

@@ -8,8 +8,9 @@ Directory layout::
                                            "segments": {"<segment>": {"blocks": 1}}}},
                                "model": {...ModelFacts...}   (where the LLaMA-family
                                                               layout is adapted)}
-    tp_rank_00.safetensors    rank 0's tensors, keyed <module>.lora_A.<segment> and
-    tp_rank_01.safetensors    <module>.lora_B.<segment>
+    tp_rank_00.safetensors    rank 0's tensors, keyed <module>.lora_A.<segment>,
+    tp_rank_01.safetensors    <module>.lora_B.<segment> and, with use_dora,
+                              <module>.lora_magnitude_vector.<segment>
 
 ``<module>`` is the adapted module's dotted name in the model with GLOBAL layer indices
 (``decoder.layers.{i}.self_attention.linear_qkv``, ``encoder.layers.1.linear_fc1``,
@@ -19,7 +20,10 @@ LoRA over the whole module, shared A on a fused one). ``parallel`` says how the 
 split over TP (column: B by rows, A replicated; row: A by columns, B replicated;
 replicated: neither) and ``blocks`` how a split B's rows are chunked (2: megatron-core's
 gated ``[gate_j; up_j]``). Each rank's tensors have the shape that rank holds; pipeline
-stages are merged.
+stages are merged. A DoRA
+magnitude (``lora_config.use_dora``: every segment has one) is a vector over B's rows (the
+embedding's hidden units), split over TP exactly like B: by rows (with B's ``blocks``) on a
+column module, replicated on a row module and the embedding (DoRA is refused on MoE experts and the router).
 
 Mixture of experts (megatron-core's SequentialMLP experts and TopKRouter), GLOBAL expert
 index ``E`` (expert-parallel rank x experts per rank + local index)::
@@ -82,7 +86,9 @@ from megatron_lora.parallel.lora_layers import shard_rows, unshard_rows
 VERSION = 2
 #: Versions the readers accept.
 READ_VERSIONS = (1, 2)
-_KEY = re.compile(r"(?P<module>\w+(?:\.\w+)*?)\.(?P<factor>lora_A|lora_B)\.(?P<segment>\w+)", re.ASCII)
+#: The tensors of a segment, as keys name them (the DoRA magnitude only with use_dora).
+CHECKPOINT_FACTORS = ("lora_A", "lora_B", "lora_magnitude_vector")
+_KEY = re.compile(rf"(?P<module>\w+(?:\.\w+)*?)\.(?P<factor>{'|'.join(CHECKPOINT_FACTORS)})\.(?P<segment>\w+)", re.ASCII)
 _LAYOUT_MODULE = re.compile(rf"decoder\.layers\.(?P<layer>{LAYER_INDEX})\.(?P<path>\w+\.\w+)", re.ASCII)
 _MODULE_OF_PATH = {v: k for k, v in MODULE_PATH.items()}
 
@@ -149,8 +155,14 @@ def layout_module_table(keys: Iterable[str], facts: Optional[ModelFacts]) -> Mod
     return table
 
 
-def check_module_table(table, keys: Iterable[str], where: str) -> ModuleTable:
-    """Refuse a ``modules`` table that is malformed or does not describe exactly ``keys``."""
+def segment_factors(dora: bool) -> tuple[str, ...]:
+    """The tensors each segment has: A and B, and the magnitude with DoRA."""
+    return CHECKPOINT_FACTORS if dora else CHECKPOINT_FACTORS[:2]
+
+
+def check_module_table(table, keys: Iterable[str], where: str, dora: bool = False) -> ModuleTable:
+    """Refuse a ``modules`` table that is malformed or does not describe exactly ``keys``
+    (with ``dora``, a magnitude for every segment)."""
     if not isinstance(table, dict):
         raise ValueError(f"{where}: modules is {'missing' if table is None else 'not an object'}")
     for name, entry in table.items():
@@ -159,7 +171,7 @@ def check_module_table(table, keys: Iterable[str], where: str) -> ModuleTable:
         if not ok:
             raise ValueError(f"{where}: modules[{name!r}] is not {{'parallel': 'column'|'row'|'replicated', "
                              "'segments': {name: {'blocks': 1|2}}}")
-    described = {module_key(n, f, s) for n, e in table.items() for s in e["segments"] for f in ("lora_A", "lora_B")}
+    described = {module_key(n, f, s) for n, e in table.items() for s in e["segments"] for f in segment_factors(dora)}
     keys = set(keys)
     if described != keys:
         odd = sorted(described ^ keys)
@@ -327,7 +339,7 @@ class ShardReader:
             if self.config["version"] == 1:
                 self.modules = layout_module_table(self.keys(), self.facts)
             else:
-                self.modules = check_module_table(self.config.get("modules"), self.keys(), where)
+                self.modules = check_module_table(self.config.get("modules"), self.keys(), where, self.lora_config.use_dora)
             self._check_shapes()
             check_against_config(self.keys(), lambda k: self.shape(k)[0], self.lora_config, str(self.directory))
 
@@ -348,7 +360,8 @@ class ShardReader:
             a_shape, b_shape = self.shape(module_key(module, "lora_A", seg)), self.shape(module_key(module, "lora_B", seg))
             if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
                 raise ValueError(f"{self.directory}: {module} {seg}: lora_A {a_shape} and lora_B {b_shape} do not form a LoRA")
-            want = list(self.shape(key))
+            # A magnitude has one entry per row of B, split like B.
+            want = list(self.shape(key)) if factor != "lora_magnitude_vector" else [b_shape[0]]
             known = layout_module(module) if facts is not None else None
             if known is not None:
                 layer, kind = known
@@ -358,7 +371,7 @@ class ShardReader:
                     raise ValueError(f"{self.directory}: {key}: segment {seg!r} does not belong to {kind}")
                 fan_in, fan_out = facts.module_shape(kind) if seg == kind else facts.projection_shape(seg)
                 r = a_shape[0]
-                want = [r, fan_in] if factor == "lora_A" else [fan_out, r]
+                want = {"lora_A": [r, fan_in], "lora_B": [fan_out, r], "lora_magnitude_vector": [fan_out]}[factor]
                 want = local_shape(want, key_split(self.modules, key)[0], tp, vocab_rows(kind, factor, facts))
             for j in range(tp):
                 got = list(self._files[j].get_slice(key).get_shape())

@@ -190,6 +190,7 @@ def describe(directory: str | Path, confine_experts: bool = False) -> dict:
         "modules": {"column": styles.count("column"), "row": styles.count("row")},
         "target_modules": config.target_modules,
         "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "segments": {
             s: {"layers": sorted(v["layers"]), "r": sorted(v["r"]), "lora_alpha": sorted(v["lora_alpha"])}
             for s, v in sorted(segments.items(), key=lambda kv: order.get(kv[0], len(order)))

@@ -3,7 +3,8 @@
 A PEFT LoRA directory holds ``adapter_config.json`` (``peft_type: "LORA"``) and
 ``adapter_model.safetensors`` with keys
 ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` ([r, in]) and
-``...lora_B.weight`` ([out, r]). Each PEFT module becomes one per-projection segment of our
+``...lora_B.weight`` ([out, r]), with ``use_dora`` also ``...lora_magnitude_vector`` ([out],
+no ``.weight``; on the embedding [hidden]). Each PEFT module becomes one per-projection segment of our
 checkpoint (``decoder.layers.{i}.self_attention.linear_qkv.lora_A.q_proj``); a shared-A
 segment of ours exports as one PEFT module per projection (A duplicated, B split), which
 computes the same thing.
@@ -36,6 +37,7 @@ from megatron_lora.formats.checkpoint import (
     layout_module_table,
     make_key,
     parse_key,
+    segment_factors,
     split_key,
 )
 from megatron_lora.config import LoraConfig
@@ -55,7 +57,8 @@ from megatron_lora.hf.layout import (
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_KEY = re.compile(
-    rf"{re.escape(PEFT_PREFIX)}(?P<module>.+)\.(?:(?P<factor>lora_A|lora_B)\.weight|lora_embedding_(?P<efactor>A|B))"
+    rf"{re.escape(PEFT_PREFIX)}(?P<module>.+)\.(?:(?P<factor>lora_A|lora_B)\.weight|lora_embedding_(?P<efactor>A|B)"
+    r"|(?P<magnitude>lora_magnitude_vector))"
 )
 
 
@@ -86,7 +89,9 @@ def read_peft_config(directory: str | Path) -> LoraConfig:
 
 def peft_key(layer: Optional[int], proj: str, factor: str) -> str:
     """PEFT's tensor key: ``<module>.lora_A.weight``, or ``<module>.lora_embedding_A`` on the
-    embedding."""
+    embedding; a DoRA magnitude is ``<module>.lora_magnitude_vector`` everywhere."""
+    if factor == "lora_magnitude_vector":
+        return f"{PEFT_PREFIX}{hf_module_name(layer, proj)}.{factor}"
     if proj == EMBED_TOKENS:
         return f"{PEFT_PREFIX}{hf_module_name(layer, proj)}.lora_embedding_{factor[-1]}"
     return f"{PEFT_PREFIX}{hf_module_name(layer, proj)}.{factor}.weight"
@@ -117,14 +122,14 @@ class PeftReader:
             m = _PEFT_KEY.fullmatch(pk)
             if m is None:
                 raise ValueError(
-                    f"{self.path}: tensor {pk!r} is not a LoRA factor of a linear projection or the "
-                    "embedding (DoRA magnitudes, LoRA biases and modules_to_save are not supported)"
+                    f"{self.path}: tensor {pk!r} is not a LoRA factor or DoRA magnitude of a linear "
+                    "projection or the embedding (LoRA biases and modules_to_save are not supported)"
                 )
             try:
                 layer, proj = parse_hf_module_name(m["module"])
             except ValueError as e:
                 raise ValueError(f"{self.path}: tensor {pk!r}: {e}") from None
-            factor = m["factor"] or f"lora_{m['efactor']}"
+            factor = m["factor"] or m["magnitude"] or f"lora_{m['efactor']}"
             if peft_key(layer, proj, factor) != pk:  # lora_embedding_* on the embedding only
                 raise ValueError(f"{self.path}: tensor {pk!r}: PEFT names it {peft_key(layer, proj, factor)!r}")
             key = make_key(layer, PROJECTION[proj][1], factor, proj)
@@ -136,14 +141,24 @@ class PeftReader:
         check_against_config(self.keys(), lambda k: self.shape(k)[0], self.lora_config, str(self.path), facts)
 
     def _check(self) -> None:
+        dora = self.lora_config.use_dora
         for key in self.keys():
             layer, module, factor, proj = parse_key(key)
-            other = make_key(layer, module, "lora_B" if factor == "lora_A" else "lora_A", proj)
-            if other not in self._peft_keys:
-                raise ValueError(f"{self.path}: {self._peft_keys[key]!r} has no matching {other.split('.')[-2]}")
-            if factor == "lora_B":
+            # Every module has A, B and, exactly when use_dora, a magnitude.
+            for other in (make_key(layer, module, f, proj) for f in segment_factors(dora)):
+                if other not in self._peft_keys:
+                    raise ValueError(f"{self.path}: {self._peft_keys[key]!r} has no matching {other.split('.')[-2]}"
+                                     f"{' (use_dora is true)' if dora else ''}")
+            if factor == "lora_magnitude_vector" and not dora:
+                raise ValueError(f"{self.path}: {self._peft_keys[key]!r} is a DoRA magnitude, but use_dora is false")
+            if factor == "lora_magnitude_vector":
+                m, b = self.shape(key), self.shape(make_key(layer, module, "lora_B", proj))
+                if len(m) != 1 or len(b) != 2 or m[0] != b[0]:
+                    raise ValueError(f"{self.path}: {hf_module_name(layer, proj)}: lora_magnitude_vector {m} does "
+                                     f"not match lora_B {b} (one entry per row of B)")
+            if factor != "lora_A":
                 continue
-            a, b = self.shape(key), self.shape(other)
+            a, b = self.shape(key), self.shape(make_key(layer, module, "lora_B", proj))
             name = hf_module_name(layer, proj)
             if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
                 raise ValueError(f"{self.path}: {name}: lora_A {a} and lora_B {b} do not form a LoRA")
@@ -255,8 +270,8 @@ def peft_plan(reader: ShardReader, config: LoraConfig) -> tuple[dict, list[Tenso
         for proj in projections:
             modules[hf_module_name(layer, proj)] = (r, alpha)
             fan_in, fan_out = facts.projection_shape(proj)
-            shape = (r, fan_in) if factor == "lora_A" else (fan_out, r)
-            if shared and factor == "lora_B":
+            shape = {"lora_A": (r, fan_in), "lora_B": (fan_out, r), "lora_magnitude_vector": (fan_out,)}[factor]
+            if shared and factor != "lora_A":  # B and the magnitude: rows of the fused layout
                 read = _bind(_shared_b, reader, key, module, proj, facts)
             else:
                 read = _bind(reader.full, key)

@@ -241,11 +241,18 @@ def _read_megatron(directory: Path) -> XLoraBundle:
 # -- checks ----------------------------------------------------------------------------------------
 
 
+def check_expert_config(directory, config) -> None:
+    """Refuse an expert X-LoRA cannot mix: a DoRA adapter (PEFT's X-LoRA mixes plain LoRA terms)."""
+    if config.use_dora:
+        raise ValueError(f"{directory}: an X-LoRA expert with use_dora=True is not supported")
+
+
 def expert_layers(expert_dirs: list[Path], facts: Optional[ModelFacts] = None) -> int:
     """n_layers: the (global layer, HF projection) pairs any expert adapts."""
     adapted = set()
     for d in expert_dirs:
-        reader, _ = open_adapter(d, facts)
+        reader, config = open_adapter(d, facts)
+        check_expert_config(d, config)
         efacts = facts or reader.facts
         for key in reader.keys():
             layer, module, _, seg = parse_key(key)

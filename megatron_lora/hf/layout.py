@@ -197,8 +197,9 @@ def megatron_module_name(layer: Optional[int], module: str) -> str:
 
 def vocab_rows(module: str, factor: str, facts: ModelFacts) -> Optional[int]:
     """The real size of a factor's split dim when it is the (padded) vocabulary, else None:
-    the output layer's B rows and the embedding's A columns, held as :func:`padded_vocab_size`."""
-    vocab = (module, factor) in ((OUTPUT_LAYER, "lora_B"), (EMBEDDING, "lora_A"))
+    the output layer's B rows (and DoRA magnitude) and the embedding's A columns, held as
+    :func:`padded_vocab_size`."""
+    vocab = (module, factor) in ((OUTPUT_LAYER, "lora_B"), (OUTPUT_LAYER, "lora_magnitude_vector"), (EMBEDDING, "lora_A"))
     return facts.vocab_size if vocab else None
 
 
@@ -210,7 +211,8 @@ def module_style(module: str) -> str:
 def factor_dim(style: str, factor: str) -> Optional[int]:
     """The dim a LoRA factor is split along over TP (None: replicated): a column module
     splits B by rows and replicates A; a row module splits A by columns and replicates B; a
-    replicated module (the MoE router) splits neither."""
+    replicated module (the MoE router) splits neither. A DoRA
+    magnitude (``lora_magnitude_vector``, one entry per row of B) is split like B."""
     if style == "column":
         return None if factor == "lora_A" else 0
     if style == "replicated":

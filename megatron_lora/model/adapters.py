@@ -18,6 +18,7 @@ from megatron.core import parallel_state as ps
 from torch import nn
 
 from megatron_lora.formats.checkpoint import (
+    CHECKPOINT_FACTORS,
     ModuleTable,
     checkpoint_config,
     key_split,
@@ -32,9 +33,9 @@ from megatron_lora.formats.detect import AdapterReader
 from megatron_lora.formats.peft import open_adapter
 from megatron_lora.model.gpt import real_vocab_size
 from megatron_lora.hf.layout import ModelFacts
-from megatron_lora.model.lora import LinearSite, freeze_base, iter_linear_sites, layout_facts, site_segment
+from megatron_lora.model.lora import LinearSite, freeze_base, iter_linear_sites, layout_facts, lora_module, site_segment
 from megatron_lora.formats.outputs import shared_atomic_directory
-from megatron_lora.parallel.lora_layers import AdapterSpec, LoraLayer, add_lora_support, unshard_rows
+from megatron_lora.parallel.lora_layers import AdapterSpec, LoraLayer, unshard_rows
 
 
 def _tp() -> tuple[int, int]:
@@ -51,10 +52,19 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """This rank's tensors of ``adapter_name`` under checkpoint keys (global layer indices)."""
     out = {}
     for site in _adapted_sites(model, adapter_name):
-        for factor in ("lora_A", "lora_B"):
-            for seg, p in getattr(site.module, factor)[adapter_name].items():
-                out[module_key(site.global_name, factor, seg)] = p.detach()
+        for factor, seg, p in _adapter_tensors(site.module, adapter_name):
+            out[module_key(site.global_name, factor, seg)] = p.detach()
     return out
+
+
+def _adapter_tensors(layer: LoraLayer, adapter_name: str) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(factor, segment, parameter) of every tensor of ``adapter_name`` on ``layer``, DoRA
+    magnitudes included, as checkpoint keys name them."""
+    for factor in CHECKPOINT_FACTORS:
+        tensors = getattr(layer, factor)
+        if adapter_name in tensors:
+            for seg, p in tensors[adapter_name].items():
+                yield factor, seg, p
 
 
 def _is_expert(site: LinearSite) -> bool:
@@ -80,11 +90,10 @@ def _expert_shards(model: nn.Module, adapter_name: str, tp_rank: int, tp: int) -
     for site in _adapted_sites(model, adapter_name):
         if not _is_expert(site):
             continue
-        for factor in ("lora_A", "lora_B"):
-            for seg, p in getattr(site.module, factor)[adapter_name].items():
-                key = module_key(site.global_name, factor, seg)
-                dim, blocks = key_split(table, key)
-                state[key] = _gather_split(p.detach(), dim, blocks, site.module.tp_group).cpu()
+        for factor, seg, p in _adapter_tensors(site.module, adapter_name):
+            key = module_key(site.global_name, factor, seg)
+            dim, blocks = key_split(table, key)
+            state[key] = _gather_split(p.detach(), dim, blocks, site.module.tp_group).cpu()
     if ps.get_expert_model_parallel_world_size() > 1:
         parts = [None] * ps.get_expert_model_parallel_world_size()
         dist.all_gather_object(parts, (state, table), group=ps.get_expert_model_parallel_group())
@@ -173,7 +182,7 @@ def adapter_spec_for_keys(site: LinearSite, keys: list[str], reader: AdapterRead
     for key in keys:
         _, _, seg = split_key(key)
         segments.append(site_segment(site, seg, reader.shape(key)[0], config, tp))
-    return AdapterSpec(tuple(segments), dropout=config.lora_dropout, init=config.init_lora_weights)
+    return AdapterSpec(tuple(segments), dropout=config.lora_dropout, init=config.init_lora_weights, dora=config.use_dora)
 
 
 def load_adapter(
@@ -226,19 +235,18 @@ def add_adapter_from_reader(
         raise ValueError(f"adapter {adapter_name!r} already exists on this model")
     used = set()
     for site, spec in specs:
-        lora = add_lora_support(site.module)
+        lora = lora_module(site, model)
         lora.add_adapter(adapter_name, spec)
         rank, size = _group_rank_size(lora)
-        for factor in ("lora_A", "lora_B"):
-            for seg, p in getattr(lora, factor)[adapter_name].items():
-                key = module_key(site.global_name, factor, seg)
-                t = reader.local(key, rank, size)
-                if t.shape != p.shape:
-                    raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(p.shape)}")
-                with torch.no_grad():
-                    p.copy_(t)
-                p.data = p.data.to(t.dtype)
-                used.add(key)
+        for factor, seg, p in _adapter_tensors(lora, adapter_name):
+            key = module_key(site.global_name, factor, seg)
+            t = reader.local(key, rank, size)
+            if t.shape != p.shape:
+                raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(p.shape)}")
+            with torch.no_grad():
+                p.copy_(t)
+            p.data = p.data.to(t.dtype)
+            used.add(key)
     spread = ps.model_parallel_is_initialized() and max(
         ps.get_pipeline_model_parallel_world_size(), ps.get_expert_model_parallel_world_size()) > 1
     if dist.is_initialized() and spread:  # stages and expert-parallel ranks each load their modules

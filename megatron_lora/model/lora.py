@@ -33,7 +33,7 @@ from megatron_lora.hf.layout import (
     parse_moe_module,
 )
 from megatron_lora.model.gpt import real_vocab_size
-from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, add_lora_support, lora_layers
+from megatron_lora.parallel.lora_layers import AdapterSpec, LoraLayer, Segment, add_lora_support, lora_layers
 from megatron_lora.parallel.device import device
 
 
@@ -216,8 +216,20 @@ def adapter_spec_for(config: LoraConfig, site: LinearSite, tp: int) -> Optional[
         names = [kind] if shared else projections
     if not names:
         return None
+    if config.use_dora and site.moe is not None:
+        # PEFT refuses DoRA through target_parameters, the layout transformers 5 gives experts.
+        raise ValueError(f"use_dora: DoRA on MoE experts and the router ({site.global_name}) is not supported")
     segments = tuple(site_segment(site, n, config.rank_alpha(match_name(site, n, config))[0], config, tp) for n in names)
-    return AdapterSpec(segments, dropout=config.lora_dropout, init=config.init_lora_weights)
+    return AdapterSpec(segments, dropout=config.lora_dropout, init=config.init_lora_weights, dora=config.use_dora)
+
+
+def lora_module(site: LinearSite, model: nn.Module) -> LoraLayer:
+    """``site``'s module turned into its LoRA class; a GPT model's embedding learns its
+    unpadded vocabulary (DoRA's norm over the vocabulary skips the TP padding)."""
+    lora = add_lora_support(site.module)
+    if site.kind == EMBEDDING:
+        lora.lora_vocab_size = real_vocab_size(model)
+    return lora
 
 
 def _moe_segments(config: LoraConfig, site: LinearSite) -> list[str]:
@@ -258,10 +270,10 @@ def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "defa
             continue
         if adapter_name in getattr(module, "lora_specs", {}):
             raise ValueError(f"adapter {adapter_name!r} already exists on {site.name}")
-        planned.append((module, spec, site.global_name))
-    for module, spec, global_name in planned:
-        generator = None if seed is None else torch.Generator().manual_seed(_module_seed(seed, global_name))
-        add_lora_support(module).add_adapter(adapter_name, spec, dtype=dtype, generator=generator)
+        planned.append((site, spec))
+    for site, spec in planned:
+        generator = None if seed is None else torch.Generator().manual_seed(_module_seed(seed, site.global_name))
+        lora_module(site, model).add_adapter(adapter_name, spec, dtype=dtype, generator=generator)
     return len(planned)
 
 
@@ -290,11 +302,11 @@ def apply_lora(
 
 
 def freeze_base(model: nn.Module) -> nn.Module:
-    """Freeze every parameter except the LoRA factors."""
+    """Freeze every parameter except the LoRA factors and DoRA magnitudes."""
     for _, param in model.named_parameters():
         param.requires_grad_(False)
     for _, layer in lora_layers(model):
-        for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]:
+        for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters(), *layer.lora_magnitude_vector.parameters()]:
             p.requires_grad_(True)
     return model
 

@@ -36,7 +36,8 @@ from megatron_lora.hf.layout import HF_PROJECTIONS, ModelFacts, segment_projecti
 from megatron_lora.model.lora import enable_adapters, iter_linear_modules
 from megatron_lora.formats.checkpoint import checkpoint_config, write_config, write_shard
 from megatron_lora.formats.outputs import shared_atomic_directory
-from megatron_lora.formats.xlora import check_bundle, megatron_key, read_xlora
+from megatron_lora.formats.peft import open_adapter
+from megatron_lora.formats.xlora import check_bundle, check_expert_config, megatron_key, read_xlora
 from megatron_lora.model.adapters import load_adapter, model_facts, save_adapter
 from megatron_lora.parallel import collectives
 from megatron_lora.parallel.lora_layers import LoraLayer
@@ -330,6 +331,8 @@ def apply_xlora(
     elif config.hidden_size != hidden:
         raise ValueError(f"XLoraConfig.hidden_size={config.hidden_size} but the model's hidden size is {hidden}")
     config.adapters = {k: str(v) for k, v in adapters.items()}
+    for d in adapters.values():
+        check_expert_config(d, open_adapter(d)[1])
     experts = [str(i) for i in range(len(adapters))]
     expert_configs = [load_adapter(model, d, name) for name, d in zip(experts, adapters.values())]
     if config.scaling_pass_value is None:

@@ -90,6 +90,7 @@ class FinetuneOptions:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: list(HF_PROJECTIONS))
+    use_dora: bool = False
     save: str = DEFAULT_SAVE
     save_interval: Optional[int] = None  # None: only at the end
     keep_checkpoints: int = 2
@@ -120,6 +121,8 @@ class FinetuneOptions:
             raise ValueError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.use_dora and self.xlora:
+            raise ValueError("--use-dora trains a DoRA adapter: X-LoRA (--xlora) mixes plain LoRA experts")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.tiny and (self.data or self.eval_data or self.eval_fraction is not None):
@@ -347,7 +350,8 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
             model = add_xlora(model, base_dir, options, scratch)
         else:
             config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha,
-                                lora_dropout=options.lora_dropout, target_modules=options.target_modules)
+                                lora_dropout=options.lora_dropout, target_modules=options.target_modules,
+                                use_dora=options.use_dora)
             apply_lora(model, config, seed=options.seed)
         report = trainable_parameters_report(model)  # a collective: every rank calls it
         tokenizer = _tokenizer(options)
