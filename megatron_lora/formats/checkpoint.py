@@ -16,8 +16,15 @@ Directory layout::
 ``output_layer`` ...). ``<segment>`` is an HF projection (``q_proj`` ...: per-projection
 LoRA on a fused module of the LLaMA-family layout) or the module's last name component (one
 LoRA over the whole module, shared A on a fused one). ``parallel`` says how the factors are
-split over TP (column: B by rows, A replicated; row: A by columns, B replicated) and
-``blocks`` how a split B's rows are chunked (2: megatron-core's gated ``[gate_j; up_j]``).
+split over TP (column: B by rows, A replicated; row: A by columns, B replicated;
+replicated: neither) and ``blocks`` how a split B's rows are chunked (2: megatron-core's
+gated ``[gate_j; up_j]``).
+
+Mixtures of experts: expert e (GLOBAL index) of layer i is
+``decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1`` (segment ``linear_fc1``, shared
+A over ``[gate; up]``, or ``gate_proj`` / ``up_proj``) and ``.linear_fc2`` (``linear_fc2`` or
+``down_proj``); the router is ``decoder.layers.{i}.mlp.router`` (segment ``router``: A
+[r, hidden], B [experts, r], replicated). ``model`` then holds ``moe`` facts.
 Each rank's tensors have the shape that rank holds; pipeline stages are merged.
 
 Version 1 (still read) had the same keys for the four modules of the LLaMA-family layout
@@ -45,14 +52,23 @@ from megatron_lora.hf.layout import (
     MODULE_PATH,
     EMBEDDING,
     EMBEDDING_PATH,
+    EXPERT_PROJECTION,
     OUTPUT_LAYER,
+    ROUTER,
     ModelFacts,
+    adaptable_names,
+    expert_of_name,
+    expert_factor_split,
+    expert_hf_name,
+    expert_segments,
+    expert_style,
     factor_dim,
     factor_split,
     hf_module_name,
     megatron_module_name,
     module_style,
     padded_vocab_size,
+    parse_expert_module,
     vocab_rows,
 )
 from megatron_lora.formats.outputs import atomic_directory
@@ -117,13 +133,18 @@ def make_key(layer: int, module: str, factor: str, segment: str) -> str:
 
 
 def layout_module_table(keys: Iterable[str], facts: Optional[ModelFacts]) -> ModuleTable:
-    """The ``modules`` table of keys of the LLaMA-family layout (a version-1 checkpoint, a
-    PEFT adapter)."""
+    """The ``modules`` table of keys of the LLaMA-family layout and of experts and routers (a
+    version-1 checkpoint, a PEFT adapter)."""
     table: ModuleTable = {}
     for key in keys:
-        layer, module, _, seg = parse_key(key)
-        entry = table.setdefault(megatron_module_name(layer, module), {"parallel": module_style(module), "segments": {}})
-        entry["segments"][seg] = {"blocks": factor_split(module, "lora_B", seg, facts)[1]}
+        name, _, seg = split_key(key)
+        expert = parse_expert_module(name)
+        if expert is not None:
+            style, blocks = expert_style(expert[2]), expert_factor_split(expert[2], "lora_B", seg)[1]
+        else:
+            layer, module, _, seg = parse_key(key)
+            style, blocks = module_style(module), factor_split(module, "lora_B", seg, facts)[1]
+        table.setdefault(name, {"parallel": style, "segments": {}})["segments"][seg] = {"blocks": blocks}
     return table
 
 
@@ -132,10 +153,10 @@ def check_module_table(table, keys: Iterable[str], where: str) -> ModuleTable:
     if not isinstance(table, dict):
         raise ValueError(f"{where}: modules is {'missing' if table is None else 'not an object'}")
     for name, entry in table.items():
-        ok = isinstance(entry, dict) and entry.get("parallel") in ("column", "row") and isinstance(entry.get("segments"), dict)
+        ok = isinstance(entry, dict) and entry.get("parallel") in ("column", "row", "replicated") and isinstance(entry.get("segments"), dict)
         ok = ok and all(isinstance(v, dict) and v.get("blocks") in (1, 2) for v in entry["segments"].values())
         if not ok:
-            raise ValueError(f"{where}: modules[{name!r}] is not {{'parallel': 'column'|'row', 'segments': {{name: {{'blocks': 1|2}}}}}}")
+            raise ValueError(f"{where}: modules[{name!r}] is not {{'parallel': 'column'|'row'|'replicated', 'segments': {{name: {{'blocks': 1|2}}}}}}")
     described = {module_key(n, f, s) for n, e in table.items() for s in e["segments"] for f in ("lora_A", "lora_B")}
     keys = set(keys)
     if described != keys:
@@ -181,11 +202,15 @@ def local_part(full: torch.Tensor, dim: int, blocks: int, tp_rank: int, tp: int,
 
 def adapted_name(key: str) -> str:
     """The name matching and rank_pattern / alpha_pattern see for the segment of ``key``: the
-    HF name of a projection segment, else the module's own name."""
+    HF name of a projection segment (an expert's: ``model.layers.{i}.mlp.experts.{e}.gate_proj``),
+    else the module's own name."""
     module, _, seg = split_key(key)
     known = layout_module(module)
     if known is not None and seg != known[1]:
         return hf_module_name(known[0], seg)
+    expert = parse_expert_module(module)
+    if expert is not None and seg in EXPERT_PROJECTION:
+        return expert_hf_name(expert[0], expert[1], seg)
     return module
 
 
@@ -225,15 +250,17 @@ def open_shard(directory: str | Path, tp_rank: int):
 
 
 def check_against_config(keys: Iterable[str], rank_of: Callable[[str], int], config: LoraConfig, source: str,
-                         facts: Optional[ModelFacts] = None) -> None:
+                         facts: Optional[ModelFacts] = None, names: Optional[dict[str, Optional[int]]] = None) -> None:
     """Refuse tensors that PEFT would not load or apply as the config says.
 
     Each adapted module (HF name of a per-projection segment, else the module's own name)
     must be one the config's targets adapt, and its rank (``rank_of`` its lora_A key) must
     be its effective rank (``rank_pattern``, then ``r``, whose default is PEFT's 8). With
-    ``facts``, every module of the LLaMA-family layout the config adapts must have tensors.
+    ``facts``, every module of the LLaMA-family layout the config adapts must have tensors,
+    and every expert module or router one of whose names it adapts (``names``: the names
+    to check, default ``layout.adaptable_names``).
     """
-    adapted = set()
+    adapted, expert_modules = set(), set()
     for key in keys:
         module, factor, _ = split_key(key)
         if factor != "lora_A":
@@ -250,16 +277,16 @@ def check_against_config(keys: Iterable[str], rank_of: Callable[[str], int], con
             raise ValueError(f"{source}: {name} has rank {r}, but the config gives it r={want} "
                              "(rank_pattern, then r): its scaling would be wrong")
         adapted.add(name)
+        if parse_expert_module(module) is not None:
+            expert_modules.add(module)
     if not adapted:
         raise ValueError(f"{source} holds no LoRA tensors")
     if facts is None:
         return
-    expected = set()
-    layout = [(layer, module) for layer in range(facts.num_layers) for module in MODULE_PATH] + [(None, OUTPUT_LAYER), (None, EMBEDDING)]
-    for layer, module in layout:
-        names = [megatron_module_name(layer, module)] + [hf_module_name(layer, p) for p in facts.projections(module)]
-        expected.update(n for n in names if config.matches(n, layer))
-    missing = sorted(expected - adapted)
+    # An expert module (or router) is complete with any segment on it (shared A or per projection).
+    names = adaptable_names(facts) if names is None else names
+    expected = {expert_of_name(n) or n for n, layer in names.items() if config.matches(n, layer)}
+    missing = sorted(expected - adapted - expert_modules)
     if missing:
         raise ValueError(f"{source}: the config adapts {missing[:3]}{' ...' if len(missing) > 3 else ''} "
                          f"but no tensors for {'them' if len(missing) > 1 else 'it'} are present")
@@ -317,7 +344,18 @@ class ShardReader:
                 raise ValueError(f"{self.directory}: {module} {seg}: lora_A {a_shape} and lora_B {b_shape} do not form a LoRA")
             want = list(self.shape(key))
             known = layout_module(module) if facts is not None else None
-            if known is not None:
+            expert = parse_expert_module(module) if facts is not None else None
+            if expert is not None:
+                layer, e, kind = expert
+                if facts.moe is None or layer not in facts.moe.layers or (e is not None and e >= facts.moe.num_experts):
+                    raise ValueError(f"{self.directory}: {key}: the model facts have no such expert or router")
+                if seg not in expert_segments(kind):
+                    raise ValueError(f"{self.directory}: {key}: segment {seg!r} does not belong to {kind}")
+                fan_in, fan_out = facts.moe.segment_shape(seg, facts.hidden_size)
+                full = [a_shape[0], fan_in] if factor == "lora_A" else [fan_out, a_shape[0]]
+                want = local_shape(full, key_split(self.modules, key)[0], tp, None)
+                known = expert
+            elif known is not None:
                 layer, kind = known
                 if layer is not None and layer >= facts.num_layers:
                     raise ValueError(f"{self.directory}: {key} is beyond the model's {facts.num_layers} layers")

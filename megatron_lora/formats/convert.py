@@ -27,7 +27,7 @@ from tqdm import tqdm
 from megatron_lora.formats.checkpoint import adapted_name, layout_module, shard_file, split_key, write_config
 from megatron_lora.errors import check_positive_int
 from megatron_lora.hf.importer import hf_model_facts, read_hf_config
-from megatron_lora.hf.layout import HF_PROJECTIONS, ModelFacts
+from megatron_lora.hf.layout import HF_PROJECTIONS, MOE_HF_NAMES, ModelFacts, MoeNames, parse_expert_module
 from megatron_lora.formats.detect import Format, detect
 from megatron_lora.formats.outputs import atomic_directory, check_destination
 from megatron_lora.formats.peft import (
@@ -53,6 +53,11 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 def base_facts(hf_dir: str | Path) -> ModelFacts:
     """Model facts of an HF model directory (reads config.json only)."""
     return hf_model_facts(read_hf_config(hf_dir))
+
+
+def base_expert_names(hf_dir: str | Path) -> Optional[MoeNames]:
+    """transformers 4's expert module names of an HF mixture of experts (None: dense model)."""
+    return MOE_HF_NAMES.get(read_hf_config(hf_dir).get("model_type"))
 
 
 def write_safetensors(path: Path, plans: list[TensorPlan], bar: Optional[tqdm] = None) -> None:
@@ -91,6 +96,8 @@ def convert(
     progress: bool = True,
     check: Optional[Callable[[Path], None]] = None,
     confine_experts: bool = False,
+    moe_layout: str = "fused",
+    expert_names: Optional[MoeNames] = None,
 ) -> Path:
     """Convert the adapter in ``src`` (PEFT or megatron-lora, detected) into ``dst``.
 
@@ -103,6 +110,11 @@ def convert(
     An X-LoRA ``src`` becomes our X-LoRA checkpoint (``to="megatron"``, experts as
     sub-checkpoints) or the intended PEFT X-LoRA layout (``to="peft"``, from any layout);
     ``confine_experts`` refuses experts outside ``src``.
+
+    A mixture of experts' expert and router LoRAs go to PEFT in ``moe_layout``
+    (``peft.MOE_LAYOUTS``): transformers 5's fused ``target_parameters`` (default) or
+    transformers 4's per-expert modules named by ``expert_names`` (:func:`base_expert_names`).
+    A PEFT source may hold either.
     """
     if to not in ("peft", "megatron"):
         raise ValueError(f"to={to!r}: expected 'peft' or 'megatron'")
@@ -127,7 +139,7 @@ def convert(
         ckpt_config, ranks = megatron_plan(reader, config, facts, tp)
         files = [(j, plans) for j, plans in enumerate(ranks)]
     else:
-        peft_config, plans = peft_plan(reader, config)
+        peft_config, plans = peft_plan(reader, config, moe_layout, expert_names)
         files = [(None, plans)]
     with atomic_directory(dst, overwrite) as tmp:
         with tqdm(total=sum(len(p) for _, p in files), desc=f"{Path(src).name} -> {to}", unit="tensor",

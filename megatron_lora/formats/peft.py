@@ -15,6 +15,7 @@ disk tensor by tensor while the in-memory functions here simply read them all.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from megatron_lora.formats.checkpoint import (
     local_shape,
     layout_module_table,
     make_key,
-    parse_key,
+    module_key,
     split_key,
 )
 from megatron_lora.config import LoraConfig
@@ -43,14 +44,31 @@ from megatron_lora.formats.detect import CONFIG_NAME, Format, detect_lora
 from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.hf.layout import (
     EMBED_TOKENS,
+    EXPERT_PROJECTION,
+    FUSED_EXPERT_PARAMS,
+    FUSED_EXPERTS,
     HF_PROJECTIONS,
+    LAYER_INDEX,
     LM_HEAD,
+    MOE_HF_NAMES,
     PEFT_PREFIX,
     PROJECTION,
+    ROUTER,
     ModelFacts,
+    MoeNames,
+    adaptable_names,
+    expert_hf_name,
+    expert_module_name,
+    expert_of_name,
+    fuse_experts,
+    fused_param_name,
     hf_module_name,
+    parse_expert_hf_name,
+    parse_expert_module,
     parse_hf_module_name,
+    split_block_diagonal,
     split_shared_b,
+    stack_lora,
 )
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -72,16 +90,42 @@ class TensorPlan:
 # -- formats ----------------------------------------------------------------------------------
 
 
-def read_peft_config(directory: str | Path) -> LoraConfig:
-    """The LoraConfig of a PEFT LoRA directory; options we cannot represent are refused by name."""
+def read_peft_adapter_config(directory: str | Path) -> tuple[LoraConfig, list[str]]:
+    """(LoraConfig, target_parameters) of a PEFT LoRA directory; options we cannot represent
+    are refused by name, and so is what PEFT refuses with ``target_parameters``."""
     path = Path(directory) / CONFIG_NAME
     d = read_json(path)
     if d.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type={d.get('peft_type')!r} is not a LoRA adapter (expected 'LORA')")
+    params = d.get("target_parameters") or []
+    if not isinstance(params, list) or not all(isinstance(t, str) for t in params):
+        raise ValueError(f"{path}: target_parameters={params!r} is not a list of parameter names")
     try:
-        return LoraConfig.from_dict(d)
+        config = LoraConfig.from_dict({k: v for k, v in d.items() if k != "target_parameters"})
     except (ValueError, TypeError) as e:  # TypeError: a field of the wrong type
         raise ValueError(f"{path}: {e}") from None
+    if params:
+        check_target_parameters_config(config, str(path))
+    return config, params
+
+
+def read_peft_config(directory: str | Path) -> LoraConfig:
+    """The LoraConfig of a PEFT LoRA directory (:func:`read_peft_adapter_config`)."""
+    return read_peft_adapter_config(directory)[0]
+
+
+def check_target_parameters_config(config: LoraConfig, where: str) -> None:
+    """Refuse what PEFT refuses on ``target_parameters`` (its ParamWrapper): DoRA (which
+    LoraConfig refuses anyway) and a dropout other than 0."""
+    if config.lora_dropout:
+        raise ValueError(f"{where}: lora_dropout={config.lora_dropout} with target_parameters: PEFT's "
+                         "target_parameters (fused experts) take no dropout (only 0)")
+
+
+def targets_parameter(params: list[str], name: str) -> bool:
+    """PEFT's matching of ``target_parameters``: the full parameter name or whole trailing
+    components of it (no regex, no layers_to_transform)."""
+    return any(name == t or name.endswith("." + t) for t in params)
 
 
 def peft_key(layer: Optional[int], proj: str, factor: str) -> str:
@@ -92,7 +136,23 @@ def peft_key(layer: Optional[int], proj: str, factor: str) -> str:
     return f"{PEFT_PREFIX}{hf_module_name(layer, proj)}.{factor}.weight"
 
 
+def _peft_module_key(module: str, factor: str) -> str:
+    return f"{PEFT_PREFIX}{module}.{factor}.weight"
+
+
 # -- reading PEFT files as checkpoint keys ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a checkpoint key's tensor is in the PEFT file: tensor ``key`` whole, or (fused
+    experts) expert ``expert`` of ``experts`` (:func:`layout.expert_factors`)."""
+
+    key: str
+    #: The name PEFT matches the tensor's module or parameter under.
+    name: str
+    expert: Optional[int] = None
+    experts: int = 1
 
 
 class PeftReader:
@@ -101,6 +161,13 @@ class PeftReader:
     An :class:`~megatron_lora.formats.detect.AdapterReader`, like
     :class:`~megatron_lora.formats.checkpoint.ShardReader`. With ``facts`` every tensor is checked against the
     base model's projection shapes; ``local`` reads only the rows or columns a rank holds.
+
+    Mixture-of-experts adapters come in two layouts (``moe_layout``): ``"per-expert"``
+    (transformers 4's modules ``{block}.experts.{e}.{proj}`` and ``{block}.gate``) and
+    ``"fused"`` (transformers 5's parameters through ``target_parameters``: one LoRA per
+    ``mlp.experts.gate_up_proj`` / ``down_proj`` over all experts, ``mlp.gate.weight``). Both
+    become per-expert keys of ours; ``lora_config`` is then rewritten to adapt exactly those
+    under our names (``peft_config`` keeps PEFT's).
     """
 
     #: PEFT files hold the whole (TP=1) tensors.
@@ -108,89 +175,245 @@ class PeftReader:
 
     def __init__(self, directory: str | Path, facts: Optional[ModelFacts] = None):
         self.directory = Path(directory)
-        self.lora_config = read_peft_config(directory)
+        self.peft_config, self.target_parameters = read_peft_adapter_config(directory)
+        self.lora_config = self.peft_config
         self.facts = facts
         self.path = self.directory / WEIGHTS_NAME
         self._file = open_safetensors(self.path)
-        self._peft_keys: dict[str, str] = {}
+        self._sources: dict[str, _Source] = {}
+        fused: dict[int, dict[int, dict[str, str]]] = {}  # layer -> nesting depth -> factor -> PEFT key
+        per_expert = False
         for pk in self._file.keys():
             m = _PEFT_KEY.fullmatch(pk)
             if m is None:
                 raise ValueError(
-                    f"{self.path}: tensor {pk!r} is not a LoRA factor of a linear projection or the "
+                    f"{self.path}: tensor {pk!r} is not a LoRA factor of a linear projection, an expert or the "
                     "embedding (DoRA magnitudes, LoRA biases and modules_to_save are not supported)"
                 )
+            factor = m["factor"] or f"lora_{m['efactor']}"
+            expert, nested = parse_expert_hf_name(m["module"]), _FUSED_MODULE.fullmatch(m["module"])
+            if expert is not None or nested is not None:
+                if m["efactor"]:
+                    raise ValueError(f"{self.path}: tensor {pk!r}: PEFT names it {_peft_module_key(m['module'], factor)!r}")
+                if nested is not None:
+                    fused.setdefault(int(nested["layer"]), {}).setdefault(nested["nest"].count("."), {})[factor] = pk
+                    continue
+                layer, e, proj = expert
+                per_expert |= proj != ROUTER
+                module = ROUTER if proj == ROUTER else EXPERT_PROJECTION[proj]
+                key = module_key(expert_module_name(layer, e, module), factor, proj)
+                self._add(key, _Source(pk, m["module"]))
+                continue
             try:
                 layer, proj = parse_hf_module_name(m["module"])
             except ValueError as e:
-                raise ValueError(f"{self.path}: tensor {pk!r}: {e}") from None
-            factor = m["factor"] or f"lora_{m['efactor']}"
+                raise ValueError(f"{self.path}: tensor {pk!r}: {e} (or an expert: model.layers.N.mlp.experts, "
+                                 "model.layers.N.{mlp|block_sparse_moe}.experts.E.PROJ, ...gate)") from None
             if peft_key(layer, proj, factor) != pk:  # lora_embedding_* on the embedding only
                 raise ValueError(f"{self.path}: tensor {pk!r}: PEFT names it {peft_key(layer, proj, factor)!r}")
-            key = make_key(layer, PROJECTION[proj][1], factor, proj)
-            if key in self._peft_keys:
-                raise ValueError(f"{self.path}: tensors {self._peft_keys[key]!r} and {pk!r} name the same module")
-            self._peft_keys[key] = pk
+            self._add(make_key(layer, PROJECTION[proj][1], factor, proj), _Source(pk, hf_module_name(layer, proj)))
+        for key, src in list(self._sources.items()):
+            expert = parse_expert_module(split_key(key)[0])
+            # The router adapted as transformers 5's parameter: PEFT matches its patterns under that name.
+            if expert is not None and expert[2] == ROUTER and not self.peft_config.matches(src.name, expert[0]) \
+                    and targets_parameter(self.target_parameters, f"{src.name}.weight"):
+                self._sources[key] = _Source(src.key, f"{src.name}.weight")
+        if fused and per_expert:
+            raise ValueError(f"{self.path}: holds both fused (transformers 5) and per-expert (transformers 4) expert tensors")
+        self.moe_layout = "fused" if fused else "per-expert" if per_expert else None
+        for layer, depths in sorted(fused.items()):
+            self._add_fused(layer, depths)
         self._check()
         self.modules = layout_module_table(self.keys(), facts)
-        check_against_config(self.keys(), lambda k: self.shape(k)[0], self.lora_config, str(self.path), facts)
+        dense = [k for k in self.keys() if parse_expert_module(split_key(k)[0]) is None]
+        universe = None if facts is None else {n: i for n, i in adaptable_names(facts).items() if expert_of_name(n) is None}
+        if dense or not self._moe_keys():
+            check_against_config(dense, lambda k: self.shape(k)[0], self.peft_config, str(self.path), facts, universe)
+        if self._moe_keys():
+            self._check_moe_config()
+            self.lora_config = ours_config(self.peft_config, {
+                adapted_name(k): self._rank_alpha(k) for k in self.keys() if split_key(k)[1] == "lora_A"}, facts)
+
+    def _add(self, key: str, source: _Source) -> None:
+        if key in self._sources:
+            raise ValueError(f"{self.path}: tensors {self._sources[key].key!r} and {source.key!r} name the same module")
+        self._sources[key] = source
+
+    def _moe_keys(self) -> list[str]:
+        return [k for k in self.keys() if parse_expert_module(split_key(k)[0]) is not None]
+
+    def _add_fused(self, layer: int, depths: dict[int, dict[str, str]]) -> None:
+        """Per-expert keys of layer ``layer``'s fused expert tensors: which parameter each
+        nesting depth adapts follows from ``target_parameters`` (PEFT wraps the targeted
+        parameters of a module in the order the module defines them, the first innermost)
+        and is checked against the shapes."""
+        names = {p: fused_param_name(layer, p) for p in FUSED_EXPERT_PARAMS}
+        targeted = [p for p in FUSED_EXPERT_PARAMS if targets_parameter(self.target_parameters, names[p])]
+        where = f"{self.path}: {PEFT_PREFIX}model.layers.{layer}.{FUSED_EXPERTS}"
+        if sorted(depths) != list(range(len(targeted))):
+            raise ValueError(f"{where}: {len(depths)} nested LoRA(s) (.base_layer depths {sorted(depths)}), but "
+                             f"target_parameters={self.target_parameters!r} adapt {targeted or 'none'} of its parameters")
+        found = {}
+        for i, param in enumerate(targeted):
+            pks = depths[len(targeted) - 1 - i]
+            if set(pks) != {"lora_A", "lora_B"}:
+                raise ValueError(f"{where}: the LoRA of {param} lacks {({'lora_A', 'lora_B'} - set(pks)).pop()}")
+            a, b = (list(self._file.get_slice(pks[f]).get_shape()) for f in ("lora_A", "lora_B"))
+            r = self.peft_config.rank_alpha(names[param])[0]
+            if len(a) != 2 or len(b) != 2 or a[0] != b[1] or a[0] % r:
+                raise ValueError(f"{where}: {param}: lora_A {a} and lora_B {b} are not a LoRA of rank {r} "
+                                 "(its effective rank) per expert")
+            found[param] = (pks, a, b, a[0] // r)
+        if self.facts is not None and self.facts.moe is not None:
+            moe, h = self.facts.moe, self.facts.hidden_size
+            for param, (_, a, b, experts) in found.items():
+                fan_in, fan_out = moe.segment_shape(FUSED_EXPERT_PARAMS[param], h)
+                if (a[1], b[0], experts) != (fan_in, fan_out, moe.num_experts):
+                    raise ValueError(f"{where}: adapter made for another base: {param} has lora_A {a} / lora_B {b}; "
+                                     f"the base's {moe.num_experts} experts need [E x r, {fan_in}] / [{fan_out}, E x r]")
+        elif len(found) == 2:  # no facts: the two parameters must at least agree with each other
+            (_, a1, b1, e1), (_, a2, b2, e2) = found["gate_up_proj"], found["down_proj"]
+            if e1 != e2 or a1[1] != b2[0] or b1[0] != 2 * a2[1]:
+                raise ValueError(f"{where}: gate_up_proj (lora_A {a1}, lora_B {b1}) and down_proj (lora_A {a2}, "
+                                 f"lora_B {b2}) do not fit one set of experts")
+        for param, (pks, _, _, experts) in found.items():
+            module = FUSED_EXPERT_PARAMS[param]
+            for e in range(experts):
+                for factor, pk in pks.items():
+                    self._add(module_key(expert_module_name(layer, e, module), factor, module),
+                              _Source(pk, names[param], e, experts))
 
     def _check(self) -> None:
         for key in self.keys():
-            layer, module, factor, proj = parse_key(key)
-            other = make_key(layer, module, "lora_B" if factor == "lora_A" else "lora_A", proj)
-            if other not in self._peft_keys:
-                raise ValueError(f"{self.path}: {self._peft_keys[key]!r} has no matching {other.split('.')[-2]}")
-            if factor == "lora_B":
+            module, factor, seg = split_key(key)
+            other = module_key(module, "lora_B" if factor == "lora_A" else "lora_A", seg)
+            if other not in self._sources:
+                raise ValueError(f"{self.path}: {self._sources[key].key!r} has no matching {other.split('.')[-2]}")
+            if factor == "lora_B" or self._sources[key].expert is not None:  # fused: checked as a whole
                 continue
             a, b = self.shape(key), self.shape(other)
-            name = hf_module_name(layer, proj)
+            name = self._sources[key].name
             if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
                 raise ValueError(f"{self.path}: {name}: lora_A {a} and lora_B {b} do not form a LoRA")
             if self.facts is None:
                 continue
-            if layer is not None and layer >= self.facts.num_layers:
-                raise ValueError(f"{self.path}: {name} is beyond the base model's {self.facts.num_layers} layers")
-            fan_in, fan_out = self.facts.projection_shape(proj)
+            expert = parse_expert_module(module)
+            if expert is not None:
+                moe = self.facts.moe
+                if moe is None or expert[0] not in moe.layers or (expert[1] is not None and expert[1] >= moe.num_experts):
+                    raise ValueError(f"{self.path}: adapter made for another base: the base model has no {name}")
+                fan_in, fan_out = moe.segment_shape(seg, self.facts.hidden_size)
+            else:
+                layer, _ = layout_module(module)
+                if layer is not None and layer >= self.facts.num_layers:
+                    raise ValueError(f"{self.path}: {name} is beyond the base model's {self.facts.num_layers} layers")
+                fan_in, fan_out = self.facts.projection_shape(seg)
             if a[1] != fan_in or b[0] != fan_out:
                 raise ValueError(
                     f"{self.path}: adapter made for another base: {name} has lora_A {a} / lora_B {b}, "
                     f"the base model's {name} needs lora_A [r, {fan_in}] / lora_B [{fan_out}, r]"
                 )
 
+    def _rank_alpha(self, key: str) -> tuple[int, float]:
+        """(rank, alpha) of the segment of lora_A ``key`` in PEFT's config."""
+        return self.shape(key)[0], self.peft_config.rank_alpha(self._sources[key].name)[1]
+
+    def _check_moe_config(self) -> None:
+        """The expert tensors are what PEFT's config adapts, at its ranks (PEFT's names)."""
+        config, params = self.peft_config, self.target_parameters
+        present = {}
+        for key in self._moe_keys():
+            src = self._sources[key]
+            if split_key(key)[1] != "lora_A" or src.name in present:
+                continue
+            fused = src.expert is not None or src.name.endswith(".weight")
+            layer = parse_expert_module(split_key(key)[0])[0]
+            if not (targets_parameter(params, src.name) if fused else config.matches(src.name, layer)):
+                raise ValueError(f"{self.path}: holds tensors for {src.name}, which the config does not adapt "
+                                 f"(target_modules={config.target_modules!r}, target_parameters={params!r}): "
+                                 "PEFT would not apply them")
+            r, want = self.shape(key)[0], config.rank_alpha(src.name)[0]
+            if r != want:
+                raise ValueError(f"{self.path}: {src.name} has rank {r}, but the config gives it r={want} "
+                                 "(rank_pattern, then r): its scaling would be wrong")
+            present[src.name] = layer
+        moe = self.facts.moe if self.facts is not None else None
+        if moe is None:
+            return
+        spellings = {self._sources[k].name.split(".")[3] for k in self._moe_keys() if self._sources[k].expert is None}
+        expected = set()
+        for layer in moe.layers:
+            expected |= {n for n in (*(fused_param_name(layer, p) for p in FUSED_EXPERT_PARAMS), fused_param_name(layer, ROUTER))
+                         if targets_parameter(params, n)}
+            for names in (n for n in MOE_HF_NAMES.values() if n.block in spellings):
+                every = [expert_hf_name(layer, e, p, names) for e in range(moe.num_experts) for p in EXPERT_PROJECTION]
+                expected |= {n for n in every + [expert_hf_name(layer, None, ROUTER, names)] if config.matches(n, layer)}
+        # The router adapted as a module also satisfies its parameter (and the reverse).
+        have = set(present) | {f"{n}.weight" for n in present} | {n.removesuffix(".weight") for n in present}
+        missing = sorted(expected - have)
+        if missing:
+            raise ValueError(f"{self.path}: the config adapts {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                             f"but no tensors for {'them' if len(missing) > 1 else 'it'} are present")
+
     def keys(self) -> list[str]:
-        return sorted(self._peft_keys)
+        return sorted(self._sources)
 
     def peft_key(self, key: str) -> str:
-        return self._peft_keys[key]
+        return self._sources[key].key
 
     def shape(self, key: str) -> list[int]:
-        return list(self._file.get_slice(self._peft_keys[key]).get_shape())
+        src = self._sources[key]
+        shape = list(self._file.get_slice(src.key).get_shape())
+        if src.expert is not None:
+            shape[0 if split_key(key)[1] == "lora_A" else 1] //= src.experts
+        return shape
 
     full_shape = shape
 
     def dtype(self, key: str) -> str:
-        return self._file.get_slice(self._peft_keys[key]).get_dtype()
+        return self._file.get_slice(self._sources[key].key).get_dtype()
 
     def full(self, key: str) -> torch.Tensor:
-        return self._read(key, lambda s: s[:])
+        src = self._sources[key]
+        if src.expert is None:
+            return self._read(key, lambda s: s[:])
+        a_or_b = split_key(key)[1]
+        whole = self._read_cached(src.key)
+        if a_or_b == "lora_A":
+            r = whole.shape[0] // src.experts
+            return whole[src.expert * r:(src.expert + 1) * r].contiguous()
+        return whole[:, src.expert::src.experts].contiguous()
 
     def local(self, key: str, tp_rank: int, tp_size: int) -> torch.Tensor:
         dim, blocks = key_split(self.modules, key)
         if dim is None:
             return self.full(key)
         rows = key_vocab_rows(key, self.facts)
-        if rows is not None:  # padded vocabulary rows
+        if rows is not None or blocks > 1 or self._sources[key].expert is not None:
             return local_part(self.full(key), dim, blocks, tp_rank, tp_size, rows)
         n = self.shape(key)[dim] // tp_size
         part = slice(tp_rank * n, (tp_rank + 1) * n)
         return self._read(key, (lambda s: s[part]) if dim == 0 else (lambda s: s[:, part]))
 
     def _read(self, key: str, take) -> torch.Tensor:
+        pk = self._sources[key].key
         try:
-            return take(self._file.get_slice(self._peft_keys[key])).contiguous()
+            return take(self._file.get_slice(pk)).contiguous()
         except SafetensorError as e:
-            raise ValueError(f"{self.path}: cannot read {self._peft_keys[key]!r}: {e}") from None
+            raise ValueError(f"{self.path}: cannot read {pk!r}: {e}") from None
+
+    def _read_cached(self, pk: str) -> torch.Tensor:
+        # A fused tensor is read once for its experts' keys (converters read them one by one).
+        if getattr(self, "_cached", (None,))[0] != pk:
+            try:
+                self._cached = (pk, self._file.get_tensor(pk))
+            except SafetensorError as e:
+                raise ValueError(f"{self.path}: cannot read {pk!r}: {e}") from None
+        return self._cached[1]
+
+
+#: transformers 5's experts module in a PEFT key, with PEFT's nesting of several wrapped parameters.
+_FUSED_MODULE = re.compile(rf"model\.layers\.(?P<layer>{LAYER_INDEX})\.{re.escape(FUSED_EXPERTS)}(?P<nest>(?:\.base_layer)*)")
 
 
 def open_adapter(directory: str | Path, facts: Optional[ModelFacts] = None):
@@ -230,22 +453,38 @@ def megatron_plan(reader, config: LoraConfig, facts: Optional[ModelFacts], tp: i
     return checkpoint_config("lora", tp, facts, config.to_dict(), modules=reader.modules), ranks
 
 
-def peft_plan(reader: ShardReader, config: LoraConfig) -> tuple[dict, list[TensorPlan]]:
+#: ``moe_layout`` values of :func:`peft_plan`: transformers 5's fused experts through
+#: ``target_parameters``, or transformers 4's per-expert modules.
+MOE_LAYOUTS = ("fused", "per-expert")
+
+
+def peft_plan(reader: ShardReader, config: LoraConfig, moe_layout: str = "fused",
+              names: Optional[MoeNames] = None) -> tuple[dict, list[TensorPlan]]:
     """A PEFT LoRA directory from our checkpoint: (adapter_config.json dict, plan).
 
     Shared-A segments become one PEFT module per projection (A duplicated, B split with
-    ``layout.split_shared_b``); per-projection segments map one to one.
+    ``layout.split_shared_b``); per-projection segments map one to one. Experts and routers
+    go to ``moe_layout`` (:data:`MOE_LAYOUTS`): ``"fused"`` (:func:`_fused_plans`) or
+    ``"per-expert"`` with the module names of ``names`` (:data:`layout.MOE_HF_NAMES`).
     """
+    if moe_layout not in MOE_LAYOUTS:
+        raise ValueError(f"moe_layout={moe_layout!r}: expected one of {MOE_LAYOUTS}")
     facts = reader.facts
     plans: list[TensorPlan] = []
     modules: dict[str, tuple[int, float]] = {}
+    experts: dict[tuple[int, Optional[int], str], dict[str, str]] = {}  # (layer, expert, module) -> segment -> A key
     for key in reader.keys():
         module_name, factor, seg = split_key(key)
+        expert = parse_expert_module(module_name)
+        if expert is not None:
+            if factor == "lora_A":
+                experts.setdefault(expert, {})[seg] = key
+            continue
         known = layout_module(module_name)
         if known is None or facts is None:
             raise ValueError(
                 f"{reader.directory}: {module_name} has no HF PEFT name: only the linears of "
-                "the LLaMA-family layout of a GPT model convert to PEFT"
+                "the LLaMA-family layout of a GPT model and its experts convert to PEFT"
             )
         layer, module = known
         shared = seg == module
@@ -261,7 +500,18 @@ def peft_plan(reader: ShardReader, config: LoraConfig) -> tuple[dict, list[Tenso
             else:
                 read = _bind(reader.full, key)
             plans.append(TensorPlan(peft_key(layer, proj, factor), shape, reader.dtype(key), read))
-    return peft_config_dict(config, modules, facts), plans
+    params: dict[str, tuple[int, float]] = {}
+    if experts:
+        if facts is None or facts.moe is None:
+            raise ValueError(f"{reader.directory}: its experts need the mixture-of-experts model facts, which it lacks")
+        if moe_layout == "fused":
+            check_target_parameters_config(config, f"{reader.directory}: exporting experts to target_parameters")
+            plans += _fused_plans(reader, config, experts, params)
+        elif names is None:
+            raise ValueError("the per-expert PEFT layout needs the model's expert names (the HF base model, --base)")
+        else:
+            plans += _per_expert_plans(reader, config, experts, modules, names)
+    return peft_config_dict(config, modules, facts, names if moe_layout == "per-expert" else None, params), plans
 
 
 def _bind(fn, *args) -> Callable[[], torch.Tensor]:
@@ -272,41 +522,195 @@ def _shared_b(reader: ShardReader, key: str, module: str, proj: str, facts: Mode
     return split_shared_b(module, reader.full(key), facts)[proj].contiguous()
 
 
-def peft_config_dict(config: LoraConfig, modules: dict[str, tuple[int, float]], facts: ModelFacts) -> dict:
-    """PEFT adapter_config.json adapting exactly ``modules`` (HF name -> (r, alpha)).
+def _rescaled_alpha(config: LoraConfig, alpha: float, r: int, new_r: int) -> float:
+    """The alpha giving rank ``new_r`` the scaling ``alpha`` gives rank ``r``."""
+    return alpha * (math.sqrt(new_r / r) if config.use_rslora else new_r / r)
 
-    target_modules is the list of projection names present; when that list (with the
-    config's layers_to_transform / exclude_modules) would adapt other modules too, it becomes
-    a regex of the exact module names. Modules whose rank or alpha the patterns would not
-    give get their own rank_pattern / alpha_pattern entry (first match wins, so in front).
+
+def _b_key(a_key: str) -> str:
+    module, _, seg = split_key(a_key)
+    return module_key(module, "lora_B", seg)
+
+
+def _per_expert_plans(reader: ShardReader, config: LoraConfig, experts: dict, modules: dict,
+                      names: MoeNames) -> list[TensorPlan]:
+    """transformers 4's modules: one PEFT module per expert projection and the router.
+
+    A shared-A ``linear_fc1`` whose B is block-diagonal (two LoRAs stacked, as the fused
+    layout holds a per-projection pair) splits back into them; any other is duplicated A and
+    split B, which computes the same.
     """
-    present = [p for p in (EMBED_TOKENS, *HF_PROJECTIONS, LM_HEAD) if any(n == p or n.endswith("." + p) for n in modules)]
+    plans = []
+    dtype = reader.dtype
+    for (layer, expert, module), segs in sorted(experts.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1, kv[0][2])):
+        for seg, a_key in segs.items():
+            r, alpha = reader.full_shape(a_key)[0], config.rank_alpha(adapted_name(a_key))[1]
+            proj = {"linear_fc2": "down_proj"}.get(seg, seg)
+            if seg != "linear_fc1":
+                name = expert_hf_name(layer, expert, proj, names)
+                modules[name] = (r, alpha)
+                for k in (a_key, _b_key(a_key)):
+                    plans.append(TensorPlan(_peft_module_key(name, split_key(k)[1]), tuple(reader.full_shape(k)),
+                                            dtype(k), _bind(reader.full, k)))
+                continue
+            a, b = reader.full(a_key), reader.full(_b_key(a_key))
+            pair = split_block_diagonal(a, b, 2) or [(a, h) for h in b.chunk(2, 0)]
+            for p, (pa, pb) in zip(("gate_proj", "up_proj"), pair):
+                name = expert_hf_name(layer, expert, p, names)
+                modules[name] = (pa.shape[0], _rescaled_alpha(config, alpha, r, pa.shape[0]))
+                plans += [TensorPlan(_peft_module_key(name, f), tuple(t.shape), dtype(a_key), _bind(t.contiguous))
+                          for f, t in (("lora_A", pa), ("lora_B", pb))]
+    return plans
+
+
+def _fused_plans(reader: ShardReader, config: LoraConfig, experts: dict, params: dict) -> list[TensorPlan]:
+    """transformers 5's fused experts: per layer, one LoRA over ``gate_up_proj`` and one over
+    ``down_proj`` of all experts (:func:`layout.fuse_experts`), the router on ``gate.weight``.
+
+    Every expert of the layer must be adapted, at one rank and scaling. A per-projection
+    gate / up pair becomes one LoRA over [gate; up] (A stacked, B block-diagonal, rank summed,
+    alpha rescaled to keep the scaling), as PEFT converts transformers 4 adapters.
+    """
+    facts = reader.facts
+    n = facts.moe.num_experts
+    plans = []
+    for layer in sorted({k[0] for k in experts}):
+        targeted = [p for p, m in FUSED_EXPERT_PARAMS.items() if any((layer, e, m) in experts for e in range(n))]
+        for depth, param in zip(range(len(targeted) - 1, -1, -1), targeted):
+            module = FUSED_EXPERT_PARAMS[param]
+            missing = [e for e in range(n) if (layer, e, module) not in experts]
+            where = f"{reader.directory}: layer {layer} {module}"
+            if missing:
+                raise ValueError(f"{where}: experts {missing} are not adapted; transformers 5's fused layout adapts "
+                                 "all experts of a layer (use the per-expert layout)")
+            per_expert = [_fusable(reader, config, experts[(layer, e, module)], module, f"{where} expert {e}") for e in range(n)]
+            if len({(r, alpha) for _, r, alpha in per_expert}) != 1:
+                raise ValueError(f"{where}: the experts' (rank, alpha) differ ({sorted({(r, a) for _, r, a in per_expert})}): "
+                                 "the fused layout has one per layer (use the per-expert layout)")
+            r, alpha = per_expert[0][1:]
+            params[fused_param_name(layer, param)] = (r, alpha)
+            fan_in, fan_out = facts.moe.segment_shape(module, facts.hidden_size)
+            read = _bind(_fused_factors, [f for f, _, _ in per_expert])
+            base = f"{PEFT_PREFIX}model.layers.{layer}.{FUSED_EXPERTS}{'.base_layer' * depth}"
+            dtype = reader.dtype(next(iter(experts[(layer, 0, module)].values())))
+            plans.append(TensorPlan(f"{base}.lora_A.weight", (n * r, fan_in), dtype, lambda read=read: read()[0]))
+            plans.append(TensorPlan(f"{base}.lora_B.weight", (fan_out, n * r), dtype, lambda read=read: read()[1]))
+        if (layer, None, ROUTER) in experts:
+            a_key = experts[(layer, None, ROUTER)][ROUTER]
+            params[fused_param_name(layer, ROUTER)] = (reader.full_shape(a_key)[0], config.rank_alpha(adapted_name(a_key))[1])
+            name = fused_param_name(layer, ROUTER).removesuffix(".weight")
+            plans += [TensorPlan(_peft_module_key(name, split_key(k)[1]), tuple(reader.full_shape(k)), reader.dtype(k),
+                                 _bind(reader.full, k)) for k in (a_key, _b_key(a_key))]
+    return plans
+
+
+def _fusable(reader: ShardReader, config: LoraConfig, segs: dict[str, str], module: str,
+             where: str) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor]], int, float]:
+    """(read (A, B), rank, alpha) of one LoRA over an expert's whole ``module``: a gate / up
+    pair with one A is the shared-A LoRA it was exported from, any other pair is stacked
+    (:func:`layout.stack_lora`)."""
+    if set(segs) == {module} or set(segs) == {"down_proj"}:
+        a_key = next(iter(segs.values()))
+        r, alpha = reader.full_shape(a_key)[0], config.rank_alpha(adapted_name(a_key))[1]
+        return _bind(lambda k: (reader.full(k), reader.full(_b_key(k))), a_key), r, alpha
+    if set(segs) != {"gate_proj", "up_proj"}:
+        raise ValueError(f"{where}: segments {sorted(segs)}: the fused gate_up_proj needs one LoRA over both "
+                         "projections or both gate_proj and up_proj (use the per-expert layout)")
+    keys = [segs["gate_proj"], segs["up_proj"]]
+    scalings = {config.scaling(adapted_name(k)) for k in keys}
+    if len(scalings) != 1:
+        raise ValueError(f"{where}: gate_proj and up_proj have different scalings; the fused gate_up_proj has one")
+    ranks = [reader.full_shape(k)[0] for k in keys]
+    alpha = config.rank_alpha(adapted_name(keys[0]))[1]
+    if ranks[0] == ranks[1] and torch.equal(reader.full(keys[0]), reader.full(keys[1])):
+        # One A for both (how a shared-A LoRA exports per projection): that shared-A LoRA again.
+        return _bind(lambda: (reader.full(keys[0]), torch.cat([reader.full(_b_key(k)) for k in keys]))), ranks[0], alpha
+    alpha = _rescaled_alpha(config, alpha, ranks[0], sum(ranks))
+    return _bind(lambda: stack_lora([(reader.full(k), reader.full(_b_key(k))) for k in keys])), sum(ranks), alpha
+
+
+def _fused_factors(per_expert: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return fuse_experts([read() for read in per_expert])
+
+
+def _peft_names(facts: ModelFacts, names: Optional[MoeNames]) -> dict[str, Optional[int]]:
+    """Every HF module name a PEFT config may adapt in the model -> its layer; with ``names``
+    also transformers 4's expert modules and routers."""
+    every = {n: i for n, i in adaptable_names(facts).items()
+             if (n.startswith("model.") or n == LM_HEAD) and expert_of_name(n) is None}
+    if names is not None and facts.moe is not None:
+        for layer in facts.moe.layers:
+            every[expert_hf_name(layer, None, ROUTER, names)] = layer
+            every |= {expert_hf_name(layer, e, p, names): layer for e in range(facts.moe.num_experts) for p in EXPERT_PROJECTION}
+    return every
+
+
+def exact_config(config: LoraConfig, modules: dict[str, tuple[int, float]], every: Optional[dict[str, Optional[int]]],
+                 rated: Optional[dict[str, tuple[int, float]]] = None) -> LoraConfig:
+    """``config`` changed to adapt exactly ``modules`` (name -> (r, alpha)) among ``every``
+    (name -> layer; None: unknown), each at its rank and alpha, as do ``rated`` names
+    (parameters, which targets do not select).
+
+    target_modules is the list of the modules' last name components; when that list (with the
+    config's layers_to_transform / exclude_modules) would adapt other modules too, it becomes
+    a regex of the exact module names. Names whose rank or alpha the patterns would not give
+    get their own rank_pattern / alpha_pattern entry (first match wins, so in front).
+    """
+    rated = {**modules, **(rated or {})}
+    known = (EMBED_TOKENS, *HF_PROJECTIONS, LM_HEAD)
+    leaves = {n.rsplit(".", 1)[-1] for n in modules}
+    present = [p for p in known if p in leaves] + sorted(leaves - set(known))
     fields = {**config.to_dict(), "target_modules": present}
-    every = {hf_module_name(i, p): i for i in range(facts.num_layers) for p in HF_PROJECTIONS}
-    every |= {hf_module_name(None, p): None for p in (EMBED_TOKENS, LM_HEAD)}
 
     def adapted(cfg: LoraConfig) -> set[str]:
         return {n for n, i in every.items() if cfg.matches(n, i)}
 
-    if adapted(LoraConfig(**fields)) != set(modules):
+    if every is None or adapted(LoraConfig(**fields)) != set(modules):
         exact = "|".join(re.escape(n) for n in sorted(modules))
         fields.update(target_modules=exact, layers_to_transform=None, exclude_modules=None)
     base = LoraConfig(**fields)
-    rank_extra = {re.escape(n): r for n, (r, a) in modules.items() if base.rank_alpha(n)[0] != r}
-    alpha_extra = {re.escape(n): a for n, (r, a) in modules.items() if base.rank_alpha(n)[1] != a}
-    # Keys that match no exported module (e.g. Megatron names of shared-A segments) are dropped.
+    rank_extra = {re.escape(n): r for n, (r, a) in rated.items() if base.rank_alpha(n)[0] != r}
+    alpha_extra = {re.escape(n): a for n, (r, a) in rated.items() if base.rank_alpha(n)[1] != a}
+    # Keys that match no exported name (e.g. Megatron names of shared-A segments) are dropped.
     fields.update(
-        rank_pattern={**rank_extra, **_used(config.rank_pattern, modules)},
-        alpha_pattern={**alpha_extra, **_used(config.alpha_pattern, modules)},
+        rank_pattern={**rank_extra, **_used(config.rank_pattern, rated)},
+        alpha_pattern={**alpha_extra, **_used(config.alpha_pattern, rated)},
     )
     final = LoraConfig(**fields)
-    assert adapted(final) == set(modules) and all(final.rank_alpha(n) == ra for n, ra in modules.items())
+    assert every is None or adapted(final) == set(modules)
+    assert all(final.rank_alpha(n) == ra for n, ra in rated.items())
+    return final
+
+
+def ours_config(peft_config: LoraConfig, modules: dict[str, tuple[int, float]], facts: Optional[ModelFacts]) -> LoraConfig:
+    """The config of ours adapting exactly ``modules`` (our names: ``checkpoint.adapted_name``
+    -> (r, alpha)) of a PEFT adapter with experts, whose targets name PEFT's modules."""
+    return exact_config(peft_config, modules, adaptable_names(facts) if facts is not None else None)
+
+
+def peft_config_dict(config: LoraConfig, modules: dict[str, tuple[int, float]], facts: ModelFacts,
+                     names: Optional[MoeNames] = None, params: Optional[dict[str, tuple[int, float]]] = None) -> dict:
+    """PEFT adapter_config.json adapting exactly ``modules`` (HF name -> (r, alpha)) and the
+    parameters ``params`` (transformers 5 name -> (r, alpha)) through target_parameters
+    (:func:`exact_config`; ``names``: transformers 4's expert modules may be in ``modules``).
+
+    A parameter kind adapted in every mixture-of-experts layer is targeted by its trailing
+    name (``mlp.experts.gate_up_proj``), else by its full names.
+    """
+    final = exact_config(config, modules, _peft_names(facts, names), params)
+    targets = []
+    for kind in (*FUSED_EXPERT_PARAMS, ROUTER):
+        full = [fused_param_name(i, kind) for i in facts.moe.layers] if facts.moe is not None else []
+        have = [n for n in full if n in (params or {})]
+        short = fused_param_name(0, kind).split(".", 3)[3]
+        targets += [short] if have and have == full else have
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None,
         "inference_mode": True,
         **final.to_dict(),
+        **({"target_parameters": targets} if targets else {}),
     }
 
 

@@ -61,6 +61,37 @@ PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)
+class MoeFacts:
+    """The mixture-of-experts dimensions the expert LoRA layouts depend on."""
+
+    num_experts: int
+    #: One expert's ffn width (Qwen3-MoE's ``moe_intermediate_size``).
+    ffn_hidden_size: int
+    #: Global indices of the layers whose MLP is a mixture of experts.
+    layers: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoeFacts":
+        ok = isinstance(d, dict) and all(type(d.get(k)) is int and d[k] > 0 for k in ("num_experts", "ffn_hidden_size"))
+        layers = d.get("layers") if isinstance(d, dict) else None
+        if not ok or not isinstance(layers, list) or not all(type(i) is int and i >= 0 for i in layers):
+            raise ValueError(f"model facts: moe={d!r} is not {{'num_experts': n, 'ffn_hidden_size': n, 'layers': [i, ...]}}")
+        return cls(d["num_experts"], d["ffn_hidden_size"], tuple(layers))
+
+    def segment_shape(self, segment: str, hidden: int) -> tuple[int, int]:
+        """(in, out) of an expert or router LoRA segment (TP=1)."""
+        f = self.ffn_hidden_size
+        return {
+            "linear_fc1": (hidden, 2 * f),
+            "gate_proj": (hidden, f),
+            "up_proj": (hidden, f),
+            "linear_fc2": (f, hidden),
+            "down_proj": (f, hidden),
+            ROUTER: (hidden, self.num_experts),
+        }[segment]
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     """The model dimensions every layout depends on (stored in our checkpoints)."""
 
@@ -72,9 +103,16 @@ class ModelFacts:
     ffn_hidden_size: int
     gated_linear_unit: bool
     vocab_size: int
+    #: Mixture-of-experts facts (None: a dense model; absent from a dense model's dict).
+    moe: Optional[MoeFacts] = None
 
     @classmethod
     def from_transformer_config(cls, cfg, vocab_size: int) -> "ModelFacts":
+        moe = None
+        if getattr(cfg, "num_moe_experts", None):
+            freq = cfg.moe_layer_freq
+            pattern = freq if isinstance(freq, list) else [int(i % freq == 0) for i in range(cfg.num_layers)]
+            moe = MoeFacts(cfg.num_moe_experts, cfg.moe_ffn_hidden_size, tuple(i for i, m in enumerate(pattern) if m))
         return cls(
             num_layers=cfg.num_layers,
             hidden_size=cfg.hidden_size,
@@ -84,6 +122,7 @@ class ModelFacts:
             ffn_hidden_size=cfg.ffn_hidden_size,
             gated_linear_unit=cfg.gated_linear_unit,
             vocab_size=vocab_size,
+            moe=moe,
         )
 
     @classmethod
@@ -93,6 +132,9 @@ class ModelFacts:
             raise ValueError(f"model facts must be an object, got {d!r}")
         values = {}
         for f in dataclasses.fields(cls):
+            if f.name == "moe":
+                values["moe"] = MoeFacts.from_dict(d["moe"]) if d.get("moe") is not None else None
+                continue
             if f.name not in d:
                 raise ValueError(f"model facts lack {f.name!r}")
             v = d[f.name]
@@ -103,7 +145,12 @@ class ModelFacts:
         return cls(**values)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.moe is None:
+            del d["moe"]
+        else:
+            d["moe"]["layers"] = list(self.moe.layers)
+        return d
 
     @property
     def heads_per_group(self) -> int:
@@ -115,6 +162,7 @@ class ModelFacts:
             ("num_attention_heads", self.num_attention_heads),
             ("num_query_groups", self.num_query_groups),
             ("ffn_hidden_size", self.ffn_hidden_size),
+            *((("moe ffn_hidden_size", self.moe.ffn_hidden_size),) if self.moe is not None else ()),
         ):
             if value % tp:
                 raise ValueError(f"tensor parallel size {tp} does not divide {field}={value}")
@@ -204,7 +252,10 @@ def module_style(module: str) -> str:
 
 def factor_dim(style: str, factor: str) -> Optional[int]:
     """The dim a LoRA factor is split along over TP (None: replicated): a column module
-    splits B by rows and replicates A; a row module splits A by columns and replicates B."""
+    splits B by rows and replicates A; a row module splits A by columns and replicates B; a
+    replicated module (the router) splits neither."""
+    if style == "replicated":
+        return None
     if style == "column":
         return None if factor == "lora_A" else 0
     return 1 if factor == "lora_A" else None
@@ -452,3 +503,176 @@ def segment_projection(module: str, segment: str, facts: ModelFacts) -> str:
             f"one LoRA per HF projection (convert the shared-A adapter to per-projection segments)"
         )
     return projections[0]
+
+
+# --- LoRA on mixtures of experts: our expert modules <-> PEFT's two layouts -------------------
+#
+# Ours: expert e (GLOBAL index) of layer i is ``decoder.layers.{i}.mlp.experts.local_experts.{e}``
+# with ``linear_fc1`` (segment ``linear_fc1``: one shared-A LoRA over [gate; up], or ``gate_proj``
+# / ``up_proj``) and ``linear_fc2`` (segment ``linear_fc2`` or ``down_proj``); the router is
+# ``decoder.layers.{i}.mlp.router`` (segment ``router``, replicated).
+# PEFT, per expert (transformers 4): ``model.layers.{i}.{block}.experts.{e}.{gate|up|down}`` and
+# the router ``{block}.gate`` (:data:`MOE_HF_NAMES`).
+# PEFT, fused (transformers 5, ``target_parameters``): one LoRA per parameter
+# ``model.layers.{i}.mlp.experts.gate_up_proj`` / ``down_proj`` over all experts, and the router
+# ``mlp.gate.weight`` (:func:`fuse_experts`).
+
+#: The router's segment and its path inside ``decoder.layers.{i}``.
+ROUTER = "router"
+ROUTER_PATH = "mlp.router"
+#: Expert projection (Qwen3-MoE names, ours for matching) -> the expert's Megatron module.
+EXPERT_PROJECTION = {"gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}
+#: transformers 5's fused expert parameters -> Megatron module, in the order the experts module
+#: defines them: PEFT nests the wrappers of one module in that order (the first innermost).
+FUSED_EXPERT_PARAMS = {"gate_up_proj": "linear_fc1", "down_proj": "linear_fc2"}
+#: transformers 5's experts module and router parameter (Mixtral's ``block_sparse_moe`` is ``mlp`` there).
+FUSED_EXPERTS = "mlp.experts"
+FUSED_ROUTER_PARAM = "mlp.gate.weight"
+#: The names ours matches expert projection segments under (as HF's per-expert modules).
+CANONICAL_MOE_NAMES = MOE_HF_NAMES["qwen3_moe"]
+_MOE_MODULE = re.compile(
+    rf"decoder\.layers\.(?P<layer>{LAYER_INDEX})\.(?:{re.escape(MEGATRON_EXPERTS)}(?P<expert>{LAYER_INDEX})\."
+    rf"(?P<module>linear_fc1|linear_fc2)|(?P<router>{re.escape(ROUTER_PATH)}))",
+    re.ASCII,
+)
+
+
+def expert_module_name(layer: int, expert: Optional[int], module: str) -> str:
+    """Our name of expert ``expert``'s ``module`` (``linear_fc1`` / ``linear_fc2``), or of the
+    router (``module`` :data:`ROUTER`, ``expert`` None), in global layer ``layer``."""
+    if module == ROUTER:
+        return f"decoder.layers.{layer}.{ROUTER_PATH}"
+    return f"decoder.layers.{layer}.{MEGATRON_EXPERTS}{expert}.{module}"
+
+
+def parse_expert_module(name: str) -> Optional[tuple[int, Optional[int], str]]:
+    """(global layer, global expert or None, module) of an expert module or router name of
+    ours (:func:`expert_module_name`), else None."""
+    m = _MOE_MODULE.fullmatch(name)
+    if m is None:
+        return None
+    if m["router"]:
+        return int(m["layer"]), None, ROUTER
+    return int(m["layer"]), int(m["expert"]), m["module"]
+
+
+def expert_segments(module: str) -> tuple[str, ...]:
+    """The segments an expert module or the router may carry: its own name (shared A) or its
+    projections."""
+    if module == ROUTER:
+        return (ROUTER,)
+    return (module, *(p for p, m in EXPERT_PROJECTION.items() if m == module))
+
+
+def expert_hf_name(layer: int, expert: Optional[int], proj: str, names: MoeNames = CANONICAL_MOE_NAMES) -> str:
+    """HF per-expert module name of projection ``proj`` (``gate_proj`` / ``up_proj`` /
+    ``down_proj``, or :data:`ROUTER` for the router) as ``names`` spell it."""
+    block = f"model.layers.{layer}.{names.block}"
+    if proj == ROUTER:
+        return f"{block}.gate"
+    leaf = {"gate_proj": names.gate, "up_proj": names.up, "down_proj": names.down}[proj]
+    return f"{block}.experts.{expert}.{leaf}"
+
+
+def parse_expert_hf_name(name: str) -> Optional[tuple[int, Optional[int], str]]:
+    """(global layer, expert or None for the router, projection or :data:`ROUTER`) of an HF
+    per-expert module name in any model's spelling (:data:`MOE_HF_NAMES`), else None."""
+    for names in MOE_HF_NAMES.values():
+        block = re.escape(names.block)
+        leaves = {names.gate: "gate_proj", names.up: "up_proj", names.down: "down_proj"}
+        m = re.fullmatch(rf"model\.layers\.({LAYER_INDEX})\.{block}\.(?:gate|experts\.({LAYER_INDEX})\.(\w+))", name)
+        if m is None or (m[3] is not None and m[3] not in leaves):
+            continue
+        return int(m[1]), (int(m[2]) if m[2] is not None else None), leaves[m[3]] if m[3] else ROUTER
+    return None
+
+
+def fused_param_name(layer: int, param: str) -> str:
+    """transformers 5's name of a fused expert parameter or (``param`` :data:`ROUTER`) the router's."""
+    return f"model.layers.{layer}.{FUSED_ROUTER_PARAM if param == ROUTER else f'{FUSED_EXPERTS}.{param}'}"
+
+
+def fuse_experts(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert (A_e [r, in], B_e [out, r]) -> PEFT's fused (A [E*r, in], B [out, E*r]).
+
+    PEFT reshapes A as (E, r, in) but B as (out, r, E): expert e owns A's rows e*r ..
+    e*r + r - 1 and B's columns e, e + E, ..., e + (r - 1) E.
+    """
+    a = torch.cat([a for a, _ in factors], 0)
+    b = torch.stack([b for _, b in factors], 2)
+    return a, b.reshape(b.shape[0], -1)
+
+
+def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ``expert``'s (A_e, B_e) of PEFT's fused factors (inverse of :func:`fuse_experts`)."""
+    r = a.shape[0] // experts
+    return a[expert * r:(expert + 1) * r].contiguous(), b[:, expert::experts].contiguous()
+
+
+def stack_lora(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRAs of equal scaling on stacked output rows (gate, up) -> one LoRA over all the rows:
+    A stacked, B block-diagonal (how PEFT fuses transformers 4's w1 / w3 adapters)."""
+    return torch.cat([a for a, _ in factors], 0), torch.block_diag(*[b for _, b in factors])
+
+
+def split_block_diagonal(a: torch.Tensor, b: torch.Tensor, parts: int) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Inverse of :func:`stack_lora` for ``parts`` equal ranks and rows: None unless every
+    off-diagonal block of ``b`` is exactly zero."""
+    r, rows = a.shape[0], b.shape[0]
+    if r % parts or rows % parts:
+        return None
+    r, rows = r // parts, rows // parts
+    out = []
+    for i in range(parts):
+        block_rows = b[i * rows:(i + 1) * rows]
+        off = torch.cat([block_rows[:, :i * r], block_rows[:, (i + 1) * r:]], 1)
+        if torch.count_nonzero(off):
+            return None
+        out.append((a[i * r:(i + 1) * r].contiguous(), block_rows[:, i * r:(i + 1) * r].contiguous()))
+    return out
+
+
+def expert_style(module: str) -> str:
+    """How an expert module or the router is split: like the dense MLP (over the expert-TP
+    group), the router replicated."""
+    return "replicated" if module == ROUTER else module_style(module)
+
+
+def expert_factor_split(module: str, factor: str, segment: str) -> tuple[Optional[int], int]:
+    """(dim split or None if replicated, blocks) of a LoRA factor of an expert or the router."""
+    dim = factor_dim(expert_style(module), factor)
+    return dim, 2 if module == "linear_fc1" and segment == module and dim == 0 else 1
+
+
+def adaptable_names(facts: ModelFacts) -> dict[str, Optional[int]]:
+    """Every name a LoRA config's targets can match in a GPT model of ``facts`` -> its global
+    layer: the Megatron module and HF projection names of the LLaMA-family layout (the dense
+    MLP only in dense layers), and in mixture-of-experts layers each expert's Megatron
+    modules, their HF projection names (:data:`CANONICAL_MOE_NAMES`) and the router."""
+    moe_layers = set(facts.moe.layers) if facts.moe is not None else set()
+    names: dict[str, Optional[int]] = {megatron_module_name(None, m): None for m in (OUTPUT_LAYER, EMBEDDING)}
+    names |= {hf_module_name(None, p): None for p in (LM_HEAD, EMBED_TOKENS)}
+    for layer in range(facts.num_layers):
+        for module in MODULE_PATH:
+            if layer in moe_layers and module in ("linear_fc1", "linear_fc2"):
+                continue
+            names[megatron_module_name(layer, module)] = layer
+            names |= {hf_module_name(layer, p): layer for p in facts.projections(module)}
+        if layer in moe_layers:
+            names[expert_module_name(layer, None, ROUTER)] = layer
+            for e in range(facts.moe.num_experts):
+                names |= {expert_module_name(layer, e, m): layer for m in ("linear_fc1", "linear_fc2")}
+                names |= {expert_hf_name(layer, e, p): layer for p in EXPERT_PROJECTION}
+    return names
+
+
+def expert_of_name(name: str) -> Optional[str]:
+    """Our expert module (or router) a name of :func:`adaptable_names` belongs to: its own
+    Megatron name or an HF projection name of it; None for any other name."""
+    if parse_expert_module(name) is not None:
+        return name
+    hf = parse_expert_hf_name(name)
+    if hf is None:
+        return None
+    layer, expert, proj = hf
+    return expert_module_name(layer, expert, ROUTER if proj == ROUTER else EXPERT_PROJECTION[proj])
