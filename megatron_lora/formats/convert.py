@@ -112,7 +112,7 @@ def convert(
     ``confine_experts`` refuses experts outside ``src``.
 
     A mixture of experts' expert and router LoRAs go to PEFT in ``moe_layout``
-    (``peft.MOE_LAYOUTS``): transformers 5's fused ``target_parameters`` (default) or
+    (``layout.MOE_LAYOUTS``): transformers 5's fused ``target_parameters`` (default) or
     transformers 4's per-expert modules named by ``expert_names`` (:func:`base_expert_names`).
     A PEFT source may hold either.
     """
@@ -167,7 +167,9 @@ def _convert_xlora(
 
 def describe(directory: str | Path, confine_experts: bool = False) -> dict:
     """Format, kind, checkpoint version (None for PEFT), TP size, adapted modules by parallel
-    style, targets, per-segment layers, ranks and alphas, and parameter count.
+    style, targets, per-segment layers, ranks and alphas, and parameter count. Mixture-of-
+    experts LoRAs are listed apart (``experts``: per segment, layer -> adapted experts, ranks
+    and alphas; a PEFT source's ``moe_layout``).
 
     For an X-LoRA directory: its layout, the classifier's options and shapes,
     n_layers x n_experts, each expert's description and where it lives (``path``, resolved;
@@ -179,11 +181,19 @@ def describe(directory: str | Path, confine_experts: bool = False) -> dict:
         return _describe_xlora(directory, confine_experts)
     reader, config = open_adapter(directory)
     segments: dict[str, dict] = {}
+    experts: dict[str, dict] = {}
     params = 0
     for key in reader.keys():
         params += math.prod(reader.full_shape(key))
         module, factor, seg = split_key(key)
         if factor != "lora_A":
+            continue
+        expert = parse_expert_module(module)
+        if expert is not None:  # per segment: layer -> adapted experts (the router: none)
+            info = experts.setdefault(seg, {"layers": {}, "r": set(), "lora_alpha": set()})
+            info["layers"].setdefault(expert[0], []).extend([] if expert[1] is None else [expert[1]])
+            info["r"].add(reader.full_shape(key)[0])
+            info["lora_alpha"].add(config.rank_alpha(adapted_name(key))[1])
             continue
         known = layout_module(module)
         layer = known[0] if known is not None else config.layer_index(module)
@@ -199,12 +209,20 @@ def describe(directory: str | Path, confine_experts: bool = False) -> dict:
         "kind": "lora",
         "version": getattr(reader, "config", {}).get("version"),
         "tp_size": reader.saved_tp,
-        "modules": {"column": styles.count("column"), "row": styles.count("row")},
-        "target_modules": config.target_modules,
+        "modules": {"column": styles.count("column"), "row": styles.count("row"), "replicated": styles.count("replicated")},
+        "moe_layout": getattr(reader, "moe_layout", None),
+        # A PEFT source's own targets (its experts' config is rewritten to our names).
+        "target_modules": getattr(reader, "peft_config", config).target_modules,
+        "target_parameters": getattr(reader, "target_parameters", None) or None,
         "use_rslora": config.use_rslora,
         "segments": {
             s: {"layers": sorted(v["layers"]), "r": sorted(v["r"]), "lora_alpha": sorted(v["lora_alpha"])}
             for s, v in sorted(segments.items(), key=lambda kv: order.get(kv[0], len(order)))
+        },
+        "experts": {
+            s: {"layers": {i: sorted(e) for i, e in sorted(v["layers"].items())}, "r": sorted(v["r"]),
+                "lora_alpha": sorted(v["lora_alpha"])}
+            for s, v in experts.items()
         },
         "parameters": params,
     }

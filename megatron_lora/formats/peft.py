@@ -51,6 +51,7 @@ from megatron_lora.hf.layout import (
     LAYER_INDEX,
     LM_HEAD,
     MOE_HF_NAMES,
+    MOE_LAYOUTS,
     PEFT_PREFIX,
     PROJECTION,
     ROUTER,
@@ -451,11 +452,6 @@ def megatron_plan(reader, config: LoraConfig, facts: Optional[ModelFacts], tp: i
             plans.append(TensorPlan(key, tuple(shape), reader.dtype(key), _bind(reader.local, key, j, tp)))
         ranks.append(plans)
     return checkpoint_config("lora", tp, facts, config.to_dict(), modules=reader.modules), ranks
-
-
-#: ``moe_layout`` values of :func:`peft_plan`: transformers 5's fused experts through
-#: ``target_parameters``, or transformers 4's per-expert modules.
-MOE_LAYOUTS = ("fused", "per-expert")
 
 
 def peft_plan(reader: ShardReader, config: LoraConfig, moe_layout: str = "fused",

@@ -517,6 +517,9 @@ def segment_projection(module: str, segment: str, facts: ModelFacts) -> str:
 # ``model.layers.{i}.mlp.experts.gate_up_proj`` / ``down_proj`` over all experts, and the router
 # ``mlp.gate.weight`` (:func:`fuse_experts`).
 
+#: PEFT's two layouts of expert LoRAs: transformers 5's fused experts through
+#: ``target_parameters``, transformers 4's per-expert modules.
+MOE_LAYOUTS = ("fused", "per-expert")
 #: The router's segment and its path inside ``decoder.layers.{i}``.
 ROUTER = "router"
 ROUTER_PATH = "mlp.router"
