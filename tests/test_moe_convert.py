@@ -26,7 +26,7 @@ from megatron_lora.cli.main import main as cli_main
 from megatron_lora.formats.checkpoint import ShardReader, split_key
 from megatron_lora.formats.convert import base_expert_names, base_facts, convert
 from megatron_lora.formats.peft import PeftReader
-from megatron_lora.hf.layout import parse_expert_module
+from megatron_lora.hf.layout import hf_module_name, parse_moe_module
 
 from test_moe_import import COMMON, _perturbed, _prompt
 
@@ -80,8 +80,10 @@ def _save_per_expert(model_type: str, moe_layers: list[int], path: Path) -> None
             tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, R, generator=g) * 0.3
     path.mkdir()
     save_file(tensors, str(path / "adapter_model.safetensors"))
+    # layers_to_transform keeps a dense MLP (Qwen3-MoE's mlp_only_layers) out, whose gate_proj PEFT
+    # would adapt too and, converting transformers 4 adapters, then drop.
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=R, lora_alpha=8, lora_dropout=0.0,
-                  target_modules=[*leaves, "gate"])
+                  target_modules=[*leaves, "gate"], layers_to_transform=moe_layers)
     (path / "adapter_config.json").write_text(json.dumps(config))
 
 
@@ -118,12 +120,11 @@ def _merged(hf, ours: Path, scaling) -> torch.nn.Module:
             if factor != "lora_A":
                 continue
             delta = scaling(module, seg) * reader.full(key.replace(".lora_A.", ".lora_B.")) @ reader.full(key)
-            expert = parse_expert_module(module)
-            if expert is None:  # decoder.layers.{i}.self_attention.linear_qkv, segment q_proj
-                layer = int(module.split(".")[2])
-                params[f"model.layers.{layer}.self_attn.{seg}.weight"] += delta
+            moe = parse_moe_module(module)
+            if moe is None:  # decoder.layers.{i}.self_attention.linear_qkv, segment q_proj
+                params[f"{hf_module_name(int(module.split('.')[2]), seg)}.weight"] += delta
                 continue
-            layer, e, kind = expert
+            layer, e, kind = moe.layer, moe.expert, moe.module
             mlp = model.model.layers[layer].mlp
             if kind == "router":
                 mlp.gate.weight += delta
@@ -278,9 +279,45 @@ def test_inspect_shows_experts(moe, tmp_path, capsys):
     for src in (d / "fused", tmp_path / "ours"):
         assert cli_main(["inspect", str(src)]) == 0
     out = capsys.readouterr().out
-    assert "experts:      fused layout (PEFT)" in out and "['mlp.experts.gate_up_proj'" in out
+    assert "experts:      fused layout (PEFT)" in out and "target params:" in out and "'mlp.experts.gate_up_proj'" in out
     assert "linear_fc1   layer 0 experts 0-3; layer 1 experts 0-3  r [4]  lora_alpha [6]" in out
     assert "linear_fc2   layer 0 experts 0-3; layer 1 experts 0-3  r [2]  lora_alpha [8]" in out
-    assert "w1" not in out and "gate_proj    layer 0 experts 0-3; layer 1 experts 0-3  r [4]  lora_alpha [8]" in out
+    assert "gate_proj    layer 0 experts 0-3; layer 1 experts 0-3  r [4]  lora_alpha [8]" in out
     assert "router       layer 0; layer 1  r [4]  lora_alpha [8]" in out
     assert "2 replicated" in out
+
+
+def _generate(base: Path, adapter: Path, prompt: list[int], out: Path, *flags: str) -> tuple[torch.Tensor, list[int]]:
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).resolve().parents[1] / "scripts" / "generate.py"), "--base", str(base), "--adapter", str(adapter),
+           "--input-ids", ",".join(map(str, prompt)), "--max-new-tokens", "5",
+           "--logits-out", str(out / "logits.safetensors"), "--tokens-out", str(out / "tokens.json"), *flags]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_file(str(out / "logits.safetensors"))["logits"], json.loads((out / "tokens.json").read_text())
+
+
+@pytest.mark.parametrize("model_type, layout, flags", [
+    ("mixtral", "fused", ("--expert-model-parallel-size", "2")),
+    ("qwen3_moe", "per_expert", ("--tp", "2")),  # experts split over expert TP = 2
+])
+def test_generate_matches_hf_peft(moe, model_type, layout, flags, tmp_path):
+    """generate.py with a PEFT MoE adapter equals HF + PEFT: prompt logits and greedy tokens."""
+    m = moe[model_type]
+    peft = _peft(m["hf"], m["dir"] / layout)
+    # Routing without near-ties on the adapted model (PEFT's wrapped router hides its delta from hooks).
+    ours = convert(m["dir"] / layout, tmp_path / "ours", "megatron", facts=m["facts"], progress=False)
+    prompt = _prompt({"merged": _merged(m["hf"], ours, _fused_scaling if layout == "fused" else lambda *_: 8 / R)})
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        ref = peft(ids).logits[0]
+        tokens = peft.generate(input_ids=ids, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, len(prompt):].tolist()
+    logits, new = _generate(m["dir"] / "base", m["dir"] / layout, prompt, tmp_path, *flags)
+    _close(logits, ref)
+    assert new == tokens

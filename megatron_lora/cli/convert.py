@@ -158,7 +158,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
           f"{info['modules']['replicated']} replicated")
     print(f"targets:      {info['target_modules']}")
     if info["target_parameters"]:
-        print(f"parameters:   {info['target_parameters']} (target_parameters)")
+        print(f"target params: {info['target_parameters']}")
     print(f"use_rslora:   {info['use_rslora']}")
     print(f"parameters:   {info['parameters']:,}")
     _print_segments(info["segments"])

@@ -4,7 +4,7 @@ Directory layout::
 
     adapter_config.json       {"format": "megatron-lora", "version": 2, "kind": "lora",
                                "tp_size": N, "lora_config": {...PEFT field names...},
-                               "modules": {"<module>": {"parallel": "column" | "row",
+                               "modules": {"<module>": {"parallel": "column" | "row" | "replicated",
                                            "segments": {"<segment>": {"blocks": 1}}}},
                                "model": {...ModelFacts...}   (where the LLaMA-family
                                                               layout is adapted)}
@@ -18,14 +18,26 @@ LoRA on a fused module of the LLaMA-family layout) or the module's last name com
 LoRA over the whole module, shared A on a fused one). ``parallel`` says how the factors are
 split over TP (column: B by rows, A replicated; row: A by columns, B replicated;
 replicated: neither) and ``blocks`` how a split B's rows are chunked (2: megatron-core's
-gated ``[gate_j; up_j]``).
+gated ``[gate_j; up_j]``). Each rank's tensors have the shape that rank holds; pipeline
+stages are merged.
 
-Mixtures of experts: expert e (GLOBAL index) of layer i is
-``decoder.layers.{i}.mlp.experts.local_experts.{e}.linear_fc1`` (segment ``linear_fc1``, shared
-A over ``[gate; up]``, or ``gate_proj`` / ``up_proj``) and ``.linear_fc2`` (``linear_fc2`` or
-``down_proj``); the router is ``decoder.layers.{i}.mlp.router`` (segment ``router``: A
-[r, hidden], B [experts, r], replicated). ``model`` then holds ``moe`` facts.
-Each rank's tensors have the shape that rank holds; pipeline stages are merged.
+Mixture of experts (megatron-core's SequentialMLP experts and TopKRouter), GLOBAL expert
+index ``E`` (expert-parallel rank x experts per rank + local index)::
+
+    decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.lora_A.linear_fc1   one LoRA over
+                                                                                  [gate; up] (blocks 2)
+    decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.lora_A.gate_proj    per projection
+    decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.lora_A.up_proj      (Mixtral's w1, w3)
+    decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc2.lora_A.linear_fc2   or .down_proj (w2)
+    decoder.layers.{L}.mlp.router.lora_A.router                                   parallel "replicated":
+                                                                                  A [r, hidden], B [experts, r]
+
+(and the same with ``lora_B``). An expert's factors are stored like a dense module's of
+its style (fc1 column, fc2 row), split over the files' ``tp_size`` whatever expert-TP and
+expert-parallel sizes the model had: every file holds every expert, and a reader slices
+them again for its own expert-TP size and keeps its expert-parallel rank's experts.
+``lora_config.target_parameters`` (PEFT's, e.g. ``["gate_up_proj", "down_proj", "gate.weight"]``)
+adapts a module whole (segment ``linear_fc1`` / ``linear_fc2`` / ``router``).
 
 Version 1 (still read) had the same keys for the four modules of the LLaMA-family layout
 only, no ``modules`` table (it follows from the module names) and always ``model``.
@@ -52,23 +64,18 @@ from megatron_lora.hf.layout import (
     MODULE_PATH,
     EMBEDDING,
     EMBEDDING_PATH,
-    EXPERT_PROJECTION,
     OUTPUT_LAYER,
     ROUTER,
     ModelFacts,
-    adaptable_names,
-    expert_of_name,
-    expert_factor_split,
-    expert_hf_name,
-    expert_segments,
-    expert_style,
     factor_dim,
     factor_split,
     hf_module_name,
     megatron_module_name,
+    moe_factor_split,
+    moe_modules,
     module_style,
     padded_vocab_size,
-    parse_expert_module,
+    parse_moe_module,
     vocab_rows,
 )
 from megatron_lora.formats.outputs import atomic_directory
@@ -84,6 +91,8 @@ _MODULE_OF_PATH = {v: k for k, v in MODULE_PATH.items()}
 
 #: A module's entry in the ``modules`` table: {"parallel": ..., "segments": {seg: {"blocks": n}}}.
 ModuleTable = dict[str, dict]
+#: How a module's factors are split over TP (``layout.factor_dim``).
+PARALLEL_STYLES = ("column", "row", "replicated")
 
 
 def shard_file(directory: str | Path, tp_rank: int) -> Path:
@@ -138,9 +147,9 @@ def layout_module_table(keys: Iterable[str], facts: Optional[ModelFacts]) -> Mod
     table: ModuleTable = {}
     for key in keys:
         name, _, seg = split_key(key)
-        expert = parse_expert_module(name)
-        if expert is not None:
-            style, blocks = expert_style(expert[2]), expert_factor_split(expert[2], "lora_B", seg)[1]
+        moe = parse_moe_module(name)
+        if moe is not None:
+            style, blocks = "replicated" if moe.module == ROUTER else module_style(moe.module), moe_factor_split(moe, "lora_B", seg)[1]
         else:
             layer, module, _, seg = parse_key(key)
             style, blocks = module_style(module), factor_split(module, "lora_B", seg, facts)[1]
@@ -153,10 +162,11 @@ def check_module_table(table, keys: Iterable[str], where: str) -> ModuleTable:
     if not isinstance(table, dict):
         raise ValueError(f"{where}: modules is {'missing' if table is None else 'not an object'}")
     for name, entry in table.items():
-        ok = isinstance(entry, dict) and entry.get("parallel") in ("column", "row", "replicated") and isinstance(entry.get("segments"), dict)
+        ok = isinstance(entry, dict) and entry.get("parallel") in PARALLEL_STYLES and isinstance(entry.get("segments"), dict)
         ok = ok and all(isinstance(v, dict) and v.get("blocks") in (1, 2) for v in entry["segments"].values())
         if not ok:
-            raise ValueError(f"{where}: modules[{name!r}] is not {{'parallel': 'column'|'row'|'replicated', 'segments': {{name: {{'blocks': 1|2}}}}}}")
+            raise ValueError(f"{where}: modules[{name!r}] is not {{'parallel': 'column'|'row'|'replicated', "
+                             "'segments': {name: {'blocks': 1|2}}}")
     described = {module_key(n, f, s) for n, e in table.items() for s in e["segments"] for f in ("lora_A", "lora_B")}
     keys = set(keys)
     if described != keys:
@@ -202,16 +212,22 @@ def local_part(full: torch.Tensor, dim: int, blocks: int, tp_rank: int, tp: int,
 
 def adapted_name(key: str) -> str:
     """The name matching and rank_pattern / alpha_pattern see for the segment of ``key``: the
-    HF name of a projection segment (an expert's: ``model.layers.{i}.mlp.experts.{e}.gate_proj``),
-    else the module's own name."""
+    HF name of a projection segment, else the module's own name (MoE modules:
+    :func:`segment_name`)."""
     module, _, seg = split_key(key)
     known = layout_module(module)
     if known is not None and seg != known[1]:
         return hf_module_name(known[0], seg)
-    expert = parse_expert_module(module)
-    if expert is not None and seg in EXPERT_PROJECTION:
-        return expert_hf_name(expert[0], expert[1], seg)
     return module
+
+
+def segment_name(config: LoraConfig, key: str) -> Optional[str]:
+    """The name the segment of ``key`` is adapted under by ``config`` (its rank_pattern /
+    alpha_pattern key matches it): ``LoraConfig.moe_segment_name`` for an expert or router
+    (None: not adapted), else :func:`adapted_name`."""
+    module, _, seg = split_key(key)
+    moe = parse_moe_module(module)
+    return config.moe_segment_name(moe, seg) if moe is not None else adapted_name(key)
 
 
 def read_config(directory: str | Path) -> dict:
@@ -250,26 +266,33 @@ def open_shard(directory: str | Path, tp_rank: int):
 
 
 def check_against_config(keys: Iterable[str], rank_of: Callable[[str], int], config: LoraConfig, source: str,
-                         facts: Optional[ModelFacts] = None, names: Optional[dict[str, Optional[int]]] = None) -> None:
+                         facts: Optional[ModelFacts] = None) -> None:
     """Refuse tensors that PEFT would not load or apply as the config says.
 
-    Each adapted module (HF name of a per-projection segment, else the module's own name)
-    must be one the config's targets adapt, and its rank (``rank_of`` its lora_A key) must
-    be its effective rank (``rank_pattern``, then ``r``, whose default is PEFT's 8). With
-    ``facts``, every module of the LLaMA-family layout the config adapts must have tensors,
-    and every expert module or router one of whose names it adapts (``names``: the names
-    to check, default ``layout.adaptable_names``).
+    Each adapted segment (under :func:`segment_name`) must be one the config's targets adapt,
+    and its rank (``rank_of`` its lora_A key) must be its effective rank (``rank_pattern``,
+    then ``r``, whose default is PEFT's 8). With ``facts``, every module of the LLaMA-family
+    layout the config adapts must have tensors, and so must every expert module and router
+    (one segment suffices: shared A or per projection).
     """
-    adapted, expert_modules = set(), set()
+    adapted, modules, moe_layers = set(), set(), set(facts.moe.layers if facts is not None and facts.moe else ())
     for key in keys:
-        module, factor, _ = split_key(key)
+        module, factor, seg = split_key(key)
         if factor != "lora_A":
             continue
-        name = adapted_name(key)
-        if not config.matches(name, any_linear=layout_module(module) is None):
+        moe = parse_moe_module(module)
+        name = segment_name(config, key)
+        if moe is not None:
+            moe_layers.add(moe.layer)
+            ok = name is not None
+        else:
+            ok = config.matches(name, any_linear=layout_module(module) is None)
+        if not ok:
+            name = name or f"segment {seg} of {module}"
             raise ValueError(
                 f"{source}: holds tensors for {name}, which the config does not adapt (target_modules="
-                f"{config.target_modules!r}, layers_to_transform={config.layers_to_transform!r}, "
+                f"{config.target_modules!r}, target_parameters={config.target_parameters!r}, "
+                f"layers_to_transform={config.layers_to_transform!r}, "
                 f"exclude_modules={config.exclude_modules!r}): PEFT would not apply them"
             )
         r, want = rank_of(key), config.rank_alpha(name)[0]
@@ -277,16 +300,22 @@ def check_against_config(keys: Iterable[str], rank_of: Callable[[str], int], con
             raise ValueError(f"{source}: {name} has rank {r}, but the config gives it r={want} "
                              "(rank_pattern, then r): its scaling would be wrong")
         adapted.add(name)
-        if parse_expert_module(module) is not None:
-            expert_modules.add(module)
+        modules.add(module)
     if not adapted:
         raise ValueError(f"{source} holds no LoRA tensors")
     if facts is None:
         return
-    # An expert module (or router) is complete with any segment on it (shared A or per projection).
-    names = adaptable_names(facts) if names is None else names
-    expected = {expert_of_name(n) or n for n, layer in names.items() if config.matches(n, layer)}
-    missing = sorted(expected - adapted - expert_modules)
+    expected = set()
+    # An MoE layer has experts where a dense layer has linear_fc1 / linear_fc2.
+    layout = [(layer, module) for layer in range(facts.num_layers) for module in MODULE_PATH
+              if not (layer in moe_layers and module.startswith("linear_fc"))] + [(None, OUTPUT_LAYER), (None, EMBEDDING)]
+    for layer, module in layout:
+        names = [megatron_module_name(layer, module)] + [hf_module_name(layer, p) for p in facts.projections(module)]
+        expected.update(n for n in names if config.matches(n, layer))
+    missing = sorted(expected - adapted)
+    for layer in sorted(facts.moe.layers) if facts.moe is not None else ():
+        missing += [m.name for m in moe_modules(layer, facts.moe.num_experts) if m.name not in modules
+                    and any(config.moe_segment_name(m, s) for s in (m.module, *m.projections()))]
     if missing:
         raise ValueError(f"{source}: the config adapts {missing[:3]}{' ...' if len(missing) > 3 else ''} "
                          f"but no tensors for {'them' if len(missing) > 1 else 'it'} are present")
@@ -344,17 +373,16 @@ class ShardReader:
                 raise ValueError(f"{self.directory}: {module} {seg}: lora_A {a_shape} and lora_B {b_shape} do not form a LoRA")
             want = list(self.shape(key))
             known = layout_module(module) if facts is not None else None
-            expert = parse_expert_module(module) if facts is not None else None
-            if expert is not None:
-                layer, e, kind = expert
-                if facts.moe is None or layer not in facts.moe.layers or (e is not None and e >= facts.moe.num_experts):
+            moe = parse_moe_module(module) if facts is not None else None
+            if moe is not None:
+                if facts.moe is None or moe.layer not in facts.moe.layers or (moe.expert or 0) >= facts.moe.num_experts:
                     raise ValueError(f"{self.directory}: {key}: the model facts have no such expert or router")
-                if seg not in expert_segments(kind):
-                    raise ValueError(f"{self.directory}: {key}: segment {seg!r} does not belong to {kind}")
+                if seg not in (moe.module, *moe.projections(facts.gated_linear_unit)):
+                    raise ValueError(f"{self.directory}: {key}: segment {seg!r} does not belong to {moe.module}")
                 fan_in, fan_out = facts.moe.segment_shape(seg, facts.hidden_size)
                 full = [a_shape[0], fan_in] if factor == "lora_A" else [fan_out, a_shape[0]]
                 want = local_shape(full, key_split(self.modules, key)[0], tp, None)
-                known = expert
+                known = moe
             elif known is not None:
                 layer, kind = known
                 if layer is not None and layer >= facts.num_layers:

@@ -24,10 +24,10 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from megatron_lora.formats.checkpoint import adapted_name, layout_module, shard_file, split_key, write_config
+from megatron_lora.formats.checkpoint import layout_module, segment_name, shard_file, split_key, write_config
 from megatron_lora.errors import check_positive_int
 from megatron_lora.hf.importer import hf_model_facts, read_hf_config
-from megatron_lora.hf.layout import HF_PROJECTIONS, MOE_HF_NAMES, ModelFacts, MoeNames, parse_expert_module
+from megatron_lora.hf.layout import HF_PROJECTIONS, MOE_HF_NAMES, ModelFacts, MoeNames, parse_moe_module
 from megatron_lora.formats.detect import Format, detect
 from megatron_lora.formats.outputs import atomic_directory, check_destination
 from megatron_lora.formats.peft import (
@@ -188,12 +188,12 @@ def describe(directory: str | Path, confine_experts: bool = False) -> dict:
         module, factor, seg = split_key(key)
         if factor != "lora_A":
             continue
-        expert = parse_expert_module(module)
-        if expert is not None:  # per segment: layer -> adapted experts (the router: none)
+        moe = parse_moe_module(module)
+        if moe is not None:  # per segment: layer -> adapted experts (the router: none)
             info = experts.setdefault(seg, {"layers": {}, "r": set(), "lora_alpha": set()})
-            info["layers"].setdefault(expert[0], []).extend([] if expert[1] is None else [expert[1]])
+            info["layers"].setdefault(moe.layer, []).extend([] if moe.expert is None else [moe.expert])
             info["r"].add(reader.full_shape(key)[0])
-            info["lora_alpha"].add(config.rank_alpha(adapted_name(key))[1])
+            info["lora_alpha"].add(config.rank_alpha(segment_name(config, key))[1])
             continue
         known = layout_module(module)
         layer = known[0] if known is not None else config.layer_index(module)
@@ -201,7 +201,7 @@ def describe(directory: str | Path, confine_experts: bool = False) -> dict:
         if layer is not None:
             info["layers"].append(layer)
         info["r"].add(reader.full_shape(key)[0])
-        info["lora_alpha"].add(config.rank_alpha(adapted_name(key))[1])
+        info["lora_alpha"].add(config.rank_alpha(segment_name(config, key))[1])
     styles = [m["parallel"] for m in reader.modules.values()]
     order = {s: i for i, s in enumerate(HF_PROJECTIONS)}
     return {
@@ -211,9 +211,8 @@ def describe(directory: str | Path, confine_experts: bool = False) -> dict:
         "tp_size": reader.saved_tp,
         "modules": {"column": styles.count("column"), "row": styles.count("row"), "replicated": styles.count("replicated")},
         "moe_layout": getattr(reader, "moe_layout", None),
-        # A PEFT source's own targets (its experts' config is rewritten to our names).
-        "target_modules": getattr(reader, "peft_config", config).target_modules,
-        "target_parameters": getattr(reader, "target_parameters", None) or None,
+        "target_modules": config.target_modules,
+        "target_parameters": config.target_parameters,
         "use_rslora": config.use_rslora,
         "segments": {
             s: {"layers": sorted(v["layers"]), "r": sorted(v["r"]), "lora_alpha": sorted(v["lora_alpha"])}

@@ -26,7 +26,6 @@ from safetensors import SafetensorError
 
 from megatron_lora.formats.checkpoint import (
     ShardReader,
-    adapted_name,
     check_against_config,
     checkpoint_config,
     key_split,
@@ -37,6 +36,7 @@ from megatron_lora.formats.checkpoint import (
     layout_module_table,
     make_key,
     module_key,
+    segment_name,
     split_key,
 )
 from megatron_lora.config import LoraConfig
@@ -44,29 +44,27 @@ from megatron_lora.formats.detect import CONFIG_NAME, Format, detect_lora
 from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.hf.layout import (
     EMBED_TOKENS,
-    EXPERT_PROJECTION,
-    FUSED_EXPERT_PARAMS,
+    EXPERT_MODULES,
+    EXPERT_PROJECTIONS,
     FUSED_EXPERTS,
     HF_PROJECTIONS,
     LAYER_INDEX,
     LM_HEAD,
-    MOE_HF_NAMES,
     MOE_LAYOUTS,
+    MOE_PARAMETERS,
     PEFT_PREFIX,
     PROJECTION,
     ROUTER,
     ModelFacts,
+    MoeModule,
     MoeNames,
-    adaptable_names,
-    expert_hf_name,
-    expert_module_name,
-    expert_of_name,
     fuse_experts,
-    fused_param_name,
     hf_module_name,
-    parse_expert_hf_name,
-    parse_expert_module,
+    moe_hf_name,
     parse_hf_module_name,
+    parse_moe_hf_name,
+    parse_moe_module,
+    peft_module_names,
     split_block_diagonal,
     split_shared_b,
     stack_lora,
@@ -91,28 +89,20 @@ class TensorPlan:
 # -- formats ----------------------------------------------------------------------------------
 
 
-def read_peft_adapter_config(directory: str | Path) -> tuple[LoraConfig, list[str]]:
-    """(LoraConfig, target_parameters) of a PEFT LoRA directory; options we cannot represent
-    are refused by name, and so is what PEFT refuses with ``target_parameters``."""
+def read_peft_config(directory: str | Path) -> LoraConfig:
+    """The LoraConfig of a PEFT LoRA directory; options we cannot represent are refused by
+    name, and so is what PEFT refuses on ``target_parameters``."""
     path = Path(directory) / CONFIG_NAME
     d = read_json(path)
     if d.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type={d.get('peft_type')!r} is not a LoRA adapter (expected 'LORA')")
-    params = d.get("target_parameters") or []
-    if not isinstance(params, list) or not all(isinstance(t, str) for t in params):
-        raise ValueError(f"{path}: target_parameters={params!r} is not a list of parameter names")
     try:
-        config = LoraConfig.from_dict({k: v for k, v in d.items() if k != "target_parameters"})
+        config = LoraConfig.from_dict(d)
     except (ValueError, TypeError) as e:  # TypeError: a field of the wrong type
         raise ValueError(f"{path}: {e}") from None
-    if params:
+    if config.target_parameters:
         check_target_parameters_config(config, str(path))
-    return config, params
-
-
-def read_peft_config(directory: str | Path) -> LoraConfig:
-    """The LoraConfig of a PEFT LoRA directory (:func:`read_peft_adapter_config`)."""
-    return read_peft_adapter_config(directory)[0]
+    return config
 
 
 def check_target_parameters_config(config: LoraConfig, where: str) -> None:
@@ -121,12 +111,6 @@ def check_target_parameters_config(config: LoraConfig, where: str) -> None:
     if config.lora_dropout:
         raise ValueError(f"{where}: lora_dropout={config.lora_dropout} with target_parameters: PEFT's "
                          "target_parameters (fused experts) take no dropout (only 0)")
-
-
-def targets_parameter(params: list[str], name: str) -> bool:
-    """PEFT's matching of ``target_parameters``: the full parameter name or whole trailing
-    components of it (no regex, no layers_to_transform)."""
-    return any(name == t or name.endswith("." + t) for t in params)
 
 
 def peft_key(layer: Optional[int], proj: str, factor: str) -> str:
@@ -167,8 +151,7 @@ class PeftReader:
     (transformers 4's modules ``{block}.experts.{e}.{proj}`` and ``{block}.gate``) and
     ``"fused"`` (transformers 5's parameters through ``target_parameters``: one LoRA per
     ``mlp.experts.gate_up_proj`` / ``down_proj`` over all experts, ``mlp.gate.weight``). Both
-    become per-expert keys of ours; ``lora_config`` is then rewritten to adapt exactly those
-    under our names (``peft_config`` keeps PEFT's).
+    become per-expert keys of ours; the config is PEFT's, which matches them as it is.
     """
 
     #: PEFT files hold the whole (TP=1) tensors.
@@ -176,8 +159,7 @@ class PeftReader:
 
     def __init__(self, directory: str | Path, facts: Optional[ModelFacts] = None):
         self.directory = Path(directory)
-        self.peft_config, self.target_parameters = read_peft_adapter_config(directory)
-        self.lora_config = self.peft_config
+        self.lora_config = read_peft_config(directory)
         self.facts = facts
         self.path = self.directory / WEIGHTS_NAME
         self._file = open_safetensors(self.path)
@@ -192,18 +174,16 @@ class PeftReader:
                     "embedding (DoRA magnitudes, LoRA biases and modules_to_save are not supported)"
                 )
             factor = m["factor"] or f"lora_{m['efactor']}"
-            expert, nested = parse_expert_hf_name(m["module"]), _FUSED_MODULE.fullmatch(m["module"])
-            if expert is not None or nested is not None:
+            moe, nested = parse_moe_hf_name(m["module"]), _FUSED_MODULE.fullmatch(m["module"])
+            if moe is not None or nested is not None:
                 if m["efactor"]:
                     raise ValueError(f"{self.path}: tensor {pk!r}: PEFT names it {_peft_module_key(m['module'], factor)!r}")
                 if nested is not None:
                     fused.setdefault(int(nested["layer"]), {}).setdefault(nested["nest"].count("."), {})[factor] = pk
                     continue
-                layer, e, proj = expert
-                per_expert |= proj != ROUTER
-                module = ROUTER if proj == ROUTER else EXPERT_PROJECTION[proj]
-                key = module_key(expert_module_name(layer, e, module), factor, proj)
-                self._add(key, _Source(pk, m["module"]))
+                module, seg = moe
+                per_expert |= module.module != ROUTER
+                self._add(module_key(module.name, factor, seg), _Source(pk, m["module"]))
                 continue
             try:
                 layer, proj = parse_hf_module_name(m["module"])
@@ -213,76 +193,61 @@ class PeftReader:
             if peft_key(layer, proj, factor) != pk:  # lora_embedding_* on the embedding only
                 raise ValueError(f"{self.path}: tensor {pk!r}: PEFT names it {peft_key(layer, proj, factor)!r}")
             self._add(make_key(layer, PROJECTION[proj][1], factor, proj), _Source(pk, hf_module_name(layer, proj)))
-        for key, src in list(self._sources.items()):
-            expert = parse_expert_module(split_key(key)[0])
-            # The router adapted as transformers 5's parameter: PEFT matches its patterns under that name.
-            if expert is not None and expert[2] == ROUTER and not self.peft_config.matches(src.name, expert[0]) \
-                    and targets_parameter(self.target_parameters, f"{src.name}.weight"):
-                self._sources[key] = _Source(src.key, f"{src.name}.weight")
         if fused and per_expert:
             raise ValueError(f"{self.path}: holds both fused (transformers 5) and per-expert (transformers 4) expert tensors")
+        #: PEFT's layout of the experts (None: no expert is adapted).
         self.moe_layout = "fused" if fused else "per-expert" if per_expert else None
         for layer, depths in sorted(fused.items()):
             self._add_fused(layer, depths)
         self._check()
         self.modules = layout_module_table(self.keys(), facts)
-        dense = [k for k in self.keys() if parse_expert_module(split_key(k)[0]) is None]
-        universe = None if facts is None else {n: i for n, i in adaptable_names(facts).items() if expert_of_name(n) is None}
-        if dense or not self._moe_keys():
-            check_against_config(dense, lambda k: self.shape(k)[0], self.peft_config, str(self.path), facts, universe)
-        if self._moe_keys():
-            self._check_moe_config()
-            self.lora_config = ours_config(self.peft_config, {
-                adapted_name(k): self._rank_alpha(k) for k in self.keys() if split_key(k)[1] == "lora_A"}, facts)
+        check_against_config(self.keys(), lambda k: self.shape(k)[0], self.lora_config, str(self.path), facts)
 
     def _add(self, key: str, source: _Source) -> None:
         if key in self._sources:
             raise ValueError(f"{self.path}: tensors {self._sources[key].key!r} and {source.key!r} name the same module")
         self._sources[key] = source
 
-    def _moe_keys(self) -> list[str]:
-        return [k for k in self.keys() if parse_expert_module(split_key(k)[0]) is not None]
-
     def _add_fused(self, layer: int, depths: dict[int, dict[str, str]]) -> None:
         """Per-expert keys of layer ``layer``'s fused expert tensors: which parameter each
         nesting depth adapts follows from ``target_parameters`` (PEFT wraps the targeted
         parameters of a module in the order the module defines them, the first innermost)
         and is checked against the shapes."""
-        names = {p: fused_param_name(layer, p) for p in FUSED_EXPERT_PARAMS}
-        targeted = [p for p in FUSED_EXPERT_PARAMS if targets_parameter(self.target_parameters, names[p])]
+        params = {m: MoeModule(layer, 0, m).parameter for m in EXPERT_MODULES}
+        targeted = [m for m in EXPERT_MODULES if self.lora_config.matches_parameter(params[m])]
         where = f"{self.path}: {PEFT_PREFIX}model.layers.{layer}.{FUSED_EXPERTS}"
         if sorted(depths) != list(range(len(targeted))):
             raise ValueError(f"{where}: {len(depths)} nested LoRA(s) (.base_layer depths {sorted(depths)}), but "
-                             f"target_parameters={self.target_parameters!r} adapt {targeted or 'none'} of its parameters")
+                             f"target_parameters={self.lora_config.target_parameters!r} adapt "
+                             f"{[params[m] for m in targeted] or 'none'} of its parameters")
         found = {}
-        for i, param in enumerate(targeted):
+        for i, module in enumerate(targeted):
             pks = depths[len(targeted) - 1 - i]
             if set(pks) != {"lora_A", "lora_B"}:
-                raise ValueError(f"{where}: the LoRA of {param} lacks {({'lora_A', 'lora_B'} - set(pks)).pop()}")
+                raise ValueError(f"{where}: the LoRA of {params[module]} lacks {({'lora_A', 'lora_B'} - set(pks)).pop()}")
             a, b = (list(self._file.get_slice(pks[f]).get_shape()) for f in ("lora_A", "lora_B"))
-            r = self.peft_config.rank_alpha(names[param])[0]
+            r = self.lora_config.rank_alpha(params[module])[0]
             if len(a) != 2 or len(b) != 2 or a[0] != b[1] or a[0] % r:
-                raise ValueError(f"{where}: {param}: lora_A {a} and lora_B {b} are not a LoRA of rank {r} "
+                raise ValueError(f"{where}: {params[module]}: lora_A {a} and lora_B {b} are not a LoRA of rank {r} "
                                  "(its effective rank) per expert")
-            found[param] = (pks, a, b, a[0] // r)
+            found[module] = (pks, a, b, a[0] // r)
         if self.facts is not None and self.facts.moe is not None:
             moe, h = self.facts.moe, self.facts.hidden_size
-            for param, (_, a, b, experts) in found.items():
-                fan_in, fan_out = moe.segment_shape(FUSED_EXPERT_PARAMS[param], h)
+            for module, (_, a, b, experts) in found.items():
+                fan_in, fan_out = moe.segment_shape(module, h)
                 if (a[1], b[0], experts) != (fan_in, fan_out, moe.num_experts):
-                    raise ValueError(f"{where}: adapter made for another base: {param} has lora_A {a} / lora_B {b}; "
-                                     f"the base's {moe.num_experts} experts need [E x r, {fan_in}] / [{fan_out}, E x r]")
+                    raise ValueError(f"{where}: adapter made for another base: {params[module]} has lora_A {a} / "
+                                     f"lora_B {b}; the base's {moe.num_experts} experts need [E x r, {fan_in}] / "
+                                     f"[{fan_out}, E x r]")
         elif len(found) == 2:  # no facts: the two parameters must at least agree with each other
-            (_, a1, b1, e1), (_, a2, b2, e2) = found["gate_up_proj"], found["down_proj"]
+            (_, a1, b1, e1), (_, a2, b2, e2) = found["linear_fc1"], found["linear_fc2"]
             if e1 != e2 or a1[1] != b2[0] or b1[0] != 2 * a2[1]:
                 raise ValueError(f"{where}: gate_up_proj (lora_A {a1}, lora_B {b1}) and down_proj (lora_A {a2}, "
                                  f"lora_B {b2}) do not fit one set of experts")
-        for param, (pks, _, _, experts) in found.items():
-            module = FUSED_EXPERT_PARAMS[param]
+        for module, (pks, _, _, experts) in found.items():
             for e in range(experts):
                 for factor, pk in pks.items():
-                    self._add(module_key(expert_module_name(layer, e, module), factor, module),
-                              _Source(pk, names[param], e, experts))
+                    self._add(module_key(MoeModule(layer, e, module).name, factor, module), _Source(pk, params[module], e, experts))
 
     def _check(self) -> None:
         for key in self.keys():
@@ -298,12 +263,12 @@ class PeftReader:
                 raise ValueError(f"{self.path}: {name}: lora_A {a} and lora_B {b} do not form a LoRA")
             if self.facts is None:
                 continue
-            expert = parse_expert_module(module)
-            if expert is not None:
-                moe = self.facts.moe
-                if moe is None or expert[0] not in moe.layers or (expert[1] is not None and expert[1] >= moe.num_experts):
+            moe = parse_moe_module(module)
+            if moe is not None:
+                facts = self.facts.moe
+                if facts is None or moe.layer not in facts.layers or (moe.expert or 0) >= facts.num_experts:
                     raise ValueError(f"{self.path}: adapter made for another base: the base model has no {name}")
-                fan_in, fan_out = moe.segment_shape(seg, self.facts.hidden_size)
+                fan_in, fan_out = facts.segment_shape(seg, self.facts.hidden_size)
             else:
                 layer, _ = layout_module(module)
                 if layer is not None and layer >= self.facts.num_layers:
@@ -314,47 +279,6 @@ class PeftReader:
                     f"{self.path}: adapter made for another base: {name} has lora_A {a} / lora_B {b}, "
                     f"the base model's {name} needs lora_A [r, {fan_in}] / lora_B [{fan_out}, r]"
                 )
-
-    def _rank_alpha(self, key: str) -> tuple[int, float]:
-        """(rank, alpha) of the segment of lora_A ``key`` in PEFT's config."""
-        return self.shape(key)[0], self.peft_config.rank_alpha(self._sources[key].name)[1]
-
-    def _check_moe_config(self) -> None:
-        """The expert tensors are what PEFT's config adapts, at its ranks (PEFT's names)."""
-        config, params = self.peft_config, self.target_parameters
-        present = {}
-        for key in self._moe_keys():
-            src = self._sources[key]
-            if split_key(key)[1] != "lora_A" or src.name in present:
-                continue
-            fused = src.expert is not None or src.name.endswith(".weight")
-            layer = parse_expert_module(split_key(key)[0])[0]
-            if not (targets_parameter(params, src.name) if fused else config.matches(src.name, layer)):
-                raise ValueError(f"{self.path}: holds tensors for {src.name}, which the config does not adapt "
-                                 f"(target_modules={config.target_modules!r}, target_parameters={params!r}): "
-                                 "PEFT would not apply them")
-            r, want = self.shape(key)[0], config.rank_alpha(src.name)[0]
-            if r != want:
-                raise ValueError(f"{self.path}: {src.name} has rank {r}, but the config gives it r={want} "
-                                 "(rank_pattern, then r): its scaling would be wrong")
-            present[src.name] = layer
-        moe = self.facts.moe if self.facts is not None else None
-        if moe is None:
-            return
-        spellings = {self._sources[k].name.split(".")[3] for k in self._moe_keys() if self._sources[k].expert is None}
-        expected = set()
-        for layer in moe.layers:
-            expected |= {n for n in (*(fused_param_name(layer, p) for p in FUSED_EXPERT_PARAMS), fused_param_name(layer, ROUTER))
-                         if targets_parameter(params, n)}
-            for names in (n for n in MOE_HF_NAMES.values() if n.block in spellings):
-                every = [expert_hf_name(layer, e, p, names) for e in range(moe.num_experts) for p in EXPERT_PROJECTION]
-                expected |= {n for n in every + [expert_hf_name(layer, None, ROUTER, names)] if config.matches(n, layer)}
-        # The router adapted as a module also satisfies its parameter (and the reverse).
-        have = set(present) | {f"{n}.weight" for n in present} | {n.removesuffix(".weight") for n in present}
-        missing = sorted(expected - have)
-        if missing:
-            raise ValueError(f"{self.path}: the config adapts {missing[:3]}{' ...' if len(missing) > 3 else ''} "
-                             f"but no tensors for {'them' if len(missing) > 1 else 'it'} are present")
 
     def keys(self) -> list[str]:
         return sorted(self._sources)
@@ -468,13 +392,13 @@ def peft_plan(reader: ShardReader, config: LoraConfig, moe_layout: str = "fused"
     facts = reader.facts
     plans: list[TensorPlan] = []
     modules: dict[str, tuple[int, float]] = {}
-    experts: dict[tuple[int, Optional[int], str], dict[str, str]] = {}  # (layer, expert, module) -> segment -> A key
+    experts: dict[MoeModule, dict[str, str]] = {}  # segment -> A key
     for key in reader.keys():
         module_name, factor, seg = split_key(key)
-        expert = parse_expert_module(module_name)
-        if expert is not None:
+        moe = parse_moe_module(module_name)
+        if moe is not None:
             if factor == "lora_A":
-                experts.setdefault(expert, {})[seg] = key
+                experts.setdefault(moe, {})[seg] = key
             continue
         known = layout_module(module_name)
         if known is None or facts is None:
@@ -486,7 +410,7 @@ def peft_plan(reader: ShardReader, config: LoraConfig, moe_layout: str = "fused"
         shared = seg == module
         projections = facts.projections(module) if shared else (seg,)
         r = reader.full_shape(make_key(layer, module, "lora_A", seg))[0]
-        alpha = config.rank_alpha(adapted_name(key))[1]
+        alpha = config.rank_alpha(segment_name(config, key))[1]
         for proj in projections:
             modules[hf_module_name(layer, proj)] = (r, alpha)
             fan_in, fan_out = facts.projection_shape(proj)
@@ -528,7 +452,7 @@ def _b_key(a_key: str) -> str:
     return module_key(module, "lora_B", seg)
 
 
-def _per_expert_plans(reader: ShardReader, config: LoraConfig, experts: dict, modules: dict,
+def _per_expert_plans(reader: ShardReader, config: LoraConfig, experts: dict[MoeModule, dict[str, str]], modules: dict,
                       names: MoeNames) -> list[TensorPlan]:
     """transformers 4's modules: one PEFT module per expert projection and the router.
 
@@ -538,12 +462,11 @@ def _per_expert_plans(reader: ShardReader, config: LoraConfig, experts: dict, mo
     """
     plans = []
     dtype = reader.dtype
-    for (layer, expert, module), segs in sorted(experts.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1, kv[0][2])):
+    for module, segs in sorted(experts.items(), key=lambda kv: (kv[0].layer, kv[0].expert or -1, kv[0].module)):
         for seg, a_key in segs.items():
-            r, alpha = reader.full_shape(a_key)[0], config.rank_alpha(adapted_name(a_key))[1]
-            proj = {"linear_fc2": "down_proj"}.get(seg, seg)
+            r, alpha = reader.full_shape(a_key)[0], config.rank_alpha(segment_name(config, a_key))[1]
             if seg != "linear_fc1":
-                name = expert_hf_name(layer, expert, proj, names)
+                name = moe_hf_name(module, {"linear_fc2": "down_proj"}.get(seg, seg), names)
                 modules[name] = (r, alpha)
                 for k in (a_key, _b_key(a_key)):
                     plans.append(TensorPlan(_peft_module_key(name, split_key(k)[1]), tuple(reader.full_shape(k)),
@@ -551,15 +474,16 @@ def _per_expert_plans(reader: ShardReader, config: LoraConfig, experts: dict, mo
                 continue
             a, b = reader.full(a_key), reader.full(_b_key(a_key))
             pair = split_block_diagonal(a, b, 2) or [(a, h) for h in b.chunk(2, 0)]
-            for p, (pa, pb) in zip(("gate_proj", "up_proj"), pair):
-                name = expert_hf_name(layer, expert, p, names)
+            for proj, (pa, pb) in zip(EXPERT_PROJECTIONS[seg], pair):
+                name = moe_hf_name(module, proj, names)
                 modules[name] = (pa.shape[0], _rescaled_alpha(config, alpha, r, pa.shape[0]))
                 plans += [TensorPlan(_peft_module_key(name, f), tuple(t.shape), dtype(a_key), _bind(t.contiguous))
                           for f, t in (("lora_A", pa), ("lora_B", pb))]
     return plans
 
 
-def _fused_plans(reader: ShardReader, config: LoraConfig, experts: dict, params: dict) -> list[TensorPlan]:
+def _fused_plans(reader: ShardReader, config: LoraConfig, experts: dict[MoeModule, dict[str, str]],
+                 params: dict) -> list[TensorPlan]:
     """transformers 5's fused experts: per layer, one LoRA over ``gate_up_proj`` and one over
     ``down_proj`` of all experts (:func:`layout.fuse_experts`), the router on ``gate.weight``.
 
@@ -570,33 +494,34 @@ def _fused_plans(reader: ShardReader, config: LoraConfig, experts: dict, params:
     facts = reader.facts
     n = facts.moe.num_experts
     plans = []
-    for layer in sorted({k[0] for k in experts}):
-        targeted = [p for p, m in FUSED_EXPERT_PARAMS.items() if any((layer, e, m) in experts for e in range(n))]
-        for depth, param in zip(range(len(targeted) - 1, -1, -1), targeted):
-            module = FUSED_EXPERT_PARAMS[param]
-            missing = [e for e in range(n) if (layer, e, module) not in experts]
-            where = f"{reader.directory}: layer {layer} {module}"
+    for layer in sorted({m.layer for m in experts}):
+        targeted = [m for m in EXPERT_MODULES if any(MoeModule(layer, e, m) in experts for e in range(n))]
+        for depth, kind in zip(range(len(targeted) - 1, -1, -1), targeted):
+            where = f"{reader.directory}: layer {layer} {kind}"
+            missing = [e for e in range(n) if MoeModule(layer, e, kind) not in experts]
             if missing:
                 raise ValueError(f"{where}: experts {missing} are not adapted; transformers 5's fused layout adapts "
                                  "all experts of a layer (use the per-expert layout)")
-            per_expert = [_fusable(reader, config, experts[(layer, e, module)], module, f"{where} expert {e}") for e in range(n)]
+            per_expert = [_fusable(reader, config, experts[MoeModule(layer, e, kind)], kind, f"{where} expert {e}")
+                          for e in range(n)]
             if len({(r, alpha) for _, r, alpha in per_expert}) != 1:
                 raise ValueError(f"{where}: the experts' (rank, alpha) differ ({sorted({(r, a) for _, r, a in per_expert})}): "
                                  "the fused layout has one per layer (use the per-expert layout)")
             r, alpha = per_expert[0][1:]
-            params[fused_param_name(layer, param)] = (r, alpha)
-            fan_in, fan_out = facts.moe.segment_shape(module, facts.hidden_size)
+            params[MoeModule(layer, 0, kind).parameter] = (r, alpha)
+            fan_in, fan_out = facts.moe.segment_shape(kind, facts.hidden_size)
             read = _bind(_fused_factors, [f for f, _, _ in per_expert])
             base = f"{PEFT_PREFIX}model.layers.{layer}.{FUSED_EXPERTS}{'.base_layer' * depth}"
-            dtype = reader.dtype(next(iter(experts[(layer, 0, module)].values())))
+            dtype = reader.dtype(next(iter(experts[MoeModule(layer, 0, kind)].values())))
             plans.append(TensorPlan(f"{base}.lora_A.weight", (n * r, fan_in), dtype, lambda read=read: read()[0]))
             plans.append(TensorPlan(f"{base}.lora_B.weight", (fan_out, n * r), dtype, lambda read=read: read()[1]))
-        if (layer, None, ROUTER) in experts:
-            a_key = experts[(layer, None, ROUTER)][ROUTER]
-            params[fused_param_name(layer, ROUTER)] = (reader.full_shape(a_key)[0], config.rank_alpha(adapted_name(a_key))[1])
-            name = fused_param_name(layer, ROUTER).removesuffix(".weight")
-            plans += [TensorPlan(_peft_module_key(name, split_key(k)[1]), tuple(reader.full_shape(k)), reader.dtype(k),
-                                 _bind(reader.full, k)) for k in (a_key, _b_key(a_key))]
+        router = MoeModule(layer, None, ROUTER)
+        if router in experts:
+            a_key = experts[router][ROUTER]
+            params[router.parameter] = (reader.full_shape(a_key)[0], config.rank_alpha(segment_name(config, a_key))[1])
+            plans += [TensorPlan(_peft_module_key(router.parameter.removesuffix(".weight"), split_key(k)[1]),
+                                 tuple(reader.full_shape(k)), reader.dtype(k), _bind(reader.full, k))
+                      for k in (a_key, _b_key(a_key))]
     return plans
 
 
@@ -605,19 +530,18 @@ def _fusable(reader: ShardReader, config: LoraConfig, segs: dict[str, str], modu
     """(read (A, B), rank, alpha) of one LoRA over an expert's whole ``module``: a gate / up
     pair with one A is the shared-A LoRA it was exported from, any other pair is stacked
     (:func:`layout.stack_lora`)."""
-    if set(segs) == {module} or set(segs) == {"down_proj"}:
+    if len(segs) == 1 and set(segs) <= {module, *EXPERT_PROJECTIONS["linear_fc2"]}:
         a_key = next(iter(segs.values()))
-        r, alpha = reader.full_shape(a_key)[0], config.rank_alpha(adapted_name(a_key))[1]
+        r, alpha = reader.full_shape(a_key)[0], config.rank_alpha(segment_name(config, a_key))[1]
         return _bind(lambda k: (reader.full(k), reader.full(_b_key(k))), a_key), r, alpha
-    if set(segs) != {"gate_proj", "up_proj"}:
+    if set(segs) != set(EXPERT_PROJECTIONS["linear_fc1"]):
         raise ValueError(f"{where}: segments {sorted(segs)}: the fused gate_up_proj needs one LoRA over both "
                          "projections or both gate_proj and up_proj (use the per-expert layout)")
-    keys = [segs["gate_proj"], segs["up_proj"]]
-    scalings = {config.scaling(adapted_name(k)) for k in keys}
-    if len(scalings) != 1:
+    keys = [segs[p] for p in EXPERT_PROJECTIONS["linear_fc1"]]
+    if len({config.scaling(segment_name(config, k)) for k in keys}) != 1:
         raise ValueError(f"{where}: gate_proj and up_proj have different scalings; the fused gate_up_proj has one")
     ranks = [reader.full_shape(k)[0] for k in keys]
-    alpha = config.rank_alpha(adapted_name(keys[0]))[1]
+    alpha = config.rank_alpha(segment_name(config, keys[0]))[1]
     if ranks[0] == ranks[1] and torch.equal(reader.full(keys[0]), reader.full(keys[1])):
         # One A for both (how a shared-A LoRA exports per projection): that shared-A LoRA again.
         return _bind(lambda: (reader.full(keys[0]), torch.cat([reader.full(_b_key(k)) for k in keys]))), ranks[0], alpha
@@ -629,23 +553,11 @@ def _fused_factors(per_expert: list[Callable[[], tuple[torch.Tensor, torch.Tenso
     return fuse_experts([read() for read in per_expert])
 
 
-def _peft_names(facts: ModelFacts, names: Optional[MoeNames]) -> dict[str, Optional[int]]:
-    """Every HF module name a PEFT config may adapt in the model -> its layer; with ``names``
-    also transformers 4's expert modules and routers."""
-    every = {n: i for n, i in adaptable_names(facts).items()
-             if (n.startswith("model.") or n == LM_HEAD) and expert_of_name(n) is None}
-    if names is not None and facts.moe is not None:
-        for layer in facts.moe.layers:
-            every[expert_hf_name(layer, None, ROUTER, names)] = layer
-            every |= {expert_hf_name(layer, e, p, names): layer for e in range(facts.moe.num_experts) for p in EXPERT_PROJECTION}
-    return every
-
-
-def exact_config(config: LoraConfig, modules: dict[str, tuple[int, float]], every: Optional[dict[str, Optional[int]]],
+def exact_config(config: LoraConfig, modules: dict[str, tuple[int, float]], every: dict[str, Optional[int]],
                  rated: Optional[dict[str, tuple[int, float]]] = None) -> LoraConfig:
     """``config`` changed to adapt exactly ``modules`` (name -> (r, alpha)) among ``every``
-    (name -> layer; None: unknown), each at its rank and alpha, as do ``rated`` names
-    (parameters, which targets do not select).
+    (name -> layer), each at its rank and alpha, as do ``rated`` names (parameters, which
+    targets do not select).
 
     target_modules is the list of the modules' last name components; when that list (with the
     config's layers_to_transform / exclude_modules) would adapt other modules too, it becomes
@@ -656,12 +568,12 @@ def exact_config(config: LoraConfig, modules: dict[str, tuple[int, float]], ever
     known = (EMBED_TOKENS, *HF_PROJECTIONS, LM_HEAD)
     leaves = {n.rsplit(".", 1)[-1] for n in modules}
     present = [p for p in known if p in leaves] + sorted(leaves - set(known))
-    fields = {**config.to_dict(), "target_modules": present}
+    fields = {**config.to_dict(), "target_modules": present, "target_parameters": None}
 
     def adapted(cfg: LoraConfig) -> set[str]:
         return {n for n, i in every.items() if cfg.matches(n, i)}
 
-    if every is None or adapted(LoraConfig(**fields)) != set(modules):
+    if adapted(LoraConfig(**fields)) != set(modules):
         exact = "|".join(re.escape(n) for n in sorted(modules))
         fields.update(target_modules=exact, layers_to_transform=None, exclude_modules=None)
     base = LoraConfig(**fields)
@@ -673,15 +585,9 @@ def exact_config(config: LoraConfig, modules: dict[str, tuple[int, float]], ever
         alpha_pattern={**alpha_extra, **_used(config.alpha_pattern, rated)},
     )
     final = LoraConfig(**fields)
-    assert every is None or adapted(final) == set(modules)
+    assert adapted(final) == set(modules)
     assert all(final.rank_alpha(n) == ra for n, ra in rated.items())
     return final
-
-
-def ours_config(peft_config: LoraConfig, modules: dict[str, tuple[int, float]], facts: Optional[ModelFacts]) -> LoraConfig:
-    """The config of ours adapting exactly ``modules`` (our names: ``checkpoint.adapted_name``
-    -> (r, alpha)) of a PEFT adapter with experts, whose targets name PEFT's modules."""
-    return exact_config(peft_config, modules, adaptable_names(facts) if facts is not None else None)
 
 
 def peft_config_dict(config: LoraConfig, modules: dict[str, tuple[int, float]], facts: ModelFacts,
@@ -693,20 +599,19 @@ def peft_config_dict(config: LoraConfig, modules: dict[str, tuple[int, float]], 
     A parameter kind adapted in every mixture-of-experts layer is targeted by its trailing
     name (``mlp.experts.gate_up_proj``), else by its full names.
     """
-    final = exact_config(config, modules, _peft_names(facts, names), params)
+    final = exact_config(config, modules, peft_module_names(facts, names), params)
     targets = []
-    for kind in (*FUSED_EXPERT_PARAMS, ROUTER):
-        full = [fused_param_name(i, kind) for i in facts.moe.layers] if facts.moe is not None else []
+    for kind in MOE_PARAMETERS:  # a kind adapted in every MoE layer by its trailing name, else by full names
+        full = [MoeModule(i, 0, kind).parameter for i in facts.moe.layers] if facts.moe is not None else []
         have = [n for n in full if n in (params or {})]
-        short = fused_param_name(0, kind).split(".", 3)[3]
-        targets += [short] if have and have == full else have
+        targets += [f"mlp.{MOE_PARAMETERS[kind]}"] if have and have == full else have
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None,
         "inference_mode": True,
         **final.to_dict(),
-        **({"target_parameters": targets} if targets else {}),
+        "target_parameters": targets or None,
     }
 
 

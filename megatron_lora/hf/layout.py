@@ -36,6 +36,9 @@ EMBEDDING = "word_embeddings"
 EMBEDDING_PATH = "embedding.word_embeddings"
 EMBED_TOKENS = "embed_tokens"
 
+#: A layer index as written in keys: ASCII digits without leading zeros, so that no two
+#: spellings (``1`` and ``01``, a fullwidth digit) name one layer.
+LAYER_INDEX = r"(?:0|[1-9][0-9]*)"
 #: Megatron module -> its path inside a transformer layer.
 MODULE_PATH = {
     "linear_qkv": "self_attention.linear_qkv",
@@ -253,11 +256,11 @@ def module_style(module: str) -> str:
 def factor_dim(style: str, factor: str) -> Optional[int]:
     """The dim a LoRA factor is split along over TP (None: replicated): a column module
     splits B by rows and replicates A; a row module splits A by columns and replicates B; a
-    replicated module (the router) splits neither."""
-    if style == "replicated":
-        return None
+    replicated module (the MoE router) splits neither."""
     if style == "column":
         return None if factor == "lora_A" else 0
+    if style == "replicated":
+        return None
     return 1 if factor == "lora_A" else None
 
 
@@ -344,6 +347,96 @@ MOE_HF_NAMES = {
 }
 #: Prefix of megatron-core's SequentialMLP experts inside ``decoder.layers.{i}``.
 MEGATRON_EXPERTS = "mlp.experts.local_experts."
+#: megatron-core's router (TopKRouter) of an MoE layer: its path inside ``decoder.layers.{i}``
+#: and the one segment a LoRA on it has.
+ROUTER = "router"
+ROUTER_PATH = "mlp.router"
+#: HF projections an expert's Megatron module fuses (``linear_fc1`` is ``[gate; up]``).
+EXPERT_PROJECTIONS = {"linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",)}
+#: Each projection's field of :class:`MoeNames` (how the model type spells it on disk).
+_MOE_FIELD = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+#: PEFT's ``target_parameters`` name of each MoE module as transformers 5 holds it in memory
+#: (``mlp.experts.gate_up_proj`` [experts, 2 x ffn, hidden] ..., the router's ``mlp.gate.weight``).
+MOE_PARAMETERS = {"linear_fc1": "experts.gate_up_proj", "linear_fc2": "experts.down_proj", ROUTER: "gate.weight"}
+
+
+@dataclass(frozen=True)
+class MoeModule:
+    """A LoRA-adaptable module of an MoE layer: an expert's linear_fc1 / linear_fc2 (GLOBAL
+    expert index) or the router (``expert`` None)."""
+
+    layer: int
+    expert: Optional[int]
+    module: str
+
+    @property
+    def name(self) -> str:
+        """Its Megatron name (global layer and expert indices)."""
+        if self.expert is None:
+            return f"decoder.layers.{self.layer}.{ROUTER_PATH}"
+        return f"decoder.layers.{self.layer}.{MEGATRON_EXPERTS}{self.expert}.{self.module}"
+
+    def projections(self, gated: bool = True) -> tuple[str, ...]:
+        """The HF projections its segments may be named for (none for the router)."""
+        if self.expert is None:
+            return ()
+        return EXPERT_PROJECTIONS[self.module] if gated or self.module != "linear_fc1" else ("up_proj",)
+
+    def hf_names(self, segment: str) -> tuple[str, ...]:
+        """The HF module names ``target_modules`` matches a segment under, as each supported
+        model type spells it (transformers 4 modules, on-disk names): an expert projection
+        (``model.layers.{i}.mlp.experts.{e}.gate_proj``, Mixtral's ``block_sparse_moe...w1``), the
+        router (``...mlp.gate``); a segment named for the module has its Megatron name only."""
+        if self.expert is None:
+            return (self.name, *dict.fromkeys(f"model.layers.{self.layer}.{m.block}.gate" for m in MOE_HF_NAMES.values()))
+        if segment == self.module:
+            return (self.name,)
+        return tuple(dict.fromkeys(
+            f"model.layers.{self.layer}.{m.block}.experts.{self.expert}.{getattr(m, _MOE_FIELD[segment])}"
+            for m in MOE_HF_NAMES.values()))
+
+    @property
+    def parameter(self) -> str:
+        """PEFT's ``target_parameters`` key of the (fused) parameter it belongs to: LoRA on it
+        adapts the whole module of every expert (shared A over ``[gate; up]``)."""
+        return f"model.layers.{self.layer}.mlp.{MOE_PARAMETERS[self.module]}"
+
+
+_MOE_MODULE = re.compile(
+    rf"decoder\.layers\.(?P<layer>{LAYER_INDEX})\.(?:(?P<router>{re.escape(ROUTER_PATH)})|"
+    rf"{re.escape(MEGATRON_EXPERTS)}(?P<expert>{LAYER_INDEX})\.(?P<module>linear_fc1|linear_fc2))", re.ASCII)
+
+
+def parse_moe_module(name: str) -> Optional[MoeModule]:
+    """The :class:`MoeModule` a Megatron module name (global indices) denotes, else None."""
+    m = _MOE_MODULE.fullmatch(name)
+    if m is None:
+        return None
+    if m["router"]:
+        return MoeModule(int(m["layer"]), None, ROUTER)
+    return MoeModule(int(m["layer"]), int(m["expert"]), m["module"])
+
+
+def moe_segment_geometry(module: MoeModule, segment: str, out_local: int, gated: bool) -> dict:
+    """Rows a segment of an expert's linear (or the router) writes in its local output of
+    ``out_local`` rows, split over expert TP like the dense MLP (a gated fc1 is ``[gate_j; up_j]``)."""
+    if segment == module.module:  # one LoRA over the module; a gated [gate; up] B splits by halves
+        return dict(width=out_local, blocks=2 if gated and module.module == "linear_fc1" else 1)
+    if segment not in module.projections(gated):
+        raise ValueError(f"{module.name} has no segment {segment!r} (segments: {(module.module, *module.projections(gated))})")
+    if module.module == "linear_fc2" or not gated:
+        return dict(width=out_local)
+    half = out_local // 2
+    return dict(width=half, period=out_local, offset=0 if segment == "gate_proj" else half)
+
+
+def global_expert_path(inner: str, local_expert_indices) -> str:
+    """``mlp.experts.local_experts.{local e}...`` inside a layer -> the GLOBAL expert index
+    (``local_expert_indices``: the layer's ``mlp.local_expert_indices``); any other path as is."""
+    if not inner.startswith(MEGATRON_EXPERTS):
+        return inner
+    local, _, rest = inner[len(MEGATRON_EXPERTS):].partition(".")
+    return f"{MEGATRON_EXPERTS}{local_expert_indices[int(local)]}{'.' + rest if rest else ''}"
 
 
 def is_expert_parameter(name: str) -> bool:
@@ -447,9 +540,6 @@ def megatron_full_to_hf(full_state_dict: dict, facts: ModelFacts, biases: Option
 # --- LoRA factors: HF PEFT module names <-> Megatron segments ------------------------------
 
 
-#: A layer index as written in keys: ASCII digits without leading zeros, so that no two
-#: spellings (``1`` and ``01``, a fullwidth digit) name one layer.
-LAYER_INDEX = r"(?:0|[1-9][0-9]*)"
 
 
 def parse_hf_module_name(name: str) -> tuple[Optional[int], str]:
@@ -505,94 +595,58 @@ def segment_projection(module: str, segment: str, facts: ModelFacts) -> str:
     return projections[0]
 
 
-# --- LoRA on mixtures of experts: our expert modules <-> PEFT's two layouts -------------------
+# --- LoRA on mixtures of experts: PEFT's two layouts -------------------------------------------
 #
-# Ours: expert e (GLOBAL index) of layer i is ``decoder.layers.{i}.mlp.experts.local_experts.{e}``
-# with ``linear_fc1`` (segment ``linear_fc1``: one shared-A LoRA over [gate; up], or ``gate_proj``
-# / ``up_proj``) and ``linear_fc2`` (segment ``linear_fc2`` or ``down_proj``); the router is
-# ``decoder.layers.{i}.mlp.router`` (segment ``router``, replicated).
+# Ours: :class:`MoeModule` (every expert under its GLOBAL index, the router).
 # PEFT, per expert (transformers 4): ``model.layers.{i}.{block}.experts.{e}.{gate|up|down}`` and
 # the router ``{block}.gate`` (:data:`MOE_HF_NAMES`).
 # PEFT, fused (transformers 5, ``target_parameters``): one LoRA per parameter
-# ``model.layers.{i}.mlp.experts.gate_up_proj`` / ``down_proj`` over all experts, and the router
-# ``mlp.gate.weight`` (:func:`fuse_experts`).
+# ``model.layers.{i}.mlp.experts.gate_up_proj`` / ``down_proj`` over all experts
+# (:func:`fuse_experts`), and the router's ``mlp.gate.weight`` (``MoeModule.parameter``).
 
 #: PEFT's two layouts of expert LoRAs: transformers 5's fused experts through
 #: ``target_parameters``, transformers 4's per-expert modules.
 MOE_LAYOUTS = ("fused", "per-expert")
-#: The router's segment and its path inside ``decoder.layers.{i}``.
-ROUTER = "router"
-ROUTER_PATH = "mlp.router"
-#: Expert projection (Qwen3-MoE names, ours for matching) -> the expert's Megatron module.
-EXPERT_PROJECTION = {"gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}
-#: transformers 5's fused expert parameters -> Megatron module, in the order the experts module
-#: defines them: PEFT nests the wrappers of one module in that order (the first innermost).
-FUSED_EXPERT_PARAMS = {"gate_up_proj": "linear_fc1", "down_proj": "linear_fc2"}
-#: transformers 5's experts module and router parameter (Mixtral's ``block_sparse_moe`` is ``mlp`` there).
+#: transformers 5's module holding the fused expert parameters (Mixtral's ``block_sparse_moe``
+#: is ``mlp`` there). PEFT wraps the targeted parameters of one module in the order the module
+#: defines them (:data:`MOE_PARAMETERS`: gate_up_proj, then down_proj), the first innermost:
+#: its keys are ``mlp.experts.base_layer.lora_A`` (gate_up_proj) and ``mlp.experts.lora_A``.
 FUSED_EXPERTS = "mlp.experts"
-FUSED_ROUTER_PARAM = "mlp.gate.weight"
-#: The names ours matches expert projection segments under (as HF's per-expert modules).
-CANONICAL_MOE_NAMES = MOE_HF_NAMES["qwen3_moe"]
-_MOE_MODULE = re.compile(
-    rf"decoder\.layers\.(?P<layer>{LAYER_INDEX})\.(?:{re.escape(MEGATRON_EXPERTS)}(?P<expert>{LAYER_INDEX})\."
-    rf"(?P<module>linear_fc1|linear_fc2)|(?P<router>{re.escape(ROUTER_PATH)}))",
-    re.ASCII,
-)
+#: The expert modules in that order.
+EXPERT_MODULES = tuple(m for m in MOE_PARAMETERS if m != ROUTER)
 
 
-def expert_module_name(layer: int, expert: Optional[int], module: str) -> str:
-    """Our name of expert ``expert``'s ``module`` (``linear_fc1`` / ``linear_fc2``), or of the
-    router (``module`` :data:`ROUTER`, ``expert`` None), in global layer ``layer``."""
-    if module == ROUTER:
-        return f"decoder.layers.{layer}.{ROUTER_PATH}"
-    return f"decoder.layers.{layer}.{MEGATRON_EXPERTS}{expert}.{module}"
-
-
-def parse_expert_module(name: str) -> Optional[tuple[int, Optional[int], str]]:
-    """(global layer, global expert or None, module) of an expert module or router name of
-    ours (:func:`expert_module_name`), else None."""
-    m = _MOE_MODULE.fullmatch(name)
-    if m is None:
-        return None
-    if m["router"]:
-        return int(m["layer"]), None, ROUTER
-    return int(m["layer"]), int(m["expert"]), m["module"]
-
-
-def expert_segments(module: str) -> tuple[str, ...]:
-    """The segments an expert module or the router may carry: its own name (shared A) or its
-    projections."""
-    if module == ROUTER:
-        return (ROUTER,)
-    return (module, *(p for p, m in EXPERT_PROJECTION.items() if m == module))
-
-
-def expert_hf_name(layer: int, expert: Optional[int], proj: str, names: MoeNames = CANONICAL_MOE_NAMES) -> str:
-    """HF per-expert module name of projection ``proj`` (``gate_proj`` / ``up_proj`` /
-    ``down_proj``, or :data:`ROUTER` for the router) as ``names`` spell it."""
-    block = f"model.layers.{layer}.{names.block}"
-    if proj == ROUTER:
+def moe_hf_name(module: MoeModule, segment: str, names: MoeNames) -> str:
+    """transformers 4's module name of a projection segment of an expert (or of the router),
+    as ``names`` spell it."""
+    block = f"model.layers.{module.layer}.{names.block}"
+    if module.module == ROUTER:
         return f"{block}.gate"
-    leaf = {"gate_proj": names.gate, "up_proj": names.up, "down_proj": names.down}[proj]
-    return f"{block}.experts.{expert}.{leaf}"
+    return f"{block}.experts.{module.expert}.{getattr(names, _MOE_FIELD[segment])}"
 
 
-def parse_expert_hf_name(name: str) -> Optional[tuple[int, Optional[int], str]]:
-    """(global layer, expert or None for the router, projection or :data:`ROUTER`) of an HF
-    per-expert module name in any model's spelling (:data:`MOE_HF_NAMES`), else None."""
+def parse_moe_hf_name(name: str) -> Optional[tuple[MoeModule, str]]:
+    """(module, segment) of a transformers 4 expert projection or router module name in any
+    model's spelling (:data:`MOE_HF_NAMES`), else None."""
     for names in MOE_HF_NAMES.values():
-        block = re.escape(names.block)
-        leaves = {names.gate: "gate_proj", names.up: "up_proj", names.down: "down_proj"}
-        m = re.fullmatch(rf"model\.layers\.({LAYER_INDEX})\.{block}\.(?:gate|experts\.({LAYER_INDEX})\.(\w+))", name)
+        leaves = {getattr(names, field): proj for proj, field in _MOE_FIELD.items()}
+        m = re.fullmatch(rf"model\.layers\.({LAYER_INDEX})\.{re.escape(names.block)}\.(?:gate|experts\.({LAYER_INDEX})\.(\w+))", name)
         if m is None or (m[3] is not None and m[3] not in leaves):
             continue
-        return int(m[1]), (int(m[2]) if m[2] is not None else None), leaves[m[3]] if m[3] else ROUTER
+        if m[2] is None:
+            return MoeModule(int(m[1]), None, ROUTER), ROUTER
+        proj = leaves[m[3]]
+        return MoeModule(int(m[1]), int(m[2]), next(k for k, v in EXPERT_PROJECTIONS.items() if proj in v)), proj
     return None
 
 
-def fused_param_name(layer: int, param: str) -> str:
-    """transformers 5's name of a fused expert parameter or (``param`` :data:`ROUTER`) the router's."""
-    return f"model.layers.{layer}.{FUSED_ROUTER_PARAM if param == ROUTER else f'{FUSED_EXPERTS}.{param}'}"
+def moe_factor_split(module: MoeModule, factor: str, segment: str) -> tuple[Optional[int], int]:
+    """(dim split or None if replicated, blocks) of a LoRA factor of an expert (split like
+    the dense MLP's) or the router (replicated) in our checkpoints."""
+    if module.module == ROUTER:
+        return None, 1
+    dim = factor_dim(module_style(module.module), factor)
+    return dim, 2 if module.module == "linear_fc1" and segment == module.module and dim == 0 else 1
 
 
 def fuse_experts(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -635,47 +689,22 @@ def split_block_diagonal(a: torch.Tensor, b: torch.Tensor, parts: int) -> Option
     return out
 
 
-def expert_style(module: str) -> str:
-    """How an expert module or the router is split: like the dense MLP (over the expert-TP
-    group), the router replicated."""
-    return "replicated" if module == ROUTER else module_style(module)
-
-
-def expert_factor_split(module: str, factor: str, segment: str) -> tuple[Optional[int], int]:
-    """(dim split or None if replicated, blocks) of a LoRA factor of an expert or the router."""
-    dim = factor_dim(expert_style(module), factor)
-    return dim, 2 if module == "linear_fc1" and segment == module and dim == 0 else 1
-
-
-def adaptable_names(facts: ModelFacts) -> dict[str, Optional[int]]:
-    """Every name a LoRA config's targets can match in a GPT model of ``facts`` -> its global
-    layer: the Megatron module and HF projection names of the LLaMA-family layout (the dense
-    MLP only in dense layers), and in mixture-of-experts layers each expert's Megatron
-    modules, their HF projection names (:data:`CANONICAL_MOE_NAMES`) and the router."""
-    moe_layers = set(facts.moe.layers) if facts.moe is not None else set()
-    names: dict[str, Optional[int]] = {megatron_module_name(None, m): None for m in (OUTPUT_LAYER, EMBEDDING)}
-    names |= {hf_module_name(None, p): None for p in (LM_HEAD, EMBED_TOKENS)}
+def peft_module_names(facts: ModelFacts, names: Optional[MoeNames] = None) -> dict[str, Optional[int]]:
+    """Every HF module name a PEFT LoRA config can adapt in a model of ``facts`` -> its
+    layer (the dense MLP only in dense layers); with ``names`` also transformers 4's expert
+    projections and routers."""
+    moe = facts.moe
+    moe_layers = set(moe.layers) if moe is not None else set()
+    every: dict[str, Optional[int]] = {hf_module_name(None, p): None for p in (EMBED_TOKENS, LM_HEAD)}
     for layer in range(facts.num_layers):
-        for module in MODULE_PATH:
-            if layer in moe_layers and module in ("linear_fc1", "linear_fc2"):
-                continue
-            names[megatron_module_name(layer, module)] = layer
-            names |= {hf_module_name(layer, p): layer for p in facts.projections(module)}
-        if layer in moe_layers:
-            names[expert_module_name(layer, None, ROUTER)] = layer
-            for e in range(facts.moe.num_experts):
-                names |= {expert_module_name(layer, e, m): layer for m in ("linear_fc1", "linear_fc2")}
-                names |= {expert_hf_name(layer, e, p): layer for p in EXPERT_PROJECTION}
-    return names
+        every |= {hf_module_name(layer, p): layer for p in HF_PROJECTIONS
+                  if not (layer in moe_layers and PROJECTION[p][0] == "mlp")}
+        if names is not None and layer in moe_layers:
+            for module in moe_modules(layer, moe.num_experts):
+                every |= {moe_hf_name(module, s, names): layer for s in module.projections() or (ROUTER,)}
+    return every
 
 
-def expert_of_name(name: str) -> Optional[str]:
-    """Our expert module (or router) a name of :func:`adaptable_names` belongs to: its own
-    Megatron name or an HF projection name of it; None for any other name."""
-    if parse_expert_module(name) is not None:
-        return name
-    hf = parse_expert_hf_name(name)
-    if hf is None:
-        return None
-    layer, expert, proj = hf
-    return expert_module_name(layer, expert, ROUTER if proj == ROUTER else EXPERT_PROJECTION[proj])
+def moe_modules(layer: int, experts: int) -> list[MoeModule]:
+    """Every expert module and the router of an MoE layer."""
+    return [MoeModule(layer, None, ROUTER)] + [MoeModule(layer, e, m) for e in range(experts) for m in EXPERT_MODULES]
