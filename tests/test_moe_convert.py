@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,7 @@ from megatron_lora.formats.convert import base_expert_names, base_facts, convert
 from megatron_lora.formats.peft import PeftReader
 from megatron_lora.hf.layout import hf_module_name, parse_moe_module
 
+from dist import run_ranks
 from test_moe_import import COMMON, _perturbed, _prompt
 
 TOL = 1e-5
@@ -288,10 +292,6 @@ def test_inspect_shows_experts(moe, tmp_path, capsys):
 
 
 def _generate(base: Path, adapter: Path, prompt: list[int], out: Path, *flags: str) -> tuple[torch.Tensor, list[int]]:
-    import os
-    import subprocess
-    import sys
-
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(Path(__file__).resolve().parents[1] / "scripts" / "generate.py"), "--base", str(base), "--adapter", str(adapter),
            "--input-ids", ",".join(map(str, prompt)), "--max-new-tokens", "5",
@@ -302,22 +302,68 @@ def _generate(base: Path, adapter: Path, prompt: list[int], out: Path, *flags: s
     return load_file(str(out / "logits.safetensors"))["logits"], json.loads((out / "tokens.json").read_text())
 
 
-@pytest.mark.parametrize("model_type, layout, flags", [
-    ("mixtral", "fused", ("--expert-model-parallel-size", "2")),
-    ("qwen3_moe", "per_expert", ("--tp", "2")),  # experts split over expert TP = 2
-])
-def test_generate_matches_hf_peft(moe, model_type, layout, flags, tmp_path):
-    """generate.py with a PEFT MoE adapter equals HF + PEFT: prompt logits and greedy tokens."""
-    m = moe[model_type]
+#: The adapters the multi-rank tests load: (model, PEFT layout), and the layouts (TP, EP) they run at.
+JOBS = {"mixtral_fused": ("mixtral", "fused"), "qwen3_moe_per_expert": ("qwen3_moe", "per_expert")}
+RANK_LAYOUTS = ((1, 2), (2, 1))  # experts over expert parallelism, or over expert TP = 2
+
+
+def _reference(m: dict, layout: str, tmp_path: Path) -> tuple[list[int], torch.Tensor, list[int]]:
+    """(prompt, HF + PEFT logits, HF + PEFT greedy tokens) of a PEFT MoE adapter."""
     peft = _peft(m["hf"], m["dir"] / layout)
     # Routing without near-ties on the adapted model (PEFT's wrapped router hides its delta from hooks).
-    ours = convert(m["dir"] / layout, tmp_path / "ours", "megatron", facts=m["facts"], progress=False)
+    ours = convert(m["dir"] / layout, tmp_path / f"ref_{layout}", "megatron", facts=m["facts"], progress=False)
     prompt = _prompt({"merged": _merged(m["hf"], ours, _fused_scaling if layout == "fused" else lambda *_: 8 / R)})
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        ref = peft(ids).logits[0]
+        logits = peft(ids).logits[0]
         tokens = peft.generate(input_ids=ids, max_new_tokens=5, do_sample=False, eos_token_id=None,
                                pad_token_id=0)[0, len(prompt):].tolist()
-    logits, new = _generate(m["dir"] / "base", m["dir"] / layout, prompt, tmp_path, *flags)
+    return prompt, logits, tokens
+
+
+def _ranks_body(rank, world, jobs, root):
+    from megatron_lora import init_distributed
+    from megatron_lora.hf.importer import load_hf_base
+    from megatron_lora.model.adapters import load_adapter, save_adapter
+    from megatron_lora.runtime.generation import forward_logits, generate
+
+    out = {}
+    for tp, ep in RANK_LAYOUTS:
+        init_distributed(tp, expert_model_parallel_size=ep)
+        for name, (base, adapter, prompt) in jobs.items():
+            model, _ = load_hf_base(base)
+            config = load_adapter(model, adapter)
+            out[(name, tp, ep)] = (forward_logits(model, torch.tensor([prompt]))[0], generate(model, prompt, 5))
+            save_adapter(model, f"{root}/{name}_tp{tp}_ep{ep}", config)
+            del model
+    return out
+
+
+def test_expert_parallel_load_generate_save(moe, tmp_path):
+    """PEFT adapters of either layout on models at EP=2 and at expert TP=2: logits and greedy
+    tokens equal HF + PEFT's, and the adapter saved from the model exports to the PEFT file again,
+    bit for bit."""
+    refs = {name: _reference(moe[m], layout, tmp_path) for name, (m, layout) in JOBS.items()}
+    jobs = {name: (str(moe[m]["dir"] / "base"), str(moe[m]["dir"] / layout), refs[name][0]) for name, (m, layout) in JOBS.items()}
+    ranks = run_ranks(_ranks_body, 2, jobs, str(tmp_path))
+    for name, (model_type, layout) in JOBS.items():
+        _, logits, tokens = refs[name]
+        for tp, ep in RANK_LAYOUTS:
+            for per_rank in ranks:
+                got_logits, got_tokens = per_rank[(name, tp, ep)]
+                _close(got_logits, logits)
+                assert got_tokens == tokens, (name, tp, ep)
+            saved = tmp_path / f"{name}_tp{tp}_ep{ep}"
+            assert json.loads((saved / "adapter_config.json").read_text())["tp_size"] == tp
+            back = convert(saved, tmp_path / f"{saved.name}_back", "peft", moe_layout=layout.replace("_", "-"),
+                           expert_names=moe[model_type]["names"], progress=False)
+            _same_files(moe[model_type]["dir"] / layout, back)
+
+
+def test_generate_script_matches_hf_peft(moe, tmp_path):
+    """generate.py under torchrun with a fused PEFT adapter, experts over 2 ranks, equals HF + PEFT."""
+    m = moe["mixtral"]
+    prompt, ref, tokens = _reference(m, "fused", tmp_path)
+    logits, new = _generate(m["dir"] / "base", m["dir"] / "fused", prompt, tmp_path, "--expert-model-parallel-size", "2")
     _close(logits, ref)
     assert new == tokens
