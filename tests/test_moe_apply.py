@@ -135,6 +135,10 @@ def moe_setup(tmp_path_factory):
         table.setdefault(module, {"parallel": style, "segments": {}})["segments"][seg] = {"blocks": 2 if seg == "linear_fc1" else 1}
     facts = hf_model_facts(read_hf_config(dirs["qwen"]))
     write_checkpoint(root / "qwen_adapter", checkpoint_config("lora", 1, facts, config.to_dict(), modules=table), [state])
+    # The same without expert 3 (a model with all experts must refuse it, not adapt three).
+    table = {k: v for k, v in table.items() if ".local_experts.3." not in k}
+    state = {k: v for k, v in state.items() if ".local_experts.3." not in k}
+    write_checkpoint(root / "qwen_adapter_3", checkpoint_config("lora", 1, facts, config.to_dict(), modules=table), [state])
     return {k: str(v) for k, v in dirs.items()}, str(root / "qwen_adapter"), ids[0].tolist(), weights, \
         logits.detach()[0], grads, root
 
@@ -229,7 +233,7 @@ def _body(rank, world, dirs, qwen_adapter, prompt, weights, root):
     loaded, _ = load_hf_base(dirs["mixtral"])
     load_adapter(loaded, root / f"mixtral_{len(LAYOUTS) - 1}")
     out["last_loaded_logits"] = forward_logits(loaded, ids)[0]
-    out.update(_targets_and_refusals(dirs["qwen"]))
+    out.update(_targets_and_refusals(dirs["qwen"], qwen_adapter))
     return out
 
 
@@ -240,23 +244,30 @@ def _marks_follow_weights(model) -> bool:
 
     ok = True
     for _, layer in lora_layers(model):
+        marks = ("allreduce", "sequence_parallel") if layer.parallel_mode == "replicated" else ("allreduce",)
         for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]:
-            for mark in ("allreduce", "sequence_parallel"):
+            for mark in marks:
                 ok &= getattr(p, mark, None) == getattr(layer.weight, mark, None)
+            ok &= layer.parallel_mode != "replicated" or not getattr(p, "tensor_model_parallel", False)
     return ok
 
 
-def _targets_and_refusals(qwen_dir) -> dict:
+def _targets_and_refusals(qwen_dir, qwen_adapter) -> dict:
     """What "all-linear" adapts on layer 0 of an MoE model, and the refusals (at TP=1)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     from megatron_lora.config import LoraConfig
     from megatron_lora.hf.importer import load_hf_base
+    from megatron_lora.model.adapters import load_adapter
     from megatron_lora.model.gpt import build_gpt, gpt_config
     from megatron_lora.model.lora import apply_lora
 
     model, _ = load_hf_base(qwen_dir)
     errors = {}
+    try:
+        load_adapter(model, f"{qwen_adapter}_3")
+    except ValueError as e:
+        errors["missing_expert"] = str(e)
     refused = {
         "megatron_and_hf": LoraConfig(target_modules=["linear_fc1", "gate_proj"]),
         "module_and_parameter": LoraConfig(target_modules=["linear_fc2"], target_parameters=["down_proj"]),
@@ -318,6 +329,7 @@ def test_moe_lora_layouts_checkpoints_and_peft(moe_setup, tmp_path):
             assert seen == want["grads"].keys(), (name, layout, seen ^ want["grads"].keys())
     errors = ranks[0]["errors"]
     assert "names both" in errors["megatron_and_hf"]
+    assert "none for decoder.layers.0.mlp.experts.local_experts.3.linear_fc1" in errors["missing_expert"]
     assert "both target_modules and target_parameters" in errors["module_and_parameter"]
     assert "shared experts" in errors["shared_linear_fc1"] and "shared experts" in errors["shared_down_proj"]
     # "all-linear": the HF projections (per-projection LoRA) and, as in PEFT, the router.

@@ -9,7 +9,9 @@
 * Mixture of experts (Qwen3-MoE, Mixtral): HF ``{block}.gate`` <-> Megatron ``mlp.router``
   (replicated); HF expert e's gate/up/down <-> ``mlp.experts.local_experts.{local e}``'s
   ``linear_fc1`` ``[gate; up]`` / ``linear_fc2``, split like the dense MLP but over the
-  expert-TP group, each expert-parallel rank holding a contiguous range of experts.
+  expert-TP group, each expert-parallel rank holding a contiguous range of experts. LoRA
+  names them with GLOBAL expert indices (:class:`MoeModule`): Megatron names, HF names
+  (both model types' spellings) and PEFT's ``target_parameters`` keys of the fused experts.
 * LoRA factors: a column module keeps A replicated and B split by rows; a row module
   keeps A split by columns and B replicated. A per-projection segment's B is a contiguous
   row chunk of the PEFT B; a shared-A B is in the fused layout above.

@@ -213,6 +213,12 @@ def add_adapter_from_reader(
         if factor == "lora_A":
             a_keys.setdefault(module, []).append(key)
     sites = [s for s in iter_linear_sites(model) if s.global_name in a_keys]
+    # Every expert of an adapted expert module (a model holds them all, over its ranks).
+    adapted = {(s.moe.layer, s.moe.module) for s in sites if _is_expert(s)}
+    for s in iter_linear_sites(model):
+        if _is_expert(s) and (s.moe.layer, s.moe.module) in adapted and s.global_name not in a_keys:
+            raise ValueError(f"{source}: holds LoRA tensors for other experts of layer {s.moe.layer}'s "
+                             f"{s.moe.module} but none for {s.global_name}")
     # An expert's linear is split over the expert-TP group (its tp_group), any other over TP.
     specs = [(s, adapter_spec_for_keys(s, a_keys[s.global_name], reader, config, _group_rank_size(s.module)[1]))
              for s in sites]
