@@ -58,6 +58,7 @@ from megatron_lora.hf.layout import (
     ModelFacts,
     MoeModule,
     MoeNames,
+    expert_factor,
     fuse_experts,
     hf_module_name,
     moe_hf_name,
@@ -131,7 +132,7 @@ def _peft_module_key(module: str, factor: str) -> str:
 @dataclass(frozen=True)
 class _Source:
     """Where a checkpoint key's tensor is in the PEFT file: tensor ``key`` whole, or (fused
-    experts) expert ``expert`` of ``experts`` (:func:`layout.expert_factors`)."""
+    experts) expert ``expert`` of ``experts`` (:func:`layout.expert_factor`)."""
 
     key: str
     #: The name PEFT matches the tensor's module or parameter under.
@@ -164,6 +165,7 @@ class PeftReader:
         self.path = self.directory / WEIGHTS_NAME
         self._file = open_safetensors(self.path)
         self._sources: dict[str, _Source] = {}
+        self._cached: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)  # the last fused tensor read
         fused: dict[int, dict[int, dict[str, str]]] = {}  # layer -> nesting depth -> factor -> PEFT key
         per_expert = False
         for pk in self._file.keys():
@@ -302,12 +304,7 @@ class PeftReader:
         src = self._sources[key]
         if src.expert is None:
             return self._read(key, lambda s: s[:])
-        a_or_b = split_key(key)[1]
-        whole = self._read_cached(src.key)
-        if a_or_b == "lora_A":
-            r = whole.shape[0] // src.experts
-            return whole[src.expert * r:(src.expert + 1) * r].contiguous()
-        return whole[:, src.expert::src.experts].contiguous()
+        return expert_factor(self._read_cached(src.key), split_key(key)[1], src.experts, src.expert)
 
     def local(self, key: str, tp_rank: int, tp_size: int) -> torch.Tensor:
         dim, blocks = key_split(self.modules, key)
@@ -329,7 +326,7 @@ class PeftReader:
 
     def _read_cached(self, pk: str) -> torch.Tensor:
         # A fused tensor is read once for its experts' keys (converters read them one by one).
-        if getattr(self, "_cached", (None,))[0] != pk:
+        if self._cached[0] != pk:
             try:
                 self._cached = (pk, self._file.get_tensor(pk))
             except SafetensorError as e:

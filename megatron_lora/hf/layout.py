@@ -662,10 +662,13 @@ def fuse_experts(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
     return a, b.reshape(b.shape[0], -1)
 
 
-def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert ``expert``'s (A_e, B_e) of PEFT's fused factors (inverse of :func:`fuse_experts`)."""
-    r = a.shape[0] // experts
-    return a[expert * r:(expert + 1) * r].contiguous(), b[:, expert::experts].contiguous()
+def expert_factor(t: torch.Tensor, factor: str, experts: int, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s A (``factor`` lora_A) or B of a fused factor ``t`` (inverse of
+    :func:`fuse_experts`)."""
+    if factor == "lora_A":
+        r = t.shape[0] // experts
+        return t[expert * r:(expert + 1) * r].contiguous()
+    return t[:, expert::experts].contiguous()
 
 
 def stack_lora(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
