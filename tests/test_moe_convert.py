@@ -7,7 +7,10 @@
   per-expert factors (scalings the test chose) gives the logits of HF + the PEFT adapter, and
   PEFT's own per-expert delta equals ours.
 * Round trips are bit-exact: each layout through our checkpoint at TP=1 and TP=2 and back, and
-  across layouts (per-expert -> fused -> per-expert, fused -> per-expert -> fused).
+  across layouts (per-expert -> fused -> per-expert, fused -> per-expert -> fused); and through
+  models at EP=2 and at expert TP=2 (load, save, export).
+* Those models, and generate.py under torchrun, give HF + PEFT's logits and greedy tokens on a
+  prompt without router near-ties.
 
 Tolerance for logits (fp32): max |diff| <= 1e-5 x max |logit|.
 """
@@ -99,10 +102,10 @@ def moe(tmp_path_factory):
         hf = _perturbed(hf)
         d = root / name
         hf.save_pretrained(d / "base")
+        facts = base_facts(d / "base")
         _save_fused(hf, d / "fused")
-        layers = [i for i in range(COMMON["num_hidden_layers"]) if i not in (hf.config.to_dict().get("mlp_only_layers") or [])]
-        _save_per_expert(name, layers, d / "per_expert")
-        out[name] = dict(dir=d, hf=hf, facts=base_facts(d / "base"), names=base_expert_names(d / "base"))
+        _save_per_expert(name, list(facts.moe.layers), d / "per_expert")
+        out[name] = dict(dir=d, hf=hf, facts=facts, names=base_expert_names(d / "base"))
     return out
 
 
