@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_lora.formats.detect import Format
+from megatron_lora.hf.layout import MOE_LAYOUTS
 
 #: --verify tolerance: max |logit diff| <= VERIFY_TOL x max |logit| (fp32).
 VERIFY_TOL = 1e-5
@@ -45,7 +46,7 @@ def verify(hf_dir: str | Path, peft_dir: str | Path, megatron_dir: str | Path, s
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from megatron_lora.formats.convert import base_facts, convert
+    from megatron_lora.formats.convert import base_expert_names, base_facts, convert
     from megatron_lora.formats.detect import detect
     from megatron_lora.formats.xlora import read_xlora
 
@@ -58,14 +59,19 @@ def _run_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"--verify runs LoRA adapters only; {args.src} is an X-LoRA directory")
     if args.confine_experts and not xlora:
         raise ValueError(f"--confine-experts applies to X-LoRA directories; {args.src} is not one")
+    if args.moe_layout != "fused" and args.to != "peft":
+        raise ValueError(f"--moe-layout {args.moe_layout} applies to PEFT outputs (--to peft)")
+    if args.moe_layout == "per-expert" and args.base is None:
+        raise ValueError("--moe-layout per-expert needs --base (the model type names the expert modules)")
     facts = base_facts(args.base) if args.base else None
+    expert_names = base_expert_names(args.base) if args.base else None
     check = None
     if args.verify:
         check = lambda tmp: _verify_output(args, source_format, tmp)  # noqa: E731
     if xlora:
         _print_expert_origins(args.src, read_xlora(args.src, args.confine_experts).experts, args.dst)
     convert(args.src, args.dst, args.to, facts=facts, tp=args.tp, overwrite=args.overwrite, check=check,
-            confine_experts=args.confine_experts)
+            confine_experts=args.confine_experts, moe_layout=args.moe_layout, expert_names=expert_names)
     print(f"wrote {args.dst}", file=sys.stderr)
     return 0
 
@@ -121,6 +127,11 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
                    help="run HF + PEFT and the megatron-lora model (TP=1, fp32) on one prompt before DST "
                    "is put in place; nothing is written if the logits differ by more than 1e-5 x the "
                    "logit scale (needs peft)")
+    p.add_argument("--moe-layout", choices=MOE_LAYOUTS, default="fused",
+                   help="PEFT output of a mixture of experts' expert and router LoRAs: 'fused' (default): "
+                   "transformers 5's fused experts through target_parameters (needs lora_dropout 0); "
+                   "'per-expert': transformers 4's modules experts.E.gate_proj|up_proj|down_proj (Mixtral: "
+                   "w1|w3|w2) and gate (needs --base). A PEFT SRC may hold either")
     _add_confine_experts(p)
     p.set_defaults(func=_run_convert)
 
@@ -143,12 +154,20 @@ def _run_inspect(args: argparse.Namespace) -> int:
         return _print_xlora(info)
     print(f"format:       {info['format']}" + (f" (version {info['version']})" if info["version"] else ""))
     print(f"tp size:      {info['tp_size']}")
-    print(f"modules:      {info['modules']['column']} column-parallel, {info['modules']['row']} row-parallel")
+    print(f"modules:      {info['modules']['column']} column-parallel, {info['modules']['row']} row-parallel, "
+          f"{info['modules']['replicated']} replicated")
     print(f"targets:      {info['target_modules']}")
+    if info["target_parameters"]:
+        print(f"target params: {info['target_parameters']}")
     print(f"use_rslora:   {info['use_rslora']}")
     print(f"use_dora:     {info['use_dora']}" + (" (a magnitude per segment row)" if info["use_dora"] else ""))
     print(f"parameters:   {info['parameters']:,}")
     _print_segments(info["segments"])
+    if info["experts"]:
+        print("experts:" + (f"      {info['moe_layout']} layout (PEFT)" if info["moe_layout"] else ""))
+    for seg, v in info["experts"].items():
+        where = "; ".join(f"layer {i}" + (f" experts {_ranges(e)}" if e else "") for i, e in v["layers"].items())
+        print(f"  {seg:<12} {where}  r {v['r']}  lora_alpha {v['lora_alpha']}")
     return 0
 
 

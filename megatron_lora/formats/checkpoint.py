@@ -69,11 +69,14 @@ from megatron_lora.hf.layout import (
     EMBEDDING,
     EMBEDDING_PATH,
     OUTPUT_LAYER,
+    ROUTER,
     ModelFacts,
     factor_dim,
     factor_split,
     hf_module_name,
     megatron_module_name,
+    moe_factor_split,
+    moe_modules,
     module_style,
     padded_vocab_size,
     parse_moe_module,
@@ -145,13 +148,18 @@ def make_key(layer: int, module: str, factor: str, segment: str) -> str:
 
 
 def layout_module_table(keys: Iterable[str], facts: Optional[ModelFacts]) -> ModuleTable:
-    """The ``modules`` table of keys of the LLaMA-family layout (a version-1 checkpoint, a
-    PEFT adapter)."""
+    """The ``modules`` table of keys of the LLaMA-family layout and of experts and routers (a
+    version-1 checkpoint, a PEFT adapter)."""
     table: ModuleTable = {}
     for key in keys:
-        layer, module, _, seg = parse_key(key)
-        entry = table.setdefault(megatron_module_name(layer, module), {"parallel": module_style(module), "segments": {}})
-        entry["segments"][seg] = {"blocks": factor_split(module, "lora_B", seg, facts)[1]}
+        name, _, seg = split_key(key)
+        moe = parse_moe_module(name)
+        if moe is not None:
+            style, blocks = "replicated" if moe.module == ROUTER else module_style(moe.module), moe_factor_split(moe, "lora_B", seg)[1]
+        else:
+            layer, module, _, seg = parse_key(key)
+            style, blocks = module_style(module), factor_split(module, "lora_B", seg, facts)[1]
+        table.setdefault(name, {"parallel": style, "segments": {}})["segments"][seg] = {"blocks": blocks}
     return table
 
 
@@ -216,12 +224,22 @@ def local_part(full: torch.Tensor, dim: int, blocks: int, tp_rank: int, tp: int,
 
 def adapted_name(key: str) -> str:
     """The name matching and rank_pattern / alpha_pattern see for the segment of ``key``: the
-    HF name of a projection segment, else the module's own name."""
+    HF name of a projection segment, else the module's own name (MoE modules:
+    :func:`segment_name`)."""
     module, _, seg = split_key(key)
     known = layout_module(module)
     if known is not None and seg != known[1]:
         return hf_module_name(known[0], seg)
     return module
+
+
+def segment_name(config: LoraConfig, key: str) -> Optional[str]:
+    """The name the segment of ``key`` is adapted under by ``config`` (its rank_pattern /
+    alpha_pattern key matches it): ``LoraConfig.moe_segment_name`` for an expert or router
+    (None: not adapted), else :func:`adapted_name`."""
+    module, _, seg = split_key(key)
+    moe = parse_moe_module(module)
+    return config.moe_segment_name(moe, seg) if moe is not None else adapted_name(key)
 
 
 def read_config(directory: str | Path) -> dict:
@@ -263,29 +281,30 @@ def check_against_config(keys: Iterable[str], rank_of: Callable[[str], int], con
                          facts: Optional[ModelFacts] = None) -> None:
     """Refuse tensors that PEFT would not load or apply as the config says.
 
-    Each adapted module (HF name of a per-projection segment, else the module's own name)
-    must be one the config's targets adapt, and its rank (``rank_of`` its lora_A key) must
-    be its effective rank (``rank_pattern``, then ``r``, whose default is PEFT's 8). With
-    ``facts``, every module of the LLaMA-family layout the config adapts must have tensors.
+    Each adapted segment (under :func:`segment_name`) must be one the config's targets adapt,
+    and its rank (``rank_of`` its lora_A key) must be its effective rank (``rank_pattern``,
+    then ``r``, whose default is PEFT's 8). With ``facts``, every module of the LLaMA-family
+    layout the config adapts must have tensors, and so must every expert module and router
+    (one segment suffices: shared A or per projection).
     """
-    adapted, moe_layers = set(), set()
+    adapted, modules, moe_layers = set(), set(), set(facts.moe.layers if facts is not None and facts.moe else ())
     for key in keys:
         module, factor, seg = split_key(key)
         if factor != "lora_A":
             continue
         moe = parse_moe_module(module)
+        name = segment_name(config, key)
         if moe is not None:
             moe_layers.add(moe.layer)
-            name = config.moe_segment_name(moe, seg)
             ok = name is not None
         else:
-            name = adapted_name(key)
             ok = config.matches(name, any_linear=layout_module(module) is None)
         if not ok:
             name = name or f"segment {seg} of {module}"
             raise ValueError(
                 f"{source}: holds tensors for {name}, which the config does not adapt (target_modules="
-                f"{config.target_modules!r}, target_parameters={config.target_parameters!r}, layers_to_transform={config.layers_to_transform!r}, "
+                f"{config.target_modules!r}, target_parameters={config.target_parameters!r}, "
+                f"layers_to_transform={config.layers_to_transform!r}, "
                 f"exclude_modules={config.exclude_modules!r}): PEFT would not apply them"
             )
         r, want = rank_of(key), config.rank_alpha(name)[0]
@@ -293,6 +312,7 @@ def check_against_config(keys: Iterable[str], rank_of: Callable[[str], int], con
             raise ValueError(f"{source}: {name} has rank {r}, but the config gives it r={want} "
                              "(rank_pattern, then r): its scaling would be wrong")
         adapted.add(name)
+        modules.add(module)
     if not adapted:
         raise ValueError(f"{source} holds no LoRA tensors")
     if facts is None:
@@ -305,6 +325,9 @@ def check_against_config(keys: Iterable[str], rank_of: Callable[[str], int], con
         names = [megatron_module_name(layer, module)] + [hf_module_name(layer, p) for p in facts.projections(module)]
         expected.update(n for n in names if config.matches(n, layer))
     missing = sorted(expected - adapted)
+    for layer in sorted(facts.moe.layers) if facts.moe is not None else ():
+        missing += [m.name for m in moe_modules(layer, facts.moe.num_experts) if m.name not in modules
+                    and any(config.moe_segment_name(m, s) for s in (m.module, *m.projections()))]
     if missing:
         raise ValueError(f"{source}: the config adapts {missing[:3]}{' ...' if len(missing) > 3 else ''} "
                          f"but no tensors for {'them' if len(missing) > 1 else 'it'} are present")
@@ -363,7 +386,17 @@ class ShardReader:
             # A magnitude has one entry per row of B, split like B.
             want = list(self.shape(key)) if factor != "lora_magnitude_vector" else [b_shape[0]]
             known = layout_module(module) if facts is not None else None
-            if known is not None:
+            moe = parse_moe_module(module) if facts is not None else None
+            if moe is not None:
+                if facts.moe is None or moe.layer not in facts.moe.layers or (moe.expert or 0) >= facts.moe.num_experts:
+                    raise ValueError(f"{self.directory}: {key}: the model facts have no such expert or router")
+                if seg not in (moe.module, *moe.projections(facts.gated_linear_unit)):
+                    raise ValueError(f"{self.directory}: {key}: segment {seg!r} does not belong to {moe.module}")
+                fan_in, fan_out = facts.moe.segment_shape(seg, facts.hidden_size)
+                full = [a_shape[0], fan_in] if factor == "lora_A" else [fan_out, a_shape[0]]
+                want = local_shape(full, key_split(self.modules, key)[0], tp, None)
+                known = moe
+            elif known is not None:
                 layer, kind = known
                 if layer is not None and layer >= facts.num_layers:
                     raise ValueError(f"{self.directory}: {key} is beyond the model's {facts.num_layers} layers")

@@ -24,10 +24,10 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from megatron_lora.formats.checkpoint import adapted_name, layout_module, shard_file, split_key, write_config
+from megatron_lora.formats.checkpoint import layout_module, segment_name, shard_file, split_key, write_config
 from megatron_lora.errors import check_positive_int
 from megatron_lora.hf.importer import hf_model_facts, read_hf_config
-from megatron_lora.hf.layout import HF_PROJECTIONS, ModelFacts
+from megatron_lora.hf.layout import HF_PROJECTIONS, MOE_HF_NAMES, ModelFacts, MoeNames, parse_moe_module
 from megatron_lora.formats.detect import Format, detect
 from megatron_lora.formats.outputs import atomic_directory, check_destination
 from megatron_lora.formats.peft import (
@@ -53,6 +53,11 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 def base_facts(hf_dir: str | Path) -> ModelFacts:
     """Model facts of an HF model directory (reads config.json only)."""
     return hf_model_facts(read_hf_config(hf_dir))
+
+
+def base_expert_names(hf_dir: str | Path) -> Optional[MoeNames]:
+    """transformers 4's expert module names of an HF mixture of experts (None: dense model)."""
+    return MOE_HF_NAMES.get(read_hf_config(hf_dir).get("model_type"))
 
 
 def write_safetensors(path: Path, plans: list[TensorPlan], bar: Optional[tqdm] = None) -> None:
@@ -91,6 +96,8 @@ def convert(
     progress: bool = True,
     check: Optional[Callable[[Path], None]] = None,
     confine_experts: bool = False,
+    moe_layout: str = "fused",
+    expert_names: Optional[MoeNames] = None,
 ) -> Path:
     """Convert the adapter in ``src`` (PEFT or megatron-lora, detected) into ``dst``.
 
@@ -103,6 +110,11 @@ def convert(
     An X-LoRA ``src`` becomes our X-LoRA checkpoint (``to="megatron"``, experts as
     sub-checkpoints) or the intended PEFT X-LoRA layout (``to="peft"``, from any layout);
     ``confine_experts`` refuses experts outside ``src``.
+
+    A mixture of experts' expert and router LoRAs go to PEFT in ``moe_layout``
+    (``layout.MOE_LAYOUTS``): transformers 5's fused ``target_parameters`` (default) or
+    transformers 4's per-expert modules named by ``expert_names`` (:func:`base_expert_names`).
+    A PEFT source may hold either.
     """
     if to not in ("peft", "megatron"):
         raise ValueError(f"to={to!r}: expected 'peft' or 'megatron'")
@@ -127,7 +139,7 @@ def convert(
         ckpt_config, ranks = megatron_plan(reader, config, facts, tp)
         files = [(j, plans) for j, plans in enumerate(ranks)]
     else:
-        peft_config, plans = peft_plan(reader, config)
+        peft_config, plans = peft_plan(reader, config, moe_layout, expert_names)
         files = [(None, plans)]
     with atomic_directory(dst, overwrite) as tmp:
         with tqdm(total=sum(len(p) for _, p in files), desc=f"{Path(src).name} -> {to}", unit="tensor",
@@ -155,7 +167,9 @@ def _convert_xlora(
 
 def describe(directory: str | Path, confine_experts: bool = False) -> dict:
     """Format, kind, checkpoint version (None for PEFT), TP size, adapted modules by parallel
-    style, targets, per-segment layers, ranks and alphas, and parameter count.
+    style, targets, per-segment layers, ranks and alphas, and parameter count. Mixture-of-
+    experts LoRAs are listed apart (``experts``: per segment, layer -> adapted experts, ranks
+    and alphas; a PEFT source's ``moe_layout``).
 
     For an X-LoRA directory: its layout, the classifier's options and shapes,
     n_layers x n_experts, each expert's description and where it lives (``path``, resolved;
@@ -167,11 +181,19 @@ def describe(directory: str | Path, confine_experts: bool = False) -> dict:
         return _describe_xlora(directory, confine_experts)
     reader, config = open_adapter(directory)
     segments: dict[str, dict] = {}
+    experts: dict[str, dict] = {}
     params = 0
     for key in reader.keys():
         params += math.prod(reader.full_shape(key))
         module, factor, seg = split_key(key)
         if factor != "lora_A":
+            continue
+        moe = parse_moe_module(module)
+        if moe is not None:  # per segment: layer -> adapted experts (the router: none)
+            info = experts.setdefault(seg, {"layers": {}, "r": set(), "lora_alpha": set()})
+            info["layers"].setdefault(moe.layer, []).extend([] if moe.expert is None else [moe.expert])
+            info["r"].add(reader.full_shape(key)[0])
+            info["lora_alpha"].add(config.rank_alpha(segment_name(config, key))[1])
             continue
         known = layout_module(module)
         layer = known[0] if known is not None else config.layer_index(module)
@@ -179,7 +201,7 @@ def describe(directory: str | Path, confine_experts: bool = False) -> dict:
         if layer is not None:
             info["layers"].append(layer)
         info["r"].add(reader.full_shape(key)[0])
-        info["lora_alpha"].add(config.rank_alpha(adapted_name(key))[1])
+        info["lora_alpha"].add(config.rank_alpha(segment_name(config, key))[1])
     styles = [m["parallel"] for m in reader.modules.values()]
     order = {s: i for i, s in enumerate(HF_PROJECTIONS)}
     return {
@@ -187,13 +209,20 @@ def describe(directory: str | Path, confine_experts: bool = False) -> dict:
         "kind": "lora",
         "version": getattr(reader, "config", {}).get("version"),
         "tp_size": reader.saved_tp,
-        "modules": {"column": styles.count("column"), "row": styles.count("row")},
+        "modules": {"column": styles.count("column"), "row": styles.count("row"), "replicated": styles.count("replicated")},
+        "moe_layout": getattr(reader, "moe_layout", None),
         "target_modules": config.target_modules,
+        "target_parameters": config.target_parameters,
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
         "segments": {
             s: {"layers": sorted(v["layers"]), "r": sorted(v["r"]), "lora_alpha": sorted(v["lora_alpha"])}
             for s, v in sorted(segments.items(), key=lambda kv: order.get(kv[0], len(order)))
+        },
+        "experts": {
+            s: {"layers": {i: sorted(e) for i, e in sorted(v["layers"].items())}, "r": sorted(v["r"]),
+                "lora_alpha": sorted(v["lora_alpha"])}
+            for s, v in experts.items()
         },
         "parameters": params,
     }

@@ -16,6 +16,7 @@ disk tensor by tensor while the in-memory functions here simply read them all.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,6 @@ from safetensors import SafetensorError
 
 from megatron_lora.formats.checkpoint import (
     ShardReader,
-    adapted_name,
     check_against_config,
     checkpoint_config,
     key_split,
@@ -36,8 +36,9 @@ from megatron_lora.formats.checkpoint import (
     local_shape,
     layout_module_table,
     make_key,
-    parse_key,
     segment_factors,
+    module_key,
+    segment_name,
     split_key,
 )
 from megatron_lora.config import LoraConfig
@@ -45,14 +46,31 @@ from megatron_lora.formats.detect import CONFIG_NAME, Format, detect_lora
 from megatron_lora.formats.files import open_safetensors, read_json
 from megatron_lora.hf.layout import (
     EMBED_TOKENS,
+    EXPERT_MODULES,
+    EXPERT_PROJECTIONS,
+    FUSED_EXPERTS,
     HF_PROJECTIONS,
+    LAYER_INDEX,
     LM_HEAD,
+    MOE_LAYOUTS,
+    MOE_PARAMETERS,
     PEFT_PREFIX,
     PROJECTION,
+    ROUTER,
     ModelFacts,
+    MoeModule,
+    MoeNames,
+    expert_factor,
+    fuse_experts,
     hf_module_name,
+    moe_hf_name,
     parse_hf_module_name,
+    parse_moe_hf_name,
+    parse_moe_module,
+    peft_module_names,
+    split_block_diagonal,
     split_shared_b,
+    stack_lora,
 )
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -76,15 +94,27 @@ class TensorPlan:
 
 
 def read_peft_config(directory: str | Path) -> LoraConfig:
-    """The LoraConfig of a PEFT LoRA directory; options we cannot represent are refused by name."""
+    """The LoraConfig of a PEFT LoRA directory; options we cannot represent are refused by
+    name, and so is what PEFT refuses on ``target_parameters``."""
     path = Path(directory) / CONFIG_NAME
     d = read_json(path)
     if d.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type={d.get('peft_type')!r} is not a LoRA adapter (expected 'LORA')")
     try:
-        return LoraConfig.from_dict(d)
+        config = LoraConfig.from_dict(d)
     except (ValueError, TypeError) as e:  # TypeError: a field of the wrong type
         raise ValueError(f"{path}: {e}") from None
+    if config.target_parameters:
+        check_target_parameters_config(config, str(path))
+    return config
+
+
+def check_target_parameters_config(config: LoraConfig, where: str) -> None:
+    """Refuse what PEFT refuses on ``target_parameters`` (its ParamWrapper): DoRA (which
+    LoraConfig refuses anyway) and a dropout other than 0."""
+    if config.lora_dropout:
+        raise ValueError(f"{where}: lora_dropout={config.lora_dropout} with target_parameters: PEFT's "
+                         "target_parameters (fused experts) take no dropout (only 0)")
 
 
 def peft_key(layer: Optional[int], proj: str, factor: str) -> str:
@@ -97,7 +127,23 @@ def peft_key(layer: Optional[int], proj: str, factor: str) -> str:
     return f"{PEFT_PREFIX}{hf_module_name(layer, proj)}.{factor}.weight"
 
 
+def _peft_module_key(module: str, factor: str) -> str:
+    return f"{PEFT_PREFIX}{module}.{factor}.weight"
+
+
 # -- reading PEFT files as checkpoint keys ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a checkpoint key's tensor is in the PEFT file: tensor ``key`` whole, or (fused
+    experts) expert ``expert`` of ``experts`` (:func:`layout.expert_factor`)."""
+
+    key: str
+    #: The name PEFT matches the tensor's module or parameter under.
+    name: str
+    expert: Optional[int] = None
+    experts: int = 1
 
 
 class PeftReader:
@@ -106,6 +152,12 @@ class PeftReader:
     An :class:`~megatron_lora.formats.detect.AdapterReader`, like
     :class:`~megatron_lora.formats.checkpoint.ShardReader`. With ``facts`` every tensor is checked against the
     base model's projection shapes; ``local`` reads only the rows or columns a rank holds.
+
+    Mixture-of-experts adapters come in two layouts (``moe_layout``): ``"per-expert"``
+    (transformers 4's modules ``{block}.experts.{e}.{proj}`` and ``{block}.gate``) and
+    ``"fused"`` (transformers 5's parameters through ``target_parameters``: one LoRA per
+    ``mlp.experts.gate_up_proj`` / ``down_proj`` over all experts, ``mlp.gate.weight``). Both
+    become per-expert keys of ours; the config is PEFT's, which matches them as it is.
     """
 
     #: PEFT files hold the whole (TP=1) tensors.
@@ -117,56 +169,130 @@ class PeftReader:
         self.facts = facts
         self.path = self.directory / WEIGHTS_NAME
         self._file = open_safetensors(self.path)
-        self._peft_keys: dict[str, str] = {}
+        self._sources: dict[str, _Source] = {}
+        self._cached: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)  # the last fused tensor read
+        fused: dict[int, dict[int, dict[str, str]]] = {}  # layer -> nesting depth -> factor -> PEFT key
+        per_expert = False
         for pk in self._file.keys():
             m = _PEFT_KEY.fullmatch(pk)
             if m is None:
                 raise ValueError(
-                    f"{self.path}: tensor {pk!r} is not a LoRA factor or DoRA magnitude of a linear "
-                    "projection or the embedding (LoRA biases and modules_to_save are not supported)"
+                    f"{self.path}: tensor {pk!r} is not a LoRA factor or DoRA magnitude of a linear projection, "
+                    "an expert or the embedding (LoRA biases and modules_to_save are not supported)"
                 )
+            factor = m["factor"] or m["magnitude"] or f"lora_{m['efactor']}"
+            moe, nested = parse_moe_hf_name(m["module"]), _FUSED_MODULE.fullmatch(m["module"])
+            if moe is not None or nested is not None:
+                if m["magnitude"]:
+                    raise ValueError(f"{self.path}: tensor {pk!r}: DoRA on MoE experts and the router is not supported")
+                if m["efactor"]:
+                    raise ValueError(f"{self.path}: tensor {pk!r}: PEFT names it {_peft_module_key(m['module'], factor)!r}")
+                if nested is not None:
+                    fused.setdefault(int(nested["layer"]), {}).setdefault(nested["nest"].count("."), {})[factor] = pk
+                    continue
+                module, seg = moe
+                per_expert |= module.module != ROUTER
+                self._add(module_key(module.name, factor, seg), _Source(pk, m["module"]))
+                continue
             try:
                 layer, proj = parse_hf_module_name(m["module"])
             except ValueError as e:
-                raise ValueError(f"{self.path}: tensor {pk!r}: {e}") from None
-            factor = m["factor"] or m["magnitude"] or f"lora_{m['efactor']}"
+                raise ValueError(f"{self.path}: tensor {pk!r}: {e} (or an expert: model.layers.N.mlp.experts, "
+                                 "model.layers.N.{mlp|block_sparse_moe}.experts.E.PROJ, ...gate)") from None
             if peft_key(layer, proj, factor) != pk:  # lora_embedding_* on the embedding only
                 raise ValueError(f"{self.path}: tensor {pk!r}: PEFT names it {peft_key(layer, proj, factor)!r}")
-            key = make_key(layer, PROJECTION[proj][1], factor, proj)
-            if key in self._peft_keys:
-                raise ValueError(f"{self.path}: tensors {self._peft_keys[key]!r} and {pk!r} name the same module")
-            self._peft_keys[key] = pk
+            self._add(make_key(layer, PROJECTION[proj][1], factor, proj), _Source(pk, hf_module_name(layer, proj)))
+        if fused and per_expert:
+            raise ValueError(f"{self.path}: holds both fused (transformers 5) and per-expert (transformers 4) expert tensors")
+        #: PEFT's layout of the experts (None: no expert is adapted).
+        self.moe_layout = "fused" if fused else "per-expert" if per_expert else None
+        for layer, depths in sorted(fused.items()):
+            self._add_fused(layer, depths)
         self._check()
         self.modules = layout_module_table(self.keys(), facts)
         check_against_config(self.keys(), lambda k: self.shape(k)[0], self.lora_config, str(self.path), facts)
 
+    def _add(self, key: str, source: _Source) -> None:
+        if key in self._sources:
+            raise ValueError(f"{self.path}: tensors {self._sources[key].key!r} and {source.key!r} name the same module")
+        self._sources[key] = source
+
+    def _add_fused(self, layer: int, depths: dict[int, dict[str, str]]) -> None:
+        """Per-expert keys of layer ``layer``'s fused expert tensors: which parameter each
+        nesting depth adapts follows from ``target_parameters`` (PEFT wraps the targeted
+        parameters of a module in the order the module defines them, the first innermost)
+        and is checked against the shapes."""
+        params = {m: MoeModule(layer, 0, m).parameter for m in EXPERT_MODULES}
+        targeted = [m for m in EXPERT_MODULES if self.lora_config.matches_parameter(params[m])]
+        where = f"{self.path}: {PEFT_PREFIX}model.layers.{layer}.{FUSED_EXPERTS}"
+        if sorted(depths) != list(range(len(targeted))):
+            raise ValueError(f"{where}: {len(depths)} nested LoRA(s) (.base_layer depths {sorted(depths)}), but "
+                             f"target_parameters={self.lora_config.target_parameters!r} adapt "
+                             f"{[params[m] for m in targeted] or 'none'} of its parameters")
+        found = {}
+        for i, module in enumerate(targeted):
+            pks = depths[len(targeted) - 1 - i]
+            if set(pks) != {"lora_A", "lora_B"}:
+                raise ValueError(f"{where}: the LoRA of {params[module]} lacks {({'lora_A', 'lora_B'} - set(pks)).pop()}")
+            a, b = (list(self._file.get_slice(pks[f]).get_shape()) for f in ("lora_A", "lora_B"))
+            r = self.lora_config.rank_alpha(params[module])[0]
+            if len(a) != 2 or len(b) != 2 or a[0] != b[1] or a[0] % r:
+                raise ValueError(f"{where}: {params[module]}: lora_A {a} and lora_B {b} are not a LoRA of rank {r} "
+                                 "(its effective rank) per expert")
+            found[module] = (pks, a, b, a[0] // r)
+        if self.facts is not None and self.facts.moe is not None:
+            moe, h = self.facts.moe, self.facts.hidden_size
+            for module, (_, a, b, experts) in found.items():
+                fan_in, fan_out = moe.segment_shape(module, h)
+                if (a[1], b[0], experts) != (fan_in, fan_out, moe.num_experts):
+                    raise ValueError(f"{where}: adapter made for another base: {params[module]} has lora_A {a} / "
+                                     f"lora_B {b}; the base's {moe.num_experts} experts need [E x r, {fan_in}] / "
+                                     f"[{fan_out}, E x r]")
+        elif len(found) == 2:  # no facts: the two parameters must at least agree with each other
+            (_, a1, b1, e1), (_, a2, b2, e2) = found["linear_fc1"], found["linear_fc2"]
+            if e1 != e2 or a1[1] != b2[0] or b1[0] != 2 * a2[1]:
+                raise ValueError(f"{where}: gate_up_proj (lora_A {a1}, lora_B {b1}) and down_proj (lora_A {a2}, "
+                                 f"lora_B {b2}) do not fit one set of experts")
+        for module, (pks, _, _, experts) in found.items():
+            for e in range(experts):
+                for factor, pk in pks.items():
+                    self._add(module_key(MoeModule(layer, e, module).name, factor, module), _Source(pk, params[module], e, experts))
+
     def _check(self) -> None:
         dora = self.lora_config.use_dora
         for key in self.keys():
-            layer, module, factor, proj = parse_key(key)
+            module, factor, seg = split_key(key)
             # Every module has A, B and, exactly when use_dora, a magnitude.
-            for other in (make_key(layer, module, f, proj) for f in segment_factors(dora)):
-                if other not in self._peft_keys:
-                    raise ValueError(f"{self.path}: {self._peft_keys[key]!r} has no matching {other.split('.')[-2]}"
+            for other in (module_key(module, f, seg) for f in segment_factors(dora)):
+                if other not in self._sources:
+                    raise ValueError(f"{self.path}: {self._sources[key].key!r} has no matching {other.split('.')[-2]}"
                                      f"{' (use_dora is true)' if dora else ''}")
+            name, b_key = self._sources[key].name, module_key(module, "lora_B", seg)
             if factor == "lora_magnitude_vector" and not dora:
-                raise ValueError(f"{self.path}: {self._peft_keys[key]!r} is a DoRA magnitude, but use_dora is false")
+                raise ValueError(f"{self.path}: {self._sources[key].key!r} is a DoRA magnitude, but use_dora is false")
             if factor == "lora_magnitude_vector":
-                m, b = self.shape(key), self.shape(make_key(layer, module, "lora_B", proj))
+                m, b = self.shape(key), self.shape(b_key)
                 if len(m) != 1 or len(b) != 2 or m[0] != b[0]:
-                    raise ValueError(f"{self.path}: {hf_module_name(layer, proj)}: lora_magnitude_vector {m} does "
+                    raise ValueError(f"{self.path}: {name}: lora_magnitude_vector {m} does "
                                      f"not match lora_B {b} (one entry per row of B)")
-            if factor != "lora_A":
+            if factor != "lora_A" or self._sources[key].expert is not None:  # fused: checked as a whole
                 continue
-            a, b = self.shape(key), self.shape(make_key(layer, module, "lora_B", proj))
-            name = hf_module_name(layer, proj)
+            a, b = self.shape(key), self.shape(b_key)
             if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
                 raise ValueError(f"{self.path}: {name}: lora_A {a} and lora_B {b} do not form a LoRA")
             if self.facts is None:
                 continue
-            if layer is not None and layer >= self.facts.num_layers:
-                raise ValueError(f"{self.path}: {name} is beyond the base model's {self.facts.num_layers} layers")
-            fan_in, fan_out = self.facts.projection_shape(proj)
+            moe = parse_moe_module(module)
+            if moe is not None:
+                facts = self.facts.moe
+                if facts is None or moe.layer not in facts.layers or (moe.expert or 0) >= facts.num_experts:
+                    raise ValueError(f"{self.path}: adapter made for another base: the base model has no {name}")
+                fan_in, fan_out = facts.segment_shape(seg, self.facts.hidden_size)
+            else:
+                layer, _ = layout_module(module)
+                if layer is not None and layer >= self.facts.num_layers:
+                    raise ValueError(f"{self.path}: {name} is beyond the base model's {self.facts.num_layers} layers")
+                fan_in, fan_out = self.facts.projection_shape(seg)
             if a[1] != fan_in or b[0] != fan_out:
                 raise ValueError(
                     f"{self.path}: adapter made for another base: {name} has lora_A {a} / lora_B {b}, "
@@ -174,38 +300,59 @@ class PeftReader:
                 )
 
     def keys(self) -> list[str]:
-        return sorted(self._peft_keys)
+        return sorted(self._sources)
 
     def peft_key(self, key: str) -> str:
-        return self._peft_keys[key]
+        return self._sources[key].key
 
     def shape(self, key: str) -> list[int]:
-        return list(self._file.get_slice(self._peft_keys[key]).get_shape())
+        src = self._sources[key]
+        shape = list(self._file.get_slice(src.key).get_shape())
+        if src.expert is not None:
+            shape[0 if split_key(key)[1] == "lora_A" else 1] //= src.experts
+        return shape
 
     full_shape = shape
 
     def dtype(self, key: str) -> str:
-        return self._file.get_slice(self._peft_keys[key]).get_dtype()
+        return self._file.get_slice(self._sources[key].key).get_dtype()
 
     def full(self, key: str) -> torch.Tensor:
-        return self._read(key, lambda s: s[:])
+        src = self._sources[key]
+        if src.expert is None:
+            return self._read(key, lambda s: s[:])
+        return expert_factor(self._read_cached(src.key), split_key(key)[1], src.experts, src.expert)
 
     def local(self, key: str, tp_rank: int, tp_size: int) -> torch.Tensor:
         dim, blocks = key_split(self.modules, key)
         if dim is None:
             return self.full(key)
         rows = key_vocab_rows(key, self.facts)
-        if rows is not None:  # padded vocabulary rows
+        if rows is not None or blocks > 1 or self._sources[key].expert is not None:
             return local_part(self.full(key), dim, blocks, tp_rank, tp_size, rows)
         n = self.shape(key)[dim] // tp_size
         part = slice(tp_rank * n, (tp_rank + 1) * n)
         return self._read(key, (lambda s: s[part]) if dim == 0 else (lambda s: s[:, part]))
 
     def _read(self, key: str, take) -> torch.Tensor:
+        pk = self._sources[key].key
         try:
-            return take(self._file.get_slice(self._peft_keys[key])).contiguous()
+            return take(self._file.get_slice(pk)).contiguous()
         except SafetensorError as e:
-            raise ValueError(f"{self.path}: cannot read {self._peft_keys[key]!r}: {e}") from None
+            raise ValueError(f"{self.path}: cannot read {pk!r}: {e}") from None
+
+    def _read_cached(self, pk: str) -> torch.Tensor:
+        # A fused tensor is read once for its experts' keys (converters read them one by one).
+        if self._cached[0] != pk:
+            try:
+                self._cached = (pk, self._file.get_tensor(pk))
+            except SafetensorError as e:
+                raise ValueError(f"{self.path}: cannot read {pk!r}: {e}") from None
+        return self._cached[1]
+
+
+#: transformers 5's experts module in a PEFT key, with PEFT's nesting of several wrapped parameters.
+_FUSED_MODULE = re.compile(rf"model\.layers\.(?P<layer>{LAYER_INDEX})\.{re.escape(FUSED_EXPERTS)}(?P<nest>(?:\.base_layer)*)")
 
 
 def open_adapter(directory: str | Path, facts: Optional[ModelFacts] = None):
@@ -245,28 +392,39 @@ def megatron_plan(reader, config: LoraConfig, facts: Optional[ModelFacts], tp: i
     return checkpoint_config("lora", tp, facts, config.to_dict(), modules=reader.modules), ranks
 
 
-def peft_plan(reader: ShardReader, config: LoraConfig) -> tuple[dict, list[TensorPlan]]:
+def peft_plan(reader: ShardReader, config: LoraConfig, moe_layout: str = "fused",
+              names: Optional[MoeNames] = None) -> tuple[dict, list[TensorPlan]]:
     """A PEFT LoRA directory from our checkpoint: (adapter_config.json dict, plan).
 
     Shared-A segments become one PEFT module per projection (A duplicated, B split with
-    ``layout.split_shared_b``); per-projection segments map one to one.
+    ``layout.split_shared_b``); per-projection segments map one to one. Experts and routers
+    go to ``moe_layout`` (:data:`MOE_LAYOUTS`): ``"fused"`` (:func:`_fused_plans`) or
+    ``"per-expert"`` with the module names of ``names`` (:data:`layout.MOE_HF_NAMES`).
     """
+    if moe_layout not in MOE_LAYOUTS:
+        raise ValueError(f"moe_layout={moe_layout!r}: expected one of {MOE_LAYOUTS}")
     facts = reader.facts
     plans: list[TensorPlan] = []
     modules: dict[str, tuple[int, float]] = {}
+    experts: dict[MoeModule, dict[str, str]] = {}  # segment -> A key
     for key in reader.keys():
         module_name, factor, seg = split_key(key)
+        moe = parse_moe_module(module_name)
+        if moe is not None:
+            if factor == "lora_A":
+                experts.setdefault(moe, {})[seg] = key
+            continue
         known = layout_module(module_name)
         if known is None or facts is None:
             raise ValueError(
                 f"{reader.directory}: {module_name} has no HF PEFT name: only the linears of "
-                "the LLaMA-family layout of a GPT model convert to PEFT"
+                "the LLaMA-family layout of a GPT model and its experts convert to PEFT"
             )
         layer, module = known
         shared = seg == module
         projections = facts.projections(module) if shared else (seg,)
         r = reader.full_shape(make_key(layer, module, "lora_A", seg))[0]
-        alpha = config.rank_alpha(adapted_name(key))[1]
+        alpha = config.rank_alpha(segment_name(config, key))[1]
         for proj in projections:
             modules[hf_module_name(layer, proj)] = (r, alpha)
             fan_in, fan_out = facts.projection_shape(proj)
@@ -276,7 +434,18 @@ def peft_plan(reader: ShardReader, config: LoraConfig) -> tuple[dict, list[Tenso
             else:
                 read = _bind(reader.full, key)
             plans.append(TensorPlan(peft_key(layer, proj, factor), shape, reader.dtype(key), read))
-    return peft_config_dict(config, modules, facts), plans
+    params: dict[str, tuple[int, float]] = {}
+    if experts:
+        if facts is None or facts.moe is None:
+            raise ValueError(f"{reader.directory}: its experts need the mixture-of-experts model facts, which it lacks")
+        if moe_layout == "fused":
+            check_target_parameters_config(config, f"{reader.directory}: exporting experts to target_parameters")
+            plans += _fused_plans(reader, config, experts, params)
+        elif names is None:
+            raise ValueError("the per-expert PEFT layout needs the model's expert names (the HF base model, --base)")
+        else:
+            plans += _per_expert_plans(reader, config, experts, modules, names)
+    return peft_config_dict(config, modules, facts, names if moe_layout == "per-expert" else None, params), plans
 
 
 def _bind(fn, *args) -> Callable[[], torch.Tensor]:
@@ -287,18 +456,133 @@ def _shared_b(reader: ShardReader, key: str, module: str, proj: str, facts: Mode
     return split_shared_b(module, reader.full(key), facts)[proj].contiguous()
 
 
-def peft_config_dict(config: LoraConfig, modules: dict[str, tuple[int, float]], facts: ModelFacts) -> dict:
-    """PEFT adapter_config.json adapting exactly ``modules`` (HF name -> (r, alpha)).
+def _rescaled_alpha(config: LoraConfig, alpha: float, r: int, new_r: int) -> float:
+    """The alpha giving rank ``new_r`` the scaling ``alpha`` gives rank ``r``."""
+    return alpha * (math.sqrt(new_r / r) if config.use_rslora else new_r / r)
 
-    target_modules is the list of projection names present; when that list (with the
-    config's layers_to_transform / exclude_modules) would adapt other modules too, it becomes
-    a regex of the exact module names. Modules whose rank or alpha the patterns would not
-    give get their own rank_pattern / alpha_pattern entry (first match wins, so in front).
+
+def _b_key(a_key: str) -> str:
+    module, _, seg = split_key(a_key)
+    return module_key(module, "lora_B", seg)
+
+
+def _per_expert_plans(reader: ShardReader, config: LoraConfig, experts: dict[MoeModule, dict[str, str]], modules: dict,
+                      names: MoeNames) -> list[TensorPlan]:
+    """transformers 4's modules: one PEFT module per expert projection and the router.
+
+    A shared-A ``linear_fc1`` whose B is block-diagonal (two LoRAs stacked, as the fused
+    layout holds a per-projection pair) splits back into them; any other is duplicated A and
+    split B, which computes the same.
     """
-    present = [p for p in (EMBED_TOKENS, *HF_PROJECTIONS, LM_HEAD) if any(n == p or n.endswith("." + p) for n in modules)]
-    fields = {**config.to_dict(), "target_modules": present}
-    every = {hf_module_name(i, p): i for i in range(facts.num_layers) for p in HF_PROJECTIONS}
-    every |= {hf_module_name(None, p): None for p in (EMBED_TOKENS, LM_HEAD)}
+    plans = []
+    dtype = reader.dtype
+    for module, segs in sorted(experts.items(), key=lambda kv: (kv[0].layer, kv[0].expert or -1, kv[0].module)):
+        for seg, a_key in segs.items():
+            r, alpha = reader.full_shape(a_key)[0], config.rank_alpha(segment_name(config, a_key))[1]
+            if seg != "linear_fc1":
+                name = moe_hf_name(module, {"linear_fc2": "down_proj"}.get(seg, seg), names)
+                modules[name] = (r, alpha)
+                for k in (a_key, _b_key(a_key)):
+                    plans.append(TensorPlan(_peft_module_key(name, split_key(k)[1]), tuple(reader.full_shape(k)),
+                                            dtype(k), _bind(reader.full, k)))
+                continue
+            a, b = reader.full(a_key), reader.full(_b_key(a_key))
+            pair = split_block_diagonal(a, b, 2) or [(a, h) for h in b.chunk(2, 0)]
+            for proj, (pa, pb) in zip(EXPERT_PROJECTIONS[seg], pair):
+                name = moe_hf_name(module, proj, names)
+                modules[name] = (pa.shape[0], _rescaled_alpha(config, alpha, r, pa.shape[0]))
+                plans += [TensorPlan(_peft_module_key(name, f), tuple(t.shape), dtype(a_key), _bind(t.contiguous))
+                          for f, t in (("lora_A", pa), ("lora_B", pb))]
+    return plans
+
+
+def _fused_plans(reader: ShardReader, config: LoraConfig, experts: dict[MoeModule, dict[str, str]],
+                 params: dict) -> list[TensorPlan]:
+    """transformers 5's fused experts: per layer, one LoRA over ``gate_up_proj`` and one over
+    ``down_proj`` of all experts (:func:`layout.fuse_experts`), the router on ``gate.weight``.
+
+    Every expert of the layer must be adapted, at one rank and scaling. A per-projection
+    gate / up pair becomes one LoRA over [gate; up] (A stacked, B block-diagonal, rank summed,
+    alpha rescaled to keep the scaling), as PEFT converts transformers 4 adapters.
+    """
+    facts = reader.facts
+    n = facts.moe.num_experts
+    plans = []
+    for layer in sorted({m.layer for m in experts}):
+        targeted = [m for m in EXPERT_MODULES if any(MoeModule(layer, e, m) in experts for e in range(n))]
+        for depth, kind in zip(range(len(targeted) - 1, -1, -1), targeted):
+            where = f"{reader.directory}: layer {layer} {kind}"
+            missing = [e for e in range(n) if MoeModule(layer, e, kind) not in experts]
+            if missing:
+                raise ValueError(f"{where}: experts {missing} are not adapted; transformers 5's fused layout adapts "
+                                 "all experts of a layer (use the per-expert layout)")
+            per_expert = [_fusable(reader, config, experts[MoeModule(layer, e, kind)], kind, f"{where} expert {e}")
+                          for e in range(n)]
+            if len({(r, alpha) for _, r, alpha in per_expert}) != 1:
+                raise ValueError(f"{where}: the experts' (rank, alpha) differ ({sorted({(r, a) for _, r, a in per_expert})}): "
+                                 "the fused layout has one per layer (use the per-expert layout)")
+            r, alpha = per_expert[0][1:]
+            params[MoeModule(layer, 0, kind).parameter] = (r, alpha)
+            fan_in, fan_out = facts.moe.segment_shape(kind, facts.hidden_size)
+            read = _bind(_fused_factors, [f for f, _, _ in per_expert])
+            base = f"{PEFT_PREFIX}model.layers.{layer}.{FUSED_EXPERTS}{'.base_layer' * depth}"
+            dtype = reader.dtype(next(iter(experts[MoeModule(layer, 0, kind)].values())))
+            plans.append(TensorPlan(f"{base}.lora_A.weight", (n * r, fan_in), dtype, lambda read=read: read()[0]))
+            plans.append(TensorPlan(f"{base}.lora_B.weight", (fan_out, n * r), dtype, lambda read=read: read()[1]))
+        router = MoeModule(layer, None, ROUTER)
+        if router in experts:
+            a_key = experts[router][ROUTER]
+            params[router.parameter] = (reader.full_shape(a_key)[0], config.rank_alpha(segment_name(config, a_key))[1])
+            plans += [TensorPlan(_peft_module_key(router.parameter.removesuffix(".weight"), split_key(k)[1]),
+                                 tuple(reader.full_shape(k)), reader.dtype(k), _bind(reader.full, k))
+                      for k in (a_key, _b_key(a_key))]
+    return plans
+
+
+def _fusable(reader: ShardReader, config: LoraConfig, segs: dict[str, str], module: str,
+             where: str) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor]], int, float]:
+    """(read (A, B), rank, alpha) of one LoRA over an expert's whole ``module``: a gate / up
+    pair with one A is the shared-A LoRA it was exported from, any other pair is stacked
+    (:func:`layout.stack_lora`)."""
+    if len(segs) == 1 and set(segs) <= {module, *EXPERT_PROJECTIONS["linear_fc2"]}:
+        a_key = next(iter(segs.values()))
+        r, alpha = reader.full_shape(a_key)[0], config.rank_alpha(segment_name(config, a_key))[1]
+        return _bind(lambda k: (reader.full(k), reader.full(_b_key(k))), a_key), r, alpha
+    if set(segs) != set(EXPERT_PROJECTIONS["linear_fc1"]):
+        raise ValueError(f"{where}: segments {sorted(segs)}: the fused gate_up_proj needs one LoRA over both "
+                         "projections or both gate_proj and up_proj (use the per-expert layout)")
+    keys = [segs[p] for p in EXPERT_PROJECTIONS["linear_fc1"]]
+    if len({config.scaling(segment_name(config, k)) for k in keys}) != 1:
+        raise ValueError(f"{where}: gate_proj and up_proj have different scalings; the fused gate_up_proj has one")
+    ranks = [reader.full_shape(k)[0] for k in keys]
+    alpha = config.rank_alpha(segment_name(config, keys[0]))[1]
+    if ranks[0] == ranks[1] and torch.equal(reader.full(keys[0]), reader.full(keys[1])):
+        # One A for both (how a shared-A LoRA exports per projection): that shared-A LoRA again.
+        return _bind(lambda: (reader.full(keys[0]), torch.cat([reader.full(_b_key(k)) for k in keys]))), ranks[0], alpha
+    alpha = _rescaled_alpha(config, alpha, ranks[0], sum(ranks))
+    return _bind(lambda: stack_lora([(reader.full(k), reader.full(_b_key(k))) for k in keys])), sum(ranks), alpha
+
+
+def _fused_factors(per_expert: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return fuse_experts([read() for read in per_expert])
+
+
+def exact_config(config: LoraConfig, modules: dict[str, tuple[int, float]], every: dict[str, Optional[int]],
+                 rated: Optional[dict[str, tuple[int, float]]] = None) -> LoraConfig:
+    """``config`` changed to adapt exactly ``modules`` (name -> (r, alpha)) among ``every``
+    (name -> layer), each at its rank and alpha, as do ``rated`` names (parameters, which
+    targets do not select).
+
+    target_modules is the list of the modules' last name components; when that list (with the
+    config's layers_to_transform / exclude_modules) would adapt other modules too, it becomes
+    a regex of the exact module names. Names whose rank or alpha the patterns would not give
+    get their own rank_pattern / alpha_pattern entry (first match wins, so in front).
+    """
+    rated = {**modules, **(rated or {})}
+    known = (EMBED_TOKENS, *HF_PROJECTIONS, LM_HEAD)
+    leaves = {n.rsplit(".", 1)[-1] for n in modules}
+    present = [p for p in known if p in leaves] + sorted(leaves - set(known))
+    fields = {**config.to_dict(), "target_modules": present, "target_parameters": None}
 
     def adapted(cfg: LoraConfig) -> set[str]:
         return {n for n, i in every.items() if cfg.matches(n, i)}
@@ -307,21 +591,41 @@ def peft_config_dict(config: LoraConfig, modules: dict[str, tuple[int, float]], 
         exact = "|".join(re.escape(n) for n in sorted(modules))
         fields.update(target_modules=exact, layers_to_transform=None, exclude_modules=None)
     base = LoraConfig(**fields)
-    rank_extra = {re.escape(n): r for n, (r, a) in modules.items() if base.rank_alpha(n)[0] != r}
-    alpha_extra = {re.escape(n): a for n, (r, a) in modules.items() if base.rank_alpha(n)[1] != a}
-    # Keys that match no exported module (e.g. Megatron names of shared-A segments) are dropped.
+    rank_extra = {re.escape(n): r for n, (r, a) in rated.items() if base.rank_alpha(n)[0] != r}
+    alpha_extra = {re.escape(n): a for n, (r, a) in rated.items() if base.rank_alpha(n)[1] != a}
+    # Keys that match no exported name (e.g. Megatron names of shared-A segments) are dropped.
     fields.update(
-        rank_pattern={**rank_extra, **_used(config.rank_pattern, modules)},
-        alpha_pattern={**alpha_extra, **_used(config.alpha_pattern, modules)},
+        rank_pattern={**rank_extra, **_used(config.rank_pattern, rated)},
+        alpha_pattern={**alpha_extra, **_used(config.alpha_pattern, rated)},
     )
     final = LoraConfig(**fields)
-    assert adapted(final) == set(modules) and all(final.rank_alpha(n) == ra for n, ra in modules.items())
+    assert adapted(final) == set(modules)
+    assert all(final.rank_alpha(n) == ra for n, ra in rated.items())
+    return final
+
+
+def peft_config_dict(config: LoraConfig, modules: dict[str, tuple[int, float]], facts: ModelFacts,
+                     names: Optional[MoeNames] = None, params: Optional[dict[str, tuple[int, float]]] = None) -> dict:
+    """PEFT adapter_config.json adapting exactly ``modules`` (HF name -> (r, alpha)) and the
+    parameters ``params`` (transformers 5 name -> (r, alpha)) through target_parameters
+    (:func:`exact_config`; ``names``: transformers 4's expert modules may be in ``modules``).
+
+    A parameter kind adapted in every mixture-of-experts layer is targeted by its trailing
+    name (``mlp.experts.gate_up_proj``), else by its full names.
+    """
+    final = exact_config(config, modules, peft_module_names(facts, names), params)
+    targets = []
+    for kind in MOE_PARAMETERS:  # a kind adapted in every MoE layer by its trailing name, else by full names
+        full = [MoeModule(i, 0, kind).parameter for i in facts.moe.layers] if facts.moe is not None else []
+        have = [n for n in full if n in (params or {})]
+        targets += [f"mlp.{MOE_PARAMETERS[kind]}"] if have and have == full else have
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None,
         "inference_mode": True,
         **final.to_dict(),
+        "target_parameters": targets or None,
     }
 
 

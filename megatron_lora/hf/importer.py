@@ -24,6 +24,7 @@ from megatron_lora.hf.layout import (
     MEGATRON_EXPERTS,
     MOE_HF_NAMES,
     ModelFacts,
+    MoeFacts,
     MoeNames,
     base_weight_sources,
     fuse_base,
@@ -88,7 +89,17 @@ def hf_model_facts(hf_config: dict) -> ModelFacts:
         ffn_hidden_size=hf_config["intermediate_size"],
         gated_linear_unit=True,
         vocab_size=hf_config["vocab_size"],
+        moe=_moe_facts(hf_config, model_type),
     )
+
+
+def _moe_facts(hf_config: dict, model_type: str) -> Optional[MoeFacts]:
+    """The mixture-of-experts facts of an HF config (None for a dense model)."""
+    moe = _moe_config(hf_config, model_type, 1, 1)
+    if not moe:
+        return None
+    layers = tuple(i for i, sparse in enumerate(moe["moe_layer_freq"]) if sparse)
+    return MoeFacts(moe["num_moe_experts"], moe["moe_ffn_hidden_size"], layers)
 
 
 def hf_biases(hf_config: dict) -> tuple[str, ...]:

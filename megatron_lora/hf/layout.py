@@ -66,6 +66,37 @@ PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)
+class MoeFacts:
+    """The mixture-of-experts dimensions the expert LoRA layouts depend on."""
+
+    num_experts: int
+    #: One expert's ffn width (Qwen3-MoE's ``moe_intermediate_size``).
+    ffn_hidden_size: int
+    #: Global indices of the layers whose MLP is a mixture of experts.
+    layers: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoeFacts":
+        ok = isinstance(d, dict) and all(type(d.get(k)) is int and d[k] > 0 for k in ("num_experts", "ffn_hidden_size"))
+        layers = d.get("layers") if isinstance(d, dict) else None
+        if not ok or not isinstance(layers, list) or not all(type(i) is int and i >= 0 for i in layers):
+            raise ValueError(f"model facts: moe={d!r} is not {{'num_experts': n, 'ffn_hidden_size': n, 'layers': [i, ...]}}")
+        return cls(d["num_experts"], d["ffn_hidden_size"], tuple(layers))
+
+    def segment_shape(self, segment: str, hidden: int) -> tuple[int, int]:
+        """(in, out) of an expert or router LoRA segment (TP=1)."""
+        f = self.ffn_hidden_size
+        return {
+            "linear_fc1": (hidden, 2 * f),
+            "gate_proj": (hidden, f),
+            "up_proj": (hidden, f),
+            "linear_fc2": (f, hidden),
+            "down_proj": (f, hidden),
+            ROUTER: (hidden, self.num_experts),
+        }[segment]
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     """The model dimensions every layout depends on (stored in our checkpoints)."""
 
@@ -77,9 +108,16 @@ class ModelFacts:
     ffn_hidden_size: int
     gated_linear_unit: bool
     vocab_size: int
+    #: Mixture-of-experts facts (None: a dense model; absent from a dense model's dict).
+    moe: Optional[MoeFacts] = None
 
     @classmethod
     def from_transformer_config(cls, cfg, vocab_size: int) -> "ModelFacts":
+        moe = None
+        if getattr(cfg, "num_moe_experts", None):
+            freq = cfg.moe_layer_freq
+            pattern = freq if isinstance(freq, list) else [int(i % freq == 0) for i in range(cfg.num_layers)]
+            moe = MoeFacts(cfg.num_moe_experts, cfg.moe_ffn_hidden_size, tuple(i for i, m in enumerate(pattern) if m))
         return cls(
             num_layers=cfg.num_layers,
             hidden_size=cfg.hidden_size,
@@ -89,6 +127,7 @@ class ModelFacts:
             ffn_hidden_size=cfg.ffn_hidden_size,
             gated_linear_unit=cfg.gated_linear_unit,
             vocab_size=vocab_size,
+            moe=moe,
         )
 
     @classmethod
@@ -98,6 +137,9 @@ class ModelFacts:
             raise ValueError(f"model facts must be an object, got {d!r}")
         values = {}
         for f in dataclasses.fields(cls):
+            if f.name == "moe":
+                values["moe"] = MoeFacts.from_dict(d["moe"]) if d.get("moe") is not None else None
+                continue
             if f.name not in d:
                 raise ValueError(f"model facts lack {f.name!r}")
             v = d[f.name]
@@ -108,7 +150,12 @@ class ModelFacts:
         return cls(**values)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.moe is None:
+            del d["moe"]
+        else:
+            d["moe"]["layers"] = list(self.moe.layers)
+        return d
 
     @property
     def heads_per_group(self) -> int:
@@ -120,6 +167,7 @@ class ModelFacts:
             ("num_attention_heads", self.num_attention_heads),
             ("num_query_groups", self.num_query_groups),
             ("ffn_hidden_size", self.ffn_hidden_size),
+            *((("moe ffn_hidden_size", self.moe.ffn_hidden_size),) if self.moe is not None else ()),
         ):
             if value % tp:
                 raise ValueError(f"tensor parallel size {tp} does not divide {field}={value}")
@@ -549,3 +597,121 @@ def segment_projection(module: str, segment: str, facts: ModelFacts) -> str:
             f"one LoRA per HF projection (convert the shared-A adapter to per-projection segments)"
         )
     return projections[0]
+
+
+# --- LoRA on mixtures of experts: PEFT's two layouts -------------------------------------------
+#
+# Ours: :class:`MoeModule` (every expert under its GLOBAL index, the router).
+# PEFT, per expert (transformers 4): ``model.layers.{i}.{block}.experts.{e}.{gate|up|down}`` and
+# the router ``{block}.gate`` (:data:`MOE_HF_NAMES`).
+# PEFT, fused (transformers 5, ``target_parameters``): one LoRA per parameter
+# ``model.layers.{i}.mlp.experts.gate_up_proj`` / ``down_proj`` over all experts
+# (:func:`fuse_experts`), and the router's ``mlp.gate.weight`` (``MoeModule.parameter``).
+
+#: PEFT's two layouts of expert LoRAs: transformers 5's fused experts through
+#: ``target_parameters``, transformers 4's per-expert modules.
+MOE_LAYOUTS = ("fused", "per-expert")
+#: transformers 5's module holding the fused expert parameters (Mixtral's ``block_sparse_moe``
+#: is ``mlp`` there). PEFT wraps the targeted parameters of one module in the order the module
+#: defines them (:data:`MOE_PARAMETERS`: gate_up_proj, then down_proj), the first innermost:
+#: its keys are ``mlp.experts.base_layer.lora_A`` (gate_up_proj) and ``mlp.experts.lora_A``.
+FUSED_EXPERTS = "mlp.experts"
+#: The expert modules in that order.
+EXPERT_MODULES = tuple(m for m in MOE_PARAMETERS if m != ROUTER)
+
+
+def moe_hf_name(module: MoeModule, segment: str, names: MoeNames) -> str:
+    """transformers 4's module name of a projection segment of an expert (or of the router),
+    as ``names`` spell it."""
+    block = f"model.layers.{module.layer}.{names.block}"
+    if module.module == ROUTER:
+        return f"{block}.gate"
+    return f"{block}.experts.{module.expert}.{getattr(names, _MOE_FIELD[segment])}"
+
+
+def parse_moe_hf_name(name: str) -> Optional[tuple[MoeModule, str]]:
+    """(module, segment) of a transformers 4 expert projection or router module name in any
+    model's spelling (:data:`MOE_HF_NAMES`), else None."""
+    for names in MOE_HF_NAMES.values():
+        leaves = {getattr(names, field): proj for proj, field in _MOE_FIELD.items()}
+        m = re.fullmatch(rf"model\.layers\.({LAYER_INDEX})\.{re.escape(names.block)}\.(?:gate|experts\.({LAYER_INDEX})\.(\w+))", name)
+        if m is None or (m[3] is not None and m[3] not in leaves):
+            continue
+        if m[2] is None:
+            return MoeModule(int(m[1]), None, ROUTER), ROUTER
+        proj = leaves[m[3]]
+        return MoeModule(int(m[1]), int(m[2]), next(k for k, v in EXPERT_PROJECTIONS.items() if proj in v)), proj
+    return None
+
+
+def moe_factor_split(module: MoeModule, factor: str, segment: str) -> tuple[Optional[int], int]:
+    """(dim split or None if replicated, blocks) of a LoRA factor of an expert (split like
+    the dense MLP's) or the router (replicated) in our checkpoints."""
+    if module.module == ROUTER:
+        return None, 1
+    dim = factor_dim(module_style(module.module), factor)
+    return dim, 2 if module.module == "linear_fc1" and segment == module.module and dim == 0 else 1
+
+
+def fuse_experts(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert (A_e [r, in], B_e [out, r]) -> PEFT's fused (A [E*r, in], B [out, E*r]).
+
+    PEFT reshapes A as (E, r, in) but B as (out, r, E): expert e owns A's rows e*r ..
+    e*r + r - 1 and B's columns e, e + E, ..., e + (r - 1) E.
+    """
+    a = torch.cat([a for a, _ in factors], 0)
+    b = torch.stack([b for _, b in factors], 2)
+    return a, b.reshape(b.shape[0], -1)
+
+
+def expert_factor(t: torch.Tensor, factor: str, experts: int, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s A (``factor`` lora_A) or B of a fused factor ``t`` (inverse of
+    :func:`fuse_experts`)."""
+    if factor == "lora_A":
+        r = t.shape[0] // experts
+        return t[expert * r:(expert + 1) * r].contiguous()
+    return t[:, expert::experts].contiguous()
+
+
+def stack_lora(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRAs of equal scaling on stacked output rows (gate, up) -> one LoRA over all the rows:
+    A stacked, B block-diagonal (how PEFT fuses transformers 4's w1 / w3 adapters)."""
+    return torch.cat([a for a, _ in factors], 0), torch.block_diag(*[b for _, b in factors])
+
+
+def split_block_diagonal(a: torch.Tensor, b: torch.Tensor, parts: int) -> Optional[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Inverse of :func:`stack_lora` for ``parts`` equal ranks and rows: None unless every
+    off-diagonal block of ``b`` is exactly zero."""
+    r, rows = a.shape[0], b.shape[0]
+    if r % parts or rows % parts:
+        return None
+    r, rows = r // parts, rows // parts
+    out = []
+    for i in range(parts):
+        block_rows = b[i * rows:(i + 1) * rows]
+        off = torch.cat([block_rows[:, :i * r], block_rows[:, (i + 1) * r:]], 1)
+        if torch.count_nonzero(off):
+            return None
+        out.append((a[i * r:(i + 1) * r].contiguous(), block_rows[:, i * r:(i + 1) * r].contiguous()))
+    return out
+
+
+def peft_module_names(facts: ModelFacts, names: Optional[MoeNames] = None) -> dict[str, Optional[int]]:
+    """Every HF module name a PEFT LoRA config can adapt in a model of ``facts`` -> its
+    layer (the dense MLP only in dense layers); with ``names`` also transformers 4's expert
+    projections and routers."""
+    moe = facts.moe
+    moe_layers = set(moe.layers) if moe is not None else set()
+    every: dict[str, Optional[int]] = {hf_module_name(None, p): None for p in (EMBED_TOKENS, LM_HEAD)}
+    for layer in range(facts.num_layers):
+        every |= {hf_module_name(layer, p): layer for p in HF_PROJECTIONS
+                  if not (layer in moe_layers and PROJECTION[p][0] == "mlp")}
+        if names is not None and layer in moe_layers:
+            for module in moe_modules(layer, moe.num_experts):
+                every |= {moe_hf_name(module, s, names): layer for s in module.projections() or (ROUTER,)}
+    return every
+
+
+def moe_modules(layer: int, experts: int) -> list[MoeModule]:
+    """Every expert module and the router of an MoE layer."""
+    return [MoeModule(layer, None, ROUTER)] + [MoeModule(layer, e, m) for e in range(experts) for m in EXPERT_MODULES]
