@@ -310,6 +310,9 @@ class LoraLayer:
         period = seg.period or w.shape[0]
         return w.view(seg.groups, period, w.shape[1])[:, seg.offset : seg.offset + seg.width]
 
+    def check_merge(self, adapters: Iterable[str] | None = None) -> None:
+        """Raise ValueError if :meth:`merge` of ``adapters`` (None: the active ones) cannot run."""
+
     @torch.no_grad()
     def merge(self, adapters: Iterable[str] | None = None) -> None:
         """Add the adapters' deltas into the TP-local base weight (no communication).
@@ -317,11 +320,13 @@ class LoraLayer:
         On an fp32 base the unmerge round trip is bit-exact: the few elements where
         ``(W + d) - d`` does not round back to W are remembered and restored.
         """
+        self.check_merge(adapters)
         for name in list(adapters or self.active_adapters):
             if name in self.merged_adapters:
                 continue
-            if self.weight is None:
-                self._merge_without_weight(name)
+            if self.weight is None:  # a tied adapter: merged with the embedding's
+                self._merge_fixups[name] = []
+                self.merged_adapters.append(name)
                 continue
             fixups = []
             for seg in self.lora_specs[name].segments:
@@ -575,16 +580,17 @@ class LoraColumnParallelLinear(LoraLayer, ColumnParallelLinear):
             return super().adapter_factors(adapter, seg)
         return tied[1].t(), tied[0].t()
 
-    def _merge_without_weight(self, name: str) -> None:
-        """Merge into an output layer that uses the embedding's weight: a tied adapter is
-        merged with the embedding's; any other would change the embedding too."""
-        if name not in self.lora_tied_embedding:
-            raise ValueError(
-                f"cannot merge adapter {name!r} into the output layer: its weight is the word embedding's "
-                "(tied), which the merge would change too; tie the adapters (ensure_weight_tying=True) or keep it unmerged"
-            )
-        self._merge_fixups[name] = []
-        self.merged_adapters.append(name)
+    def check_merge(self, adapters: Iterable[str] | None = None) -> None:
+        # An output layer using the embedding's weight: only a tied adapter merges (with the
+        # embedding's); any other would change the embedding too.
+        if self.weight is not None:
+            return
+        for name in adapters or self.active_adapters:
+            if name not in self.lora_tied_embedding:
+                raise ValueError(
+                    f"cannot merge adapter {name!r} into the output layer: its weight is the word embedding's "
+                    "(tied), which the merge would change too; tie the adapters (ensure_weight_tying=True) or keep it unmerged"
+                )
 
     def _extra_axis_map(self) -> dict[str, int]:
         return {f"lora_tied.{n}.A": 1 for n in self.lora_tied}  # the embedding's layout

@@ -144,6 +144,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     print(f"format:       {info['format']}" + (f" (version {info['version']})" if info["version"] else ""))
     print(f"tp size:      {info['tp_size']}")
     print(f"modules:      {info['modules']['column']} column-parallel, {info['modules']['row']} row-parallel")
+    for module, source in info["tied"].items():
+        print(f"tied:         {module} uses {source}'s adapter, transposed (ensure_weight_tying)")
     print(f"targets:      {info['target_modules']}")
     print(f"use_rslora:   {info['use_rslora']}")
     print(f"parameters:   {info['parameters']:,}")

@@ -242,12 +242,14 @@ def tied_config(model: nn.Module, config: LoraConfig) -> tuple[bool, LoraConfig]
     return True, config
 
 
-def tie_output_layer(model: nn.Module, config: LoraConfig, adapter_name: str, dtype: torch.dtype = torch.float32) -> None:
+def tie_output_layer(model: nn.Module, config: LoraConfig, adapter_name: str, dtype: torch.dtype = torch.float32,
+                     r: Optional[int] = None) -> None:
     """Tie this stage's output layer's adapter ``adapter_name`` to the embedding's (added
-    first). On a pipeline stage without the embedding the output layer holds a zero copy
-    (:func:`sync_tied_adapters` or a checkpoint fills it); on a stage without the output layer
-    the embedding's factors are marked ``shared_embedding``, as megatron-core marks the
-    embedding weight it shares with a later stage."""
+    first; ``r`` its rank, default the config's). On a pipeline stage without the embedding
+    the output layer holds a zero copy (:func:`sync_tied_adapters` or a checkpoint fills it);
+    on a stage without the output layer the embedding's factors are marked
+    ``shared_embedding``, as megatron-core marks the embedding weight it shares with a later
+    stage."""
     sites = {s.kind: s for s in iter_linear_sites(model) if s.kind in (OUTPUT_LAYER, EMBEDDING)}
     embedding = sites[EMBEDDING].module if EMBEDDING in sites else None
     if embedding is not None and adapter_name not in getattr(embedding, "lora_specs", {}):
@@ -258,7 +260,7 @@ def tie_output_layer(model: nn.Module, config: LoraConfig, adapter_name: str, dt
                 factor.shared_embedding = True
         return
     site = sites[OUTPUT_LAYER]
-    r = config.rank_alpha(hf_module_name(None, EMBED_TOKENS))[0]
+    r = r or config.rank_alpha(hf_module_name(None, EMBED_TOKENS))[0]
     # PEFT scales the tied lm_head adapter by lm_head's own alpha / r.
     segment = Segment(name=LM_HEAD, r=r, scaling=config.scaling(LM_HEAD), width=_local_rows(site.module))
     spec = AdapterSpec((segment,), dropout=config.lora_dropout, init=config.init_lora_weights)
@@ -363,7 +365,11 @@ def freeze_base(model: nn.Module) -> nn.Module:
 
 
 def merge_lora(model: nn.Module, adapters: Optional[Iterable[str]] = None) -> nn.Module:
-    """Merge the active (or given) adapters into the TP-local base weights."""
+    """Merge the active (or given) adapters into the TP-local base weights (every layer is
+    checked first, so a refusal leaves the model unmerged)."""
+    adapters = None if adapters is None else list(adapters)
+    for _, layer in lora_layers(model):
+        layer.check_merge(adapters)
     for _, layer in lora_layers(model):
         layer.merge(adapters)
     return model
