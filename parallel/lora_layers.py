@@ -41,6 +41,10 @@ all-gather). The default keeps the package's rule of no activation collective be
 base's; memory-bound runs switch it on with ``configure_lora_layers``.
 
 X-LoRA and other mixtures plug in through ``extra_terms`` (see ``megatron_lora.parallel.xlora_mixing``).
+
+An output layer tied to the embedding owns no weight (megatron-core passes the embedding's at
+call time) and takes LoRA like any column layer; :meth:`LoraColumnParallelLinear.tie_adapter`
+makes its adapter the embedding's transposed (PEFT's ``ensure_weight_tying``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ Tolerance: max |diff| <= 1e-5 x max |logit| (fp32), gradients relative to their 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -282,7 +283,31 @@ def _pp_checks(rank, tmp):
             load_adapter(fresh, f"{tmp}/pp2_{label}")
             with torch.no_grad():
                 out["pp_checkpoint_err"] = _rel(_logits(fresh), _logits(ref))
+    out["engine"] = _engine_step(rank)
     return out
+
+
+def _engine_step(rank):
+    """Two optimizer steps of megatron-core's engine at PP=2 on the tied adapter: the first
+    stage's adapter and the last stage's copy take the same steps."""
+    import torch.distributed as dist
+
+    from megatron_lora import apply_lora, init_distributed
+    from megatron_lora.model.lora import tied_adapter_parameters
+    from megatron_lora.runtime.engine import Engine, EngineSettings
+    from megatron_lora.runtime.tiny_task import CountingData
+
+    init_distributed(1, 2)
+    stage = apply_lora(_build(pp=2, first=rank == 0, last=rank == 1), _config("tied"), seed=3)
+    before = [p.detach().clone() for p in tied_adapter_parameters(stage)]
+    engine = Engine(stage, stage, EngineSettings(micro_batch_size=1, global_batch_size=2, seq_length=8,
+                                                 train_iters=2, lr=1e-2), CountingData(8, 8, 128, 0))
+    losses = [engine.train_step().loss for _ in range(2)]
+    after = torch.cat([p.detach().reshape(-1) for p in tied_adapter_parameters(stage)])
+    both = [torch.empty_like(after) for _ in range(2)]
+    dist.all_gather(both, after)
+    return {"losses": losses, "copies_equal": torch.equal(both[0], both[1]),
+            "moved": not torch.equal(after, torch.cat([p.reshape(-1) for p in before]))}
 
 
 def _dist_checkpoint(world, tmp):
@@ -438,6 +463,9 @@ def test_pipeline_parallel_equals_one_stage(results):
     assert first["lm_head_stage_only_err"] is None and last["lm_head_stage_only_err"] is None
     assert last["sharded"] == ("embedding.word_embeddings.lora_A.default.embed_tokens", 1, True)
     assert first["pp_checkpoint_err"] <= TOL
+    for stage in (first, last):  # without the embedding-group sum the copies drift apart
+        e = stage["engine"]
+        assert e["copies_equal"] and e["moved"] and all(map(math.isfinite, e["losses"])), e
 
 
 def test_dist_checkpointing_across_vocabulary_padding(results):
