@@ -204,15 +204,16 @@ def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "defa
     for site in iter_linear_sites(model, config):
         module = site.module
         tp = module.tp_group.size() if module.tp_group is not None else 1
-        if tie and site.kind == OUTPUT_LAYER:
-            tied.append(site)
-            continue
-        spec = adapter_spec_for(config, site, tp)
-        if spec is None:
+        tied_here = tie and site.kind == OUTPUT_LAYER  # tied after the embedding is adapted
+        spec = None if tied_here else adapter_spec_for(config, site, tp)
+        if spec is None and not tied_here:
             continue
         if adapter_name in getattr(module, "lora_specs", {}):
             raise ValueError(f"adapter {adapter_name!r} already exists on {site.name}")
-        planned.append((module, spec, site.global_name))
+        if tied_here:
+            tied.append(site)
+        else:
+            planned.append((module, spec, site.global_name))
     for module, spec, global_name in planned:
         generator = None if seed is None else torch.Generator().manual_seed(_module_seed(seed, global_name))
         add_lora_support(module).add_adapter(adapter_name, spec, dtype=dtype, generator=generator)
