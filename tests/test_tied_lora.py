@@ -216,7 +216,7 @@ def _pp_checks(rank, tmp):
 
     from megatron_lora import apply_lora, init_distributed, load_adapter, save_adapter
     from megatron_lora.model.gpt import positions_for
-    from megatron_lora.model.lora import allreduce_tied_adapter_grads
+    from megatron_lora.model.lora import allreduce_tied_adapter_grads, tied_adapter_parameters
 
     weight = torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(0))
     out = {}
@@ -278,6 +278,11 @@ def _pp_checks(rank, tmp):
             out["sharded"] = sharded and (sharded.key, sharded.replica_id[0], sharded.allow_shape_mismatch)
             # Pipeline stages save one checkpoint; a PP=1 model loads it with the same logits.
             save_adapter(stage, f"{tmp}/pp2_{label}", _config(label))
+            # Loaded at PP=2, each stage's tied factors (the embedding's, the copy) are the saved ones.
+            again = _build(pp=2, first=rank == 0, last=rank == 1)
+            load_adapter(again, f"{tmp}/pp2_{label}")
+            out["pp_reload_tied"] = [torch.equal(a, b) for a, b in
+                                     zip(tied_adapter_parameters(again), tied_adapter_parameters(stage))]
             init_distributed(1, 1)
             fresh = _build()
             load_adapter(fresh, f"{tmp}/pp2_{label}")
@@ -463,6 +468,7 @@ def test_pipeline_parallel_equals_one_stage(results):
     assert first["lm_head_stage_only_err"] is None and last["lm_head_stage_only_err"] is None
     assert last["sharded"] == ("embedding.word_embeddings.lora_A.default.embed_tokens", 1, True)
     assert first["pp_checkpoint_err"] <= TOL
+    assert first["pp_reload_tied"] == [True, True] and last["pp_reload_tied"] == [True, True]
     for stage in (first, last):  # without the embedding-group sum the copies drift apart
         e = stage["engine"]
         assert e["copies_equal"] and e["moved"] and all(map(math.isfinite, e["losses"])), e
