@@ -4,6 +4,7 @@ from megatron_lora.model.adapters import adapter_state_dict, load_adapter, save_
 from megatron_lora.config import LoraConfig
 from megatron_lora.runtime.distributed import init_distributed
 from megatron_lora.model.lora import (
+    allreduce_tied_adapter_grads,
     apply_lora,
     enable_adapters,
     freeze_base,
@@ -21,6 +22,7 @@ __all__ = [
     "LoraConfig",
     "init_distributed",
     "apply_lora",
+    "allreduce_tied_adapter_grads",
     "merge_lora",
     "unmerge_lora",
     "set_adapters",

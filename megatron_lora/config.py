@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from megatron_lora.hf.layout import ALL_LINEAR, HF_PROJECTIONS, OUTPUT_LAYER, ROUTER, MoeModule
+from megatron_lora.hf.layout import ALL_LINEAR, EMBED_TOKENS, HF_PROJECTIONS, LM_HEAD, OUTPUT_LAYER, ROUTER, MoeModule, hf_module_name
 
 #: PEFT's default targets for the LLaMA family when ``target_modules`` is None.
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
@@ -54,6 +54,10 @@ class LoraConfig:
     #: DoRA (weight-decomposed LoRA): a trainable magnitude per output row (per hidden unit on
     #: the embedding) rescales the adapted weight to magnitude / its row norm, as PEFT does.
     use_dora: bool = False
+    #: On a model whose output layer shares the embedding's weight, and targets naming
+    #: ``embed_tokens`` or ``lm_head``: adapt the embedding and tie the output layer's adapter
+    #: to it (A = E_B^T, B = E_A^T), as PEFT does (:meth:`for_tied_model`).
+    ensure_weight_tying: bool = False
     #: Unsupported PEFT options, accepted only at their defaults.
     bias: str = "none"
     fan_in_fan_out: bool = False
@@ -176,6 +180,47 @@ class LoraConfig:
             m = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in patterns)), None)
         return None if m is None else int(m["idx"])
 
+    def names_tied_layer(self) -> bool:
+        """PEFT's test whether the targets name a layer tied to the embedding: a list entry
+        whose last component is ``embed_tokens`` or ``lm_head``, or a regex matching either."""
+        names = (EMBED_TOKENS, LM_HEAD)
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+            return any(re.fullmatch(self.target_modules, n) for n in names)
+        return any(t.split(".")[-1] in names for t in self.target_list())
+
+    def ties_adapters(self, tied_model: bool) -> bool:
+        """Whether, on a model with (``tied_model``) or without tied embeddings, the output
+        layer's adapter is tied to the embedding's (PEFT's ``ensure_weight_tying``)."""
+        return self.ensure_weight_tying and tied_model and self.names_tied_layer()
+
+    def tying_warning(self, tied_model: bool) -> Optional[str]:
+        """PEFT's warning for these targets on a model with or without tied embeddings, if any."""
+        if self.ensure_weight_tying and not tied_model:
+            return "You have requested `ensure_weight_tying`, but no tied modules were found in the model"
+        if self.ensure_weight_tying and not self.names_tied_layer():
+            return ("You have requested `ensure_weight_tying`, but no tied modules are added in either "
+                    "`modules_to_save` or `target_modules`")
+        if tied_model and not self.ensure_weight_tying and self.names_tied_layer():
+            return ("Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but "
+                    "`ensure_weight_tying` is not set to True. This can lead to complications, for example "
+                    "when merging the adapter or converting your model to formats other than safetensors.")
+        return None
+
+    def for_tied_model(self) -> "LoraConfig":
+        """The config PEFT adapts a tied model with when :meth:`ties_adapters`: the embedding
+        joins the targets and ``lm_head`` leaves a list (its adapter is the embedding's,
+        transposed). PEFT saves this config. Idempotent."""
+        embed = hf_module_name(None, EMBED_TOKENS)
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+            extra = rf"^{re.escape(embed)}$"
+            targets = self.target_modules if self.target_modules.endswith(f"|{extra})") else rf"(?:{self.target_modules}|{extra})"
+        else:
+            targets = list(dict.fromkeys([*self.target_list(), embed]))
+            # PEFT drops the first entry naming the tied output layer.
+            drop = next((t for t in targets if re.match(rf"(^|.*\.){t}($|\..*)", LM_HEAD)), None)
+            targets = [t for t in targets if t != drop]
+        return dataclasses.replace(self, target_modules=targets)
+
     def rank_alpha(self, name: str) -> tuple[int, float]:
         r = self.rank_pattern.get(_pattern_key(self.rank_pattern, name), self.r)
         alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, name), self.lora_alpha)
@@ -207,7 +252,7 @@ class LoraConfig:
 _BOOKKEEPING_FIELDS = {
     "peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
     "inference_mode", "peft_version", "megatron_config", "megatron_core", "loftq_config",
-    "eva_config", "corda_config", "runtime_config", "qalora_group_size", "ensure_weight_tying",
+    "eva_config", "corda_config", "runtime_config", "qalora_group_size",
     "arrow_config", "lora_ga_config", "bdlora_config",
 }
 

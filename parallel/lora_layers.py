@@ -55,6 +55,10 @@ autograd function (plain-LoRA layers keep it) and keeps the gathered input under
 parallelism (``lora_sp_shard_input`` does not apply).
 
 X-LoRA and other mixtures plug in through ``extra_terms`` (see ``megatron_lora.parallel.xlora_mixing``).
+
+An output layer tied to the embedding owns no weight (megatron-core passes the embedding's at
+call time) and takes LoRA like any column layer; :meth:`LoraColumnParallelLinear.tie_adapter`
+makes its adapter the embedding's transposed (PEFT's ``ensure_weight_tying``).
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
 from megatron_lora.parallel import collectives
+from megatron_lora.parallel.device import device as default_device
 
 
 @dataclass(frozen=True)
@@ -201,7 +206,7 @@ class LoraLayer:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         tp, world = self._tp_rank_world()
         dtype = dtype or torch.float32
-        device = self.weight.device
+        device = self.weight.device if self.weight is not None else default_device()
         a_dict, b_dict = nn.ParameterDict(), nn.ParameterDict()
         for seg in spec.segments:
             self._check_segment(seg, world)
@@ -250,8 +255,12 @@ class LoraLayer:
                 raise ValueError(f"unknown adapter {n!r}; this layer has {sorted(self.lora_specs)}")
         self.active_adapters = names
 
+    def _local_out(self) -> int:
+        """Rows of the TP-local output (an output layer tied to the embedding owns no weight)."""
+        return self.weight.shape[0] if self.weight is not None else self.output_size_per_partition
+
     def _check_segment(self, seg: Segment, world: int) -> None:
-        out_local = self.weight.shape[0]
+        out_local = self._local_out()
         period = seg.period or out_local
         if seg.r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got r={seg.r} for segment {seg.name!r}")
@@ -278,12 +287,16 @@ class LoraLayer:
         with get_cuda_rng_tracker().fork():
             return F.dropout(x, p, True)
 
+    def adapter_factors(self, adapter: str, seg: Segment) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one segment as stored (a tied adapter's are views of the embedding's)."""
+        return self.lora_A[adapter][seg.name], self.lora_B[adapter][seg.name]
+
     def factors(self, adapter: str, seg: Segment, activation: torch.dtype, magnitude: bool = False) -> tuple[torch.Tensor, ...]:
         """(A, B) of one segment as the LoRA term uses them: replicated factors sum their
         gradient over TP (in the parameters' dtype), then both are cast to the compute dtype.
         With ``magnitude``, (A, B, m) of a DoRA segment, m in its own dtype; a row layer's
         replicated B and m sum their gradients in one collective."""
-        a, b = self.lora_A[adapter][seg.name], self.lora_B[adapter][seg.name]
+        a, b = self.adapter_factors(adapter, seg)
         extra = (self.lora_magnitude_vector[adapter][seg.name],) if magnitude else ()
         if self.parallel_mode == "column":
             a = collectives.replicated_factor(a, self.tp_group)
@@ -322,21 +335,25 @@ class LoraLayer:
         """A per-row vector of ``seg`` shaped to scale :meth:`_weight_rows`."""
         return v.view(seg.groups, seg.width, 1)
 
-    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None, x_shard: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None, x_shard: torch.Tensor | None = None,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias) with the LoRA and extra terms added, computed on [tokens, features].
 
         ``x_shard``: this rank's sequence-parallel rows of ``x`` (kept for backward instead of x).
+        ``weight``: W given at call time (an output layer tied to the embedding), else ``self.weight``.
         """
         x2 = _flat(x)
+        weight = self.weight if weight is None else weight
         if self.lora_disabled:
-            out = F.linear(x2, self.weight, bias)
+            out = F.linear(x2, weight, bias)
         else:
-            out = self._lora_linear(x2, bias, None if x_shard is None else _flat(x_shard))
+            out = self._lora_linear(x2, bias, None if x_shard is None else _flat(x_shard), weight)
             for term in self.extra_terms:
                 out = term(self, x2, out)
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _lora_linear(self, x2: torch.Tensor, bias: torch.Tensor | None, x_shard: torch.Tensor | None) -> torch.Tensor:
+    def _lora_linear(self, x2: torch.Tensor, bias: torch.Tensor | None, x_shard: torch.Tensor | None,
+                     weight: torch.Tensor) -> torch.Tensor:
         """x W^T (+ bias) + sum over active adapters and segments of s * (x A^T) B^T."""
         active = [n for n in self.active_adapters if n not in self.merged_adapters]
         if any(self.lora_specs[n].dora for n in active):
@@ -349,9 +366,9 @@ class LoraLayer:
                 a, b = self.factors(name, seg, x2.dtype)
                 segments.append(seg), inputs.append(xin), a_s.append(a), b_s.append(b)
         if not segments:
-            return F.linear(x2, self.weight, bias)
+            return F.linear(x2, weight, bias)
         group = self.tp_group if x_shard is not None else None
-        return _LinearWithLora.apply(x2, x_shard, self.weight, bias, tuple(segments), group, *inputs, *a_s, *b_s)
+        return _LinearWithLora.apply(x2, x_shard, weight, bias, tuple(segments), group, *inputs, *a_s, *b_s)
 
     def _dora_linear(self, x2: torch.Tensor, bias: torch.Tensor | None, adapters: list[str]) -> torch.Tensor:
         """PEFT's forward with DoRA adapters, adapter by adapter: a DoRA segment's rows become
@@ -387,13 +404,16 @@ class LoraLayer:
     # -- merge --------------------------------------------------------------------------
     @torch.no_grad()
     def _delta_weight(self, adapter: str, seg: Segment) -> torch.Tensor:
-        a, b = self.lora_A[adapter][seg.name], self.lora_B[adapter][seg.name]
+        a, b = self.adapter_factors(adapter, seg)
         return (b.float() @ a.float()) * seg.scaling
 
     def _weight_rows(self, seg: Segment) -> torch.Tensor:
         w = self.weight
         period = seg.period or w.shape[0]
         return w.view(seg.groups, period, w.shape[1])[:, seg.offset : seg.offset + seg.width]
+
+    def check_merge(self, adapters: Iterable[str] | None = None) -> None:
+        """Raise ValueError if :meth:`merge` of ``adapters`` (None: the active ones) cannot run."""
 
     @torch.no_grad()
     def merge(self, adapters: Iterable[str] | None = None) -> None:
@@ -405,12 +425,17 @@ class LoraLayer:
         partial norms in one all-reduce. On an fp32 base the unmerge round trip is bit-exact:
         the few elements that do not round back to W are remembered and restored.
         """
+        self.check_merge(adapters)
         names = [n for n in (adapters or self.active_adapters) if n not in self.merged_adapters]
         if any(self.lora_specs[n].dora for n in names) and self.merged_adapters:
             names = self.merged_adapters + names
             self.unmerge()
         norms = self._weight_norms(names)
         for name in names:
+            if self.weight is None:  # a tied adapter: merged with the embedding's
+                self._merge_fixups[name] = []
+                self.merged_adapters.append(name)
+                continue
             fixups = []
             for seg in self.lora_specs[name].segments:
                 rows = self._weight_rows(seg)
@@ -435,6 +460,9 @@ class LoraLayer:
             if name not in self.merged_adapters:
                 continue
             fixups = self._merge_fixups.pop(name)
+            if self.weight is None:  # a tied adapter, unmerged with the embedding
+                self.merged_adapters.remove(name)
+                continue
             for seg, (factor, index, values) in zip(self.lora_specs[name].segments, fixups):
                 rows = self._weight_rows(seg)
                 rows.copy_(_unmerged(rows.float(), self._delta_weight(name, seg).view(rows.shape), factor))
@@ -447,13 +475,17 @@ class LoraLayer:
         """Base keys as megatron-core writes them; LoRA split factors sharded like W.
 
         A gated-unit B (``blocks == 2``) gets megatron-core's SwiGLU factory, as
-        ``MLP.sharded_state_dict`` gives ``linear_fc1.weight``.
+        ``MLP.sharded_state_dict`` gives ``linear_fc1.weight``. Tensors split along the padded
+        vocabulary allow a shape mismatch, as megatron-core's embedding and output layer do
+        (the padding depends on the TP size).
         """
         split = "lora_B" if self.parallel_mode == "column" else "lora_A"
         axis = 0 if self.parallel_mode == "column" else 1
         axis_map = dict(self._base_axis_map)
         gated = []
         for name, spec in self.lora_specs.items():
+            if name not in self.lora_A:
+                continue  # a tied adapter (the embedding's parameters or their copy)
             for seg in spec.segments:
                 if self.parallel_mode == "replicated":
                     continue
@@ -463,6 +495,7 @@ class LoraLayer:
                     axis_map[f"{part}.{name}.{seg.name}"] = axis
                     if seg.blocks == 2:
                         gated.append(f"{prefix}{part}.{name}.{seg.name}")
+        axis_map.update(self._extra_axis_map())
         sd = make_sharded_tensors_for_checkpoint(
             self.state_dict(prefix="", keep_vars=True),
             prefix,
@@ -474,7 +507,17 @@ class LoraLayer:
         singleton = (metadata or {}).get("singleton_local_shards", False)
         for key in gated:
             sd[key] = apply_swiglu_sharded_factory(sd[key], sharded_offsets, singleton)
+        for key in self._vocab_split_keys():
+            sd[prefix + key].allow_shape_mismatch = True
         return sd
+
+    def _extra_axis_map(self) -> dict[str, int]:
+        """Split dims of state-dict entries other than the base's and the adapters' A and B."""
+        return {}
+
+    def _vocab_split_keys(self) -> list[str]:
+        """State-dict keys of the tensors split along the padded vocabulary (none by default)."""
+        return []
 
 
 class _LinearWithLora(torch.autograd.Function):
@@ -619,9 +662,102 @@ class LoraColumnParallelLinear(LoraLayer, ColumnParallelLinear):
         super().__init__(*args, **kwargs)
         self.init_lora()
 
+    def init_lora(self) -> None:
+        super().init_lora()
+        #: Copies of tied adapters (see :meth:`tie_adapter`), in the embedding's layout.
+        self.lora_tied = nn.ModuleDict()
+        #: Adapter -> the embedding on this stage whose adapter it is tied to (not a submodule).
+        self.lora_tied_embedding: dict[str, LoraVocabParallelEmbedding] = {}
+        #: Adapter -> (this module's name, the embedding's name, its segment), for checkpoint keys.
+        self.lora_tied_names: dict[str, tuple[str, str, str]] = {}
+
+    def tie_adapter(self, name: str, spec: AdapterSpec, names: tuple[str, str, str],
+                    embedding: "LoraVocabParallelEmbedding | None" = None, dtype: torch.dtype | None = None) -> None:
+        """Add adapter ``name`` tied to the word embedding's adapter ``name`` (PEFT's
+        ``ensure_weight_tying``): A = E_B^T and B = E_A^T, so this output layer's W + s B A
+        stays the transpose of the embedding's adapted weight; ``spec`` gives the scaling.
+
+        ``embedding`` (on this pipeline stage): its parameters are used, so one gradient sums
+        both uses. None (the output layer on a later stage than the embedding): this layer
+        holds a copy in the embedding's layout, ``lora_tied[name]`` (``A`` [r, vocab / TP],
+        ``B`` [hidden, r]), zero until synchronised, and marked ``shared_embedding`` as
+        megatron-core marks its copy of the word embedding; its gradient is summed with the
+        embedding's over the embedding group (``megatron_lora.model.lora``).
+        ``names``: (this module's name, the embedding's name, its segment) in the model.
+        """
+        if name in self.lora_specs:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        (seg,) = spec.segments
+        self._check_segment(seg, self._tp_rank_world()[1])
+        if embedding is not None:
+            self.lora_tied_embedding[name] = embedding
+        else:
+            device = self.weight.device if self.weight is not None else default_device()
+            copy = nn.ParameterDict({
+                "A": nn.Parameter(torch.zeros(seg.r, self._local_out(), dtype=dtype or torch.float32, device=device)),
+                "B": nn.Parameter(torch.zeros(self.input_size, seg.r, dtype=dtype or torch.float32, device=device)),
+            })
+            set_tensor_model_parallel_attributes(copy["A"], True, 1, 1)
+            for p in copy.values():
+                p.shared_embedding = True
+            self.lora_tied[name] = copy
+        self.lora_tied_names[name] = names
+        self.lora_specs[name] = spec
+        self.active_adapters.append(name)
+
+    def tied_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(E_A, E_B) in the embedding's layout of a tied adapter, else None."""
+        if adapter in self.lora_tied:
+            return self.lora_tied[adapter]["A"], self.lora_tied[adapter]["B"]
+        embedding = self.lora_tied_embedding.get(adapter)
+        if embedding is None:
+            return None
+        return embedding.adapter_factors(adapter, embedding.lora_specs[adapter].segments[0])
+
+    def adapter_factors(self, adapter: str, seg: Segment) -> tuple[torch.Tensor, torch.Tensor]:
+        tied = self.tied_factors(adapter)
+        if tied is None:
+            return super().adapter_factors(adapter, seg)
+        return tied[1].t(), tied[0].t()
+
+    def check_merge(self, adapters: Iterable[str] | None = None) -> None:
+        # An output layer using the embedding's weight: only a tied adapter merges (with the
+        # embedding's); any other would change the embedding too.
+        if self.weight is not None:
+            return
+        for name in adapters or self.active_adapters:
+            if name not in self.lora_tied_embedding:
+                raise ValueError(
+                    f"cannot merge adapter {name!r} into the output layer: its weight is the word embedding's "
+                    "(tied), which the merge would change too; tie the adapters (ensure_weight_tying=True) or keep it unmerged"
+                )
+
+    def _extra_axis_map(self) -> dict[str, int]:
+        return {f"lora_tied.{n}.A": 1 for n in self.lora_tied}  # the embedding's layout
+
+    def _vocab_split_keys(self) -> list[str]:
+        # The output layer of a GPT model: its rows are the (padded) vocabulary.
+        if self.weight is not None and not getattr(self.weight, "is_embedding_or_output_parameter", False):
+            return []
+        keys = [f"lora_B.{n}.{s.name}" for n, spec in self.lora_specs.items() if n in self.lora_B for s in spec.segments]
+        return keys + [f"lora_tied.{n}.A" for n in self.lora_tied]
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """As :meth:`LoraLayer.sharded_state_dict`; a tied adapter's copy is saved as a replica of
+        the embedding's adapter, as megatron-core saves the last stage's copy of the embedding."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for name in self.lora_tied:
+            own, embedding, seg = self.lora_tied_names[name]
+            parent = prefix[: len(prefix) - len(own) - 1] if prefix.endswith(own + ".") else prefix
+            for part, factor in (("A", "lora_A"), ("B", "lora_B")):
+                sharded = sd[f"{prefix}lora_tied.{name}.{part}"]
+                sharded.key = f"{parent}{embedding}.{factor}.{name}.{seg}"
+                sharded.replica_id = (1, *sharded.replica_id[1:])
+        return sd
+
     def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: bool | None = None):
-        if weight is not None:
-            raise NotImplementedError("LoRA on a column layer with an external weight")
+        if weight is None and self.weight is None:
+            raise RuntimeError("the output layer owns no weight (tied to the embedding): pass weight=")
         if self.explicit_expert_comm:
             # An expert under expert parallelism or expert TP: the token dispatcher has
             # gathered its input and reduces the input gradient itself (as the base does).
@@ -631,7 +767,7 @@ class LoraColumnParallelLinear(LoraLayer, ColumnParallelLinear):
         bias = self.bias if not self.skip_bias_add else None
         shard = (self.sequence_parallel and self.lora_sp_shard_input and self.tp_group.size() > 1
                  and not self.explicit_expert_comm)
-        out = self._linear(x, bias, input_ if shard else None)
+        out = self._linear(x, bias, input_ if shard else None, weight)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         out = collectives.column_output(out, gather, self.tp_group)
         return out, (self.bias if self.skip_bias_add else None)
@@ -683,6 +819,9 @@ class LoraVocabParallelEmbedding(LoraLayer, VocabParallelEmbedding):
         #: vocabulary leaves the padding rows out, as the unpadded model has none.
         self.lora_vocab_size: int | None = None
 
+    def _vocab_split_keys(self) -> list[str]:
+        return ["weight"] + [f"lora_A.{n}.{s.name}" for n, spec in self.lora_specs.items() for s in spec.segments]
+
     def _initial_full_factors(self, seg: Segment, world: int, init, dtype, generator):
         # PEFT: A zeros and B normal(0, 1) unless init_lora_weights=False (both standard normal).
         vocab, hidden = seg.local_rows * world, self.embedding_dim
@@ -695,7 +834,7 @@ class LoraVocabParallelEmbedding(LoraLayer, VocabParallelEmbedding):
 
     @torch.no_grad()
     def _delta_weight(self, adapter: str, seg: Segment) -> torch.Tensor:
-        a, b = self.lora_A[adapter][seg.name], self.lora_B[adapter][seg.name]
+        a, b = self.adapter_factors(adapter, seg)
         return (b.float() @ a.float()).t() * seg.scaling
 
     def _squared_norms(self, adapter: str, seg: Segment) -> torch.Tensor:

@@ -48,6 +48,7 @@ def hf_llama(model, facts: ModelFacts):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = model.config
+    tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
     hf_cfg = LlamaConfig(
         vocab_size=facts.vocab_size,
         hidden_size=facts.hidden_size,
@@ -59,12 +60,14 @@ def hf_llama(model, facts: ModelFacts):
         rms_norm_eps=cfg.layernorm_epsilon,
         rope_theta=10000.0,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         attention_bias=False,
         mlp_bias=False,
     )
     hf = LlamaForCausalLM(hf_cfg).float().eval()
-    hf.load_state_dict(megatron_full_to_hf(full_base_state(model), facts), strict=True)
+    # A tied lm_head is the embedding's weight: the state dict has no lm_head.weight.
+    missing, unexpected = hf.load_state_dict(megatron_full_to_hf(full_base_state(model), facts), strict=False)
+    assert not unexpected and missing == (["lm_head.weight"] if tied else []), (missing, unexpected)
     return hf
 
 

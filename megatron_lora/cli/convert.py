@@ -156,6 +156,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     print(f"tp size:      {info['tp_size']}")
     print(f"modules:      {info['modules']['column']} column-parallel, {info['modules']['row']} row-parallel, "
           f"{info['modules']['replicated']} replicated")
+    for module, source in info["tied"].items():
+        print(f"tied:         {module} uses {source}'s adapter, transposed (ensure_weight_tying)")
     print(f"targets:      {info['target_modules']}")
     if info["target_parameters"]:
         print(f"target params: {info['target_parameters']}")

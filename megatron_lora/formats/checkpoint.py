@@ -5,7 +5,8 @@ Directory layout::
     adapter_config.json       {"format": "megatron-lora", "version": 2, "kind": "lora",
                                "tp_size": N, "lora_config": {...PEFT field names...},
                                "modules": {"<module>": {"parallel": "column" | "row" | "replicated",
-                                           "segments": {"<segment>": {"blocks": 1}}}},
+                                           "segments": {"<segment>": {"blocks": 1}},
+                                           ["tied": "<module>"]}},
                                "model": {...ModelFacts...}   (where the LLaMA-family
                                                               layout is adapted)}
     tp_rank_00.safetensors    rank 0's tensors, keyed <module>.lora_A.<segment>,
@@ -43,6 +44,11 @@ them again for its own expert-TP size and keeps its expert-parallel rank's exper
 ``lora_config.target_parameters`` (PEFT's, e.g. ``["gate_up_proj", "down_proj", "gate.weight"]``)
 adapts a module whole (segment ``linear_fc1`` / ``linear_fc2`` / ``router``).
 
+A module with ``tied`` (the ``output_layer`` of a model whose output layer shares the
+embedding's weight, adapted with ``ensure_weight_tying``) has no tensors: its adapter is the
+named module's transposed (A = E_B^T, B = E_A^T), as PEFT ties ``lm_head`` to
+``embed_tokens``; its one segment's rank is the embedding's.
+
 Version 1 (still read) had the same keys for the four modules of the LLaMA-family layout
 only, no ``modules`` table (it follows from the module names) and always ``model``.
 Writers go through :func:`write_checkpoint` (``outputs.atomic_directory``).
@@ -68,6 +74,7 @@ from megatron_lora.hf.layout import (
     MODULE_PATH,
     EMBEDDING,
     EMBEDDING_PATH,
+    LM_HEAD,
     OUTPUT_LAYER,
     ROUTER,
     ModelFacts,
@@ -168,6 +175,11 @@ def segment_factors(dora: bool) -> tuple[str, ...]:
     return CHECKPOINT_FACTORS if dora else CHECKPOINT_FACTORS[:2]
 
 
+def tied_modules(table: ModuleTable) -> dict[str, str]:
+    """Tied module -> the module whose adapter it uses, transposed (see the module docstring)."""
+    return {name: entry["tied"] for name, entry in table.items() if "tied" in entry}
+
+
 def check_module_table(table, keys: Iterable[str], where: str, dora: bool = False) -> ModuleTable:
     """Refuse a ``modules`` table that is malformed or does not describe exactly ``keys``
     (with ``dora``, a magnitude for every segment)."""
@@ -179,7 +191,13 @@ def check_module_table(table, keys: Iterable[str], where: str, dora: bool = Fals
         if not ok:
             raise ValueError(f"{where}: modules[{name!r}] is not {{'parallel': 'column'|'row'|'replicated', "
                              "'segments': {name: {'blocks': 1|2}}}")
-    described = {module_key(n, f, s) for n, e in table.items() for s in e["segments"] for f in segment_factors(dora)}
+    for name, source in tied_modules(table).items():
+        ok = (name, source) == (OUTPUT_LAYER, EMBEDDING_PATH) and len(table[name]["segments"]) == 1
+        if not ok or source not in table or "tied" in table[source] or len(table[source]["segments"]) != 1:
+            raise ValueError(f"{where}: modules[{name!r}] is tied to {source!r}: only {OUTPUT_LAYER} (one segment) "
+                             f"can be tied, to an adapted {EMBEDDING_PATH} with one segment")
+    described = {module_key(n, f, s) for n, e in table.items() if "tied" not in e
+                 for s in e["segments"] for f in segment_factors(dora)}
     keys = set(keys)
     if described != keys:
         odd = sorted(described ^ keys)
@@ -278,14 +296,15 @@ def open_shard(directory: str | Path, tp_rank: int):
 
 
 def check_against_config(keys: Iterable[str], rank_of: Callable[[str], int], config: LoraConfig, source: str,
-                         facts: Optional[ModelFacts] = None) -> None:
+                         facts: Optional[ModelFacts] = None, tied: Iterable[str] = ()) -> None:
     """Refuse tensors that PEFT would not load or apply as the config says.
 
     Each adapted segment (under :func:`segment_name`) must be one the config's targets adapt,
     and its rank (``rank_of`` its lora_A key) must be its effective rank (``rank_pattern``,
     then ``r``, whose default is PEFT's 8). With ``facts``, every module of the LLaMA-family
     layout the config adapts must have tensors, and so must every expert module and router
-    (one segment suffices: shared A or per projection).
+    (one segment suffices: shared A or per projection), except the
+    ``tied`` ones (modules whose adapter is another's).
     """
     adapted, modules, moe_layers = set(), set(), set(facts.moe.layers if facts is not None and facts.moe else ())
     for key in keys:
@@ -317,6 +336,11 @@ def check_against_config(keys: Iterable[str], rank_of: Callable[[str], int], con
         raise ValueError(f"{source} holds no LoRA tensors")
     if facts is None:
         return
+    for module in tied:
+        adapted.add(module)
+        known = layout_module(module)
+        if known is not None and known[1] == OUTPUT_LAYER:
+            adapted.add(hf_module_name(None, LM_HEAD))
     expected = set()
     # An MoE layer has experts where a dense layer has linear_fc1 / linear_fc2.
     layout = [(layer, module) for layer in range(facts.num_layers) for module in MODULE_PATH
@@ -364,7 +388,8 @@ class ShardReader:
             else:
                 self.modules = check_module_table(self.config.get("modules"), self.keys(), where, self.lora_config.use_dora)
             self._check_shapes()
-            check_against_config(self.keys(), lambda k: self.shape(k)[0], self.lora_config, str(self.directory))
+            check_against_config(self.keys(), lambda k: self.shape(k)[0], self.lora_config, str(self.directory),
+                                 tied=tied_modules(self.modules))
 
     def _check_shapes(self) -> None:
         """Every rank file holds the same keys, each in the shape its rank holds."""

@@ -24,10 +24,18 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from megatron_lora.formats.checkpoint import layout_module, segment_name, shard_file, split_key, write_config
+from megatron_lora.formats.checkpoint import (
+    layout_module,
+    module_key,
+    segment_name,
+    shard_file,
+    split_key,
+    tied_modules,
+    write_config,
+)
 from megatron_lora.errors import check_positive_int
 from megatron_lora.hf.importer import hf_model_facts, read_hf_config
-from megatron_lora.hf.layout import HF_PROJECTIONS, MOE_HF_NAMES, ModelFacts, MoeNames, parse_moe_module
+from megatron_lora.hf.layout import HF_PROJECTIONS, LM_HEAD, MOE_HF_NAMES, ModelFacts, MoeNames, parse_moe_module
 from megatron_lora.formats.detect import Format, detect
 from megatron_lora.formats.outputs import atomic_directory, check_destination
 from megatron_lora.formats.peft import (
@@ -167,8 +175,8 @@ def _convert_xlora(
 
 def describe(directory: str | Path, confine_experts: bool = False) -> dict:
     """Format, kind, checkpoint version (None for PEFT), TP size, adapted modules by parallel
-    style, targets, per-segment layers, ranks and alphas, and parameter count. Mixture-of-
-    experts LoRAs are listed apart (``experts``: per segment, layer -> adapted experts, ranks
+    style, tied modules (-> the module whose adapter they use), targets, per-segment layers,
+    ranks and alphas, and parameter count. Mixture-of-experts LoRAs are listed apart (``experts``: per segment, layer -> adapted experts, ranks
     and alphas; a PEFT source's ``moe_layout``).
 
     For an X-LoRA directory: its layout, the classifier's options and shapes,
@@ -202,6 +210,11 @@ def describe(directory: str | Path, confine_experts: bool = False) -> dict:
             info["layers"].append(layer)
         info["r"].add(reader.full_shape(key)[0])
         info["lora_alpha"].add(config.rank_alpha(segment_name(config, key))[1])
+    for module, source in tied_modules(reader.modules).items():
+        # A tied module: the source's rank, its own (PEFT: lm_head's) alpha.
+        info = segments.setdefault(next(iter(reader.modules[module]["segments"])), {"layers": [], "r": set(), "lora_alpha": set()})
+        info["r"].add(reader.full_shape(module_key(source, "lora_A", next(iter(reader.modules[source]["segments"]))))[0])
+        info["lora_alpha"].add(config.rank_alpha(LM_HEAD)[1])
     styles = [m["parallel"] for m in reader.modules.values()]
     order = {s: i for i, s in enumerate(HF_PROJECTIONS)}
     return {
@@ -211,6 +224,7 @@ def describe(directory: str | Path, confine_experts: bool = False) -> dict:
         "tp_size": reader.saved_tp,
         "modules": {"column": styles.count("column"), "row": styles.count("row"), "replicated": styles.count("replicated")},
         "moe_layout": getattr(reader, "moe_layout", None),
+        "tied": tied_modules(reader.modules),
         "target_modules": config.target_modules,
         "target_parameters": config.target_parameters,
         "use_rslora": config.use_rslora,

@@ -12,6 +12,14 @@ computes the same thing.
 Conversions are described as *plans*: per output file, a list of :class:`TensorPlan`
 (key, shape, dtype and a function reading the tensor), so ``convert`` can stream them to
 disk tensor by tensor while the in-memory functions here simply read them all.
+
+Tied embeddings (PEFT's ``ensure_weight_tying``): PEFT gives ``lm_head`` the embedding's
+adapter transposed (``lm_head.lora_A.weight`` = ``lora_embedding_B``^T, ``lora_B`` =
+``lora_embedding_A``^T, one storage) and saves both. Such a file reads as the embedding's
+tensors and a tied ``output_layer`` (``checkpoint.tied_modules``); our tied checkpoints
+export the same way. PEFT also saves the frozen base weights of embedding layers it adapts
+(``...embed_tokens.base_layer.weight``, ``lm_head.base_layer.weight``); LoRA never changes
+them, so they are not read.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from safetensors import SafetensorError
 
 from megatron_lora.formats.checkpoint import (
     ShardReader,
+    tied_modules,
     check_against_config,
     checkpoint_config,
     key_split,
@@ -49,6 +58,9 @@ from megatron_lora.hf.layout import (
     EXPERT_MODULES,
     EXPERT_PROJECTIONS,
     FUSED_EXPERTS,
+    EMBEDDING,
+    EMBEDDING_PATH,
+    OUTPUT_LAYER,
     HF_PROJECTIONS,
     LAYER_INDEX,
     LM_HEAD,
@@ -78,6 +90,8 @@ _PEFT_KEY = re.compile(
     rf"{re.escape(PEFT_PREFIX)}(?P<module>.+)\.(?:(?P<factor>lora_A|lora_B)\.weight|lora_embedding_(?P<efactor>A|B)"
     r"|(?P<magnitude>lora_magnitude_vector))"
 )
+#: The frozen base weights PEFT saves with embedding-layer adapters (``save_embedding_layers``).
+_PEFT_BASE_KEYS = tuple(f"{PEFT_PREFIX}{hf_module_name(None, m)}.base_layer.weight" for m in (EMBED_TOKENS, LM_HEAD))
 
 
 @dataclass(frozen=True)
@@ -174,6 +188,8 @@ class PeftReader:
         fused: dict[int, dict[int, dict[str, str]]] = {}  # layer -> nesting depth -> factor -> PEFT key
         per_expert = False
         for pk in self._file.keys():
+            if pk in _PEFT_BASE_KEYS:
+                continue
             m = _PEFT_KEY.fullmatch(pk)
             if m is None:
                 raise ValueError(
@@ -209,8 +225,34 @@ class PeftReader:
         for layer, depths in sorted(fused.items()):
             self._add_fused(layer, depths)
         self._check()
+        tied = self._tied_output_layer()
         self.modules = layout_module_table(self.keys(), facts)
-        check_against_config(self.keys(), lambda k: self.shape(k)[0], self.lora_config, str(self.path), facts)
+        if tied:
+            self.modules[OUTPUT_LAYER] = {"parallel": "column", "tied": EMBEDDING_PATH, "segments": {LM_HEAD: {"blocks": 1}}}
+        check_against_config(self.keys(), lambda k: self.shape(k)[0], self.lora_config, str(self.path), facts,
+                             tied=tied_modules(self.modules))
+
+    def _tied_output_layer(self) -> bool:
+        """Whether lm_head's tensors are the embedding's, tied by PEFT's ``ensure_weight_tying``
+        (then they leave the keys). With ``ensure_weight_tying`` and lm_head's tensors the
+        embedding's transposed, PEFT tied them; other lm_head tensors are a separate adapter
+        (a base without tied embeddings), unless the targets leave lm_head to the tie."""
+        config = self.lora_config
+        lm = {f: make_key(None, OUTPUT_LAYER, f, LM_HEAD) for f in ("lora_A", "lora_B")}
+        emb = {f: make_key(None, EMBEDDING, f, EMBED_TOKENS) for f in ("lora_A", "lora_B")}
+        if not (config.ensure_weight_tying and config.names_tied_layer() and lm["lora_A"] in self._sources):
+            return False
+        tied = all(k in self._sources for k in emb.values()) and torch.equal(
+            self.full(lm["lora_A"]), self.full(emb["lora_B"]).t()) and torch.equal(self.full(lm["lora_B"]), self.full(emb["lora_A"]).t())
+        if not tied and not config.matches(LM_HEAD):
+            raise ValueError(
+                f"{self.path}: ensure_weight_tying ties lm_head's adapter to embed_tokens', but the file's lm_head "
+                "tensors are not the embedding's transposed (PEFT would load one over the other)"
+            )
+        if tied:
+            for key in lm.values():
+                del self._sources[key]
+        return tied
 
     def _add(self, key: str, source: _Source) -> None:
         if key in self._sources:
@@ -434,6 +476,14 @@ def peft_plan(reader: ShardReader, config: LoraConfig, moe_layout: str = "fused"
             else:
                 read = _bind(reader.full, key)
             plans.append(TensorPlan(peft_key(layer, proj, factor), shape, reader.dtype(key), read))
+    for source in tied_modules(reader.modules).values():
+        # lm_head tied to the embedding: PEFT saves the embedding's factors transposed.
+        seg = next(iter(reader.modules[source]["segments"]))
+        a_key, b_key = module_key(source, "lora_A", seg), module_key(source, "lora_B", seg)
+        r = reader.full_shape(a_key)[0]
+        fan_in, fan_out = facts.projection_shape(LM_HEAD)
+        plans.append(TensorPlan(peft_key(None, LM_HEAD, "lora_A"), (r, fan_in), reader.dtype(b_key), _bind(_transposed, reader, b_key)))
+        plans.append(TensorPlan(peft_key(None, LM_HEAD, "lora_B"), (fan_out, r), reader.dtype(a_key), _bind(_transposed, reader, a_key)))
     params: dict[str, tuple[int, float]] = {}
     if experts:
         if facts is None or facts.moe is None:
@@ -450,6 +500,10 @@ def peft_plan(reader: ShardReader, config: LoraConfig, moe_layout: str = "fused"
 
 def _bind(fn, *args) -> Callable[[], torch.Tensor]:
     return lambda: fn(*args)
+
+
+def _transposed(reader: ShardReader, key: str) -> torch.Tensor:
+    return reader.full(key).t().contiguous()
 
 
 def _shared_b(reader: ShardReader, key: str, module: str, proj: str, facts: ModelFacts) -> torch.Tensor:

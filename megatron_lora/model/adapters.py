@@ -25,6 +25,7 @@ from megatron_lora.formats.checkpoint import (
     local_part,
     module_key,
     split_key,
+    tied_modules,
     write_config,
     write_shard,
 )
@@ -32,8 +33,17 @@ from megatron_lora.config import LoraConfig
 from megatron_lora.formats.detect import AdapterReader
 from megatron_lora.formats.peft import open_adapter
 from megatron_lora.model.gpt import real_vocab_size
-from megatron_lora.hf.layout import ModelFacts
-from megatron_lora.model.lora import LinearSite, freeze_base, iter_linear_sites, layout_facts, lora_module, site_segment
+from megatron_lora.hf.layout import EMBED_TOKENS, EMBEDDING_PATH, OUTPUT_LAYER, ModelFacts
+from megatron_lora.model.lora import (
+    LinearSite,
+    freeze_base,
+    iter_linear_sites,
+    layout_facts,
+    lora_module,
+    site_segment,
+    tie_output_layer,
+    tied_config,
+)
 from megatron_lora.formats.outputs import shared_atomic_directory
 from megatron_lora.parallel.lora_layers import AdapterSpec, LoraLayer, unshard_rows
 
@@ -111,14 +121,18 @@ def _expert_shards(model: nn.Module, adapter_name: str, tp_rank: int, tp: int) -
 def adapter_module_table(model: nn.Module, adapter_name: str = "default", experts: Optional[bool] = None) -> ModuleTable:
     """The checkpoint's ``modules`` table of this rank's modules carrying ``adapter_name``
     (``experts``: only the MoE experts' (True) or all but theirs (False))."""
-    return {
-        site.global_name: {
-            "parallel": site.module.parallel_mode,
-            "segments": {s.name: {"blocks": s.blocks} for s in site.module.lora_specs[adapter_name].segments},
+    table = {}
+    for site in _adapted_sites(model, adapter_name):
+        if experts is not None and experts != _is_expert(site):
+            continue
+        module = site.module
+        table[site.global_name] = {
+            "parallel": module.parallel_mode,
+            "segments": {s.name: {"blocks": s.blocks} for s in module.lora_specs[adapter_name].segments},
         }
-        for site in _adapted_sites(model, adapter_name)
-        if experts is None or experts == _is_expert(site)
-    }
+        if adapter_name in getattr(module, "lora_tied_names", {}):
+            table[site.global_name]["tied"] = module.lora_tied_names[adapter_name][1]
+    return table
 
 
 def model_facts(model: nn.Module) -> Optional[ModelFacts]:
@@ -153,6 +167,8 @@ def save_adapter(
         dist.all_gather_object(parts, ({k: v.cpu() for k, v in state.items()}, table), group=ps.get_pipeline_model_parallel_group())
         state = {k: v for part, _ in parts for k, v in part.items()}
         table = {k: v for _, part in parts for k, v in part.items()}
+    if tied_modules(table):
+        config = config.for_tied_model()  # the config the adapters were added with, as PEFT saves it
     with shared_atomic_directory(directory, overwrite) as tmp:
         if ps.get_data_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
             write_shard(tmp, tp_rank, state)
@@ -170,6 +186,23 @@ def _group_rank_size(module: nn.Module) -> tuple[int, int]:
     if group is None or not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _load_tied(model: nn.Module, reader: AdapterReader, config: LoraConfig, adapter_name: str, tp_rank: int,
+               tp: int) -> None:
+    """Tie the output layer's adapter to the embedding's (loaded first); a copy on a later
+    pipeline stage than the embedding reads the embedding's tensors."""
+    a_key, b_key = (module_key(EMBEDDING_PATH, f, EMBED_TOKENS) for f in ("lora_A", "lora_B"))
+    if a_key not in reader.keys():
+        raise ValueError("ensure_weight_tying ties lm_head's adapter to embed_tokens', which has no tensors")
+    a, b = reader.local(a_key, tp_rank, tp), reader.local(b_key, tp_rank, tp)
+    tie_output_layer(model, config, adapter_name, a.dtype, r=a.shape[0])
+    for site in iter_linear_sites(model):
+        copies = getattr(site.module, "lora_tied", {}) if site.kind == OUTPUT_LAYER else {}
+        if adapter_name in copies:
+            with torch.no_grad():
+                copies[adapter_name]["A"].copy_(a)
+                copies[adapter_name]["B"].copy_(b)
 
 
 def adapter_spec_for_keys(site: LinearSite, keys: list[str], reader: AdapterReader, config: LoraConfig, tp: int) -> AdapterSpec:
@@ -215,12 +248,21 @@ def add_adapter_from_reader(
     Under pipeline parallelism each stage loads its modules; every key must find its module
     on some stage.
     """
+    tp_rank, tp = _tp()
+    tie, config = tied_config(model, config)
+    tied = tied_modules(reader.modules)
+    if tied and not tie:
+        raise ValueError(f"{source}: its lm_head adapter is tied to embed_tokens' (ensure_weight_tying), but the "
+                         "model's output layer does not share the embedding's weight")
     keys = reader.keys()
     a_keys: dict[str, list[str]] = {}
     for key in keys:
         module, factor, _ = split_key(key)
         if factor == "lora_A":
             a_keys.setdefault(module, []).append(key)
+    if tie and OUTPUT_LAYER in a_keys:
+        raise ValueError(f"{source}: holds lm_head tensors of its own, but ensure_weight_tying ties lm_head's "
+                         "adapter to embed_tokens' on this model")
     sites = [s for s in iter_linear_sites(model) if s.global_name in a_keys]
     # Every expert of an adapted expert module (a model holds them all, over its ranks).
     adapted = {(s.moe.layer, s.moe.module) for s in sites if _is_expert(s)}
@@ -247,6 +289,8 @@ def add_adapter_from_reader(
                 p.copy_(t)
             p.data = p.data.to(t.dtype)
             used.add(key)
+    if tie:
+        _load_tied(model, reader, config, adapter_name, tp_rank, tp)
     spread = ps.model_parallel_is_initialized() and max(
         ps.get_pipeline_model_parallel_world_size(), ps.get_expert_model_parallel_world_size()) > 1
     if dist.is_initialized() and spread:  # stages and expert-parallel ranks each load their modules

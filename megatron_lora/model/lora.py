@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer.moe.experts import GroupedMLP, TEGroupedMLP
 from megatron.core.transformer.moe.router import TopKRouter
@@ -33,7 +36,14 @@ from megatron_lora.hf.layout import (
     parse_moe_module,
 )
 from megatron_lora.model.gpt import real_vocab_size
-from megatron_lora.parallel.lora_layers import AdapterSpec, LoraLayer, Segment, add_lora_support, lora_layers
+from megatron_lora.parallel.lora_layers import (
+    AdapterSpec,
+    LoraLayer,
+    LoraVocabParallelEmbedding,
+    Segment,
+    add_lora_support,
+    lora_layers,
+)
 from megatron_lora.parallel.device import device
 
 
@@ -148,16 +158,6 @@ def layout_facts(module: nn.Module) -> ModelFacts:
     return ModelFacts.from_transformer_config(module.config, vocab_size=0)
 
 
-def _check_wrappable(site: LinearSite) -> None:
-    """Refuse parallel linears whose forward the LoRA layers do not implement."""
-    module = site.module
-    if module.weight is None:
-        raise ValueError(
-            f"cannot add LoRA to {site.global_name}: it owns no weight (it receives one at call "
-            "time, as an output layer tied to the embedding does); LoRA on tied weights is not supported"
-        )
-
-
 def match_name(site: LinearSite, segment: str, config: Optional[LoraConfig] = None) -> str:
     """The name a segment of ``site`` matches targets and takes ``rank_pattern`` /
     ``alpha_pattern`` under: the HF name of a projection segment, else the module's own; on
@@ -172,14 +172,13 @@ def match_name(site: LinearSite, segment: str, config: Optional[LoraConfig] = No
 def site_segment(site: LinearSite, segment: str, r: int, config: LoraConfig, tp: int) -> Segment:
     """Segment ``segment`` of rank ``r`` on ``site``: the rows of a projection where the
     LLaMA-family layout or the MoE layout is known, else the whole output."""
-    _check_wrappable(site)
     if site.moe is not None:
         geometry = moe_segment_geometry(site.moe, segment, site.module.weight.shape[0], site.module.config.gated_linear_unit)
     elif site.kind is None or site.kind in _WHOLE:
         allowed = (site.global_name.rsplit(".", 1)[-1], *([_WHOLE[site.kind]] if site.kind else []))
         if segment not in allowed:
             raise ValueError(f"{site.global_name} has no segment {segment!r} (one LoRA over the module: {allowed})")
-        geometry = dict(width=site.module.weight.shape[0])  # output layer and embedding: the padded vocabulary
+        geometry = dict(width=_local_rows(site.module))  # output layer and embedding: the padded vocabulary
     else:
         facts = layout_facts(site.module)
         proj = None if segment == site.kind else segment
@@ -187,6 +186,11 @@ def site_segment(site: LinearSite, segment: str, r: int, config: LoraConfig, tp:
             raise ValueError(f"{site.global_name}: segment {segment!r} does not belong to {site.kind}")
         geometry = facts.segment_geometry(site.kind, proj, tp)
     return Segment(name=segment, r=r, scaling=config.scaling(match_name(site, segment, config)), **geometry)
+
+
+def _local_rows(module: nn.Module) -> int:
+    """Rows of a layer's TP-local output (an output layer tied to the embedding owns no weight)."""
+    return module.weight.shape[0] if module.weight is not None else module.output_size_per_partition
 
 
 def adapter_spec_for(config: LoraConfig, site: LinearSite, tp: int) -> Optional[AdapterSpec]:
@@ -216,9 +220,11 @@ def adapter_spec_for(config: LoraConfig, site: LinearSite, tp: int) -> Optional[
         names = [kind] if shared else projections
     if not names:
         return None
-    if config.use_dora and site.moe is not None:
-        # PEFT refuses DoRA through target_parameters, the layout transformers 5 gives experts.
-        raise ValueError(f"use_dora: DoRA on MoE experts and the router ({site.global_name}) is not supported")
+    if config.use_dora and (site.moe is not None or site.module.weight is None):
+        # PEFT refuses DoRA through target_parameters, the layout transformers 5 gives experts;
+        # DoRA's norm needs the weight, which a tied output layer only receives at call time.
+        raise ValueError(f"use_dora: DoRA on {site.global_name} is not supported (MoE experts and the router, "
+                         "an output layer tied to the embedding)")
     segments = tuple(site_segment(site, n, config.rank_alpha(match_name(site, n, config))[0], config, tp) for n in names)
     return AdapterSpec(segments, dropout=config.lora_dropout, init=config.init_lora_weights, dora=config.use_dora)
 
@@ -260,21 +266,142 @@ def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "defa
     The factors are drawn from the default RNG (as PEFT does). With ``seed``, each module's
     are drawn from a generator seeded by (seed, its global module name) instead, so every
     tensor and pipeline split of the model starts from the same adapter.
+
+    On a GPT model whose output layer shares the embedding's weight, ``ensure_weight_tying``
+    ties the output layer's adapter to the embedding's as PEFT does (:func:`tied_config`).
     """
-    planned = []
+    tie, config = tied_config(model, config)
+    planned, tied = [], []
     for site in iter_linear_sites(model, config):
         module = site.module
         tp = module.tp_group.size() if module.tp_group is not None else 1
-        spec = adapter_spec_for(config, site, tp)
-        if spec is None:
+        tied_here = tie and site.kind == OUTPUT_LAYER  # tied after the embedding is adapted
+        spec = None if tied_here else adapter_spec_for(config, site, tp)
+        if spec is None and not tied_here:
             continue
         if adapter_name in getattr(module, "lora_specs", {}):
             raise ValueError(f"adapter {adapter_name!r} already exists on {site.name}")
-        planned.append((site, spec))
+        if tied_here:
+            tied.append(site)
+        else:
+            planned.append((site, spec))
     for site, spec in planned:
         generator = None if seed is None else torch.Generator().manual_seed(_module_seed(seed, site.global_name))
         lora_module(site, model).add_adapter(adapter_name, spec, dtype=dtype, generator=generator)
-    return len(planned)
+    if tie:
+        tie_output_layer(model, config, adapter_name, dtype)
+        sync_tied_adapters(model)
+    return len(planned) + len(tied)
+
+
+def tied_config(model: nn.Module, config: LoraConfig) -> tuple[bool, LoraConfig]:
+    """(whether the output layer's adapter is tied to the embedding's, the config adapters are
+    added with) on ``model``, as PEFT decides them: tying rewrites the targets
+    (:meth:`LoraConfig.for_tied_model`). PEFT's warning about targets on tied weights is
+    given once, on rank 0."""
+    tied_model = bool(getattr(model, "share_embeddings_and_output_weights", False))
+    message = config.tying_warning(tied_model)
+    if message is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        warnings.warn(message, stacklevel=3)
+    if not config.ties_adapters(tied_model):
+        return False, config
+    if config.use_dora:
+        raise ValueError("use_dora with ensure_weight_tying: DoRA on tied embedding and lm_head adapters is not supported")
+    config = config.for_tied_model()
+    if not config.matches(hf_module_name(None, EMBED_TOKENS)):
+        raise ValueError(
+            f"ensure_weight_tying=True ties lm_head's adapter to embed_tokens', but exclude_modules="
+            f"{config.exclude_modules!r} / layers_to_transform={config.layers_to_transform!r} leave the embedding unadapted"
+        )
+    return True, config
+
+
+def tie_output_layer(model: nn.Module, config: LoraConfig, adapter_name: str, dtype: torch.dtype = torch.float32,
+                     r: Optional[int] = None) -> None:
+    """Tie this stage's output layer's adapter ``adapter_name`` to the embedding's (added
+    first; ``r`` its rank, default the config's). On a pipeline stage without the embedding
+    the output layer holds a zero copy (:func:`sync_tied_adapters` or a checkpoint fills it);
+    on a stage without the output layer the embedding's factors are marked
+    ``shared_embedding``, as megatron-core marks the embedding weight it shares with a later
+    stage."""
+    sites = {s.kind: s for s in iter_linear_sites(model) if s.kind in (OUTPUT_LAYER, EMBEDDING)}
+    embedding = sites[EMBEDDING].module if EMBEDDING in sites else None
+    if embedding is not None and adapter_name not in getattr(embedding, "lora_specs", {}):
+        raise ValueError(f"cannot tie adapter {adapter_name!r} of the output layer: the embedding has none")
+    if OUTPUT_LAYER not in sites:
+        if embedding is not None:
+            for factor in embedding.adapter_factors(adapter_name, embedding.lora_specs[adapter_name].segments[0]):
+                factor.shared_embedding = True
+        return
+    site = sites[OUTPUT_LAYER]
+    r = r or config.rank_alpha(hf_module_name(None, EMBED_TOKENS))[0]
+    # PEFT scales the tied lm_head adapter by lm_head's own alpha / r.
+    segment = Segment(name=LM_HEAD, r=r, scaling=config.scaling(LM_HEAD), width=_local_rows(site.module))
+    spec = AdapterSpec((segment,), dropout=config.lora_dropout, init=config.init_lora_weights)
+    names = (site.global_name, EMBEDDING_PATH, EMBED_TOKENS)
+    add_lora_support(site.module).tie_adapter(adapter_name, spec, names, embedding, dtype)
+
+
+def tied_adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The factors of adapters tied across pipeline stages on this stage: the embedding's
+    (first stage) or the output layer's copies (last stage), in the same order on both."""
+    found = {}
+    for _, layer in lora_layers(model):
+        if isinstance(layer, LoraVocabParallelEmbedding):
+            for name, spec in layer.lora_specs.items():
+                a, b = layer.adapter_factors(name, spec.segments[0])
+                if getattr(a, "shared_embedding", False):
+                    found[(name, "A")], found[(name, "B")] = a, b
+        for name, copy in getattr(layer, "lora_tied", {}).items():
+            found[(name, "A")], found[(name, "B")] = copy["A"], copy["B"]
+    return [found[k] for k in sorted(found)]
+
+
+def _embedding_group():
+    """megatron-core's embedding group (first and last pipeline stage) if this rank is in one
+    of more than one rank, else None."""
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        return None
+    group = ps.get_embedding_group(check_initialized=False)
+    if group is None or group.size() < 2 or dist.get_rank() not in dist.get_process_group_ranks(group):
+        return None
+    return group
+
+
+@torch.no_grad()
+def sync_tied_adapters(model: nn.Module) -> None:
+    """Give the last stage's copies of tied adapters the first stage's values (zeros summed
+    with them over the embedding group, as megatron-core starts its copy of the embedding).
+    Call on every rank."""
+    group = _embedding_group()
+    params = tied_adapter_parameters(model)
+    if group is None or not params:
+        return
+    flat = torch.cat([p.reshape(-1) for p in params])
+    if not ps.is_pipeline_first_stage():
+        flat.zero_()  # the first stage's values win, also for copies synchronised before
+    dist.all_reduce(flat, group=group)
+    for p, value in zip(params, flat.split([p.numel() for p in params])):
+        p.copy_(value.view_as(p))
+
+
+@torch.no_grad()
+def allreduce_tied_adapter_grads(model: list[nn.Module]) -> None:
+    """Sum the gradients of tied adapters over megatron-core's embedding group, as its
+    ``finalize_model_grads`` sums the shared embedding weight's (``main_grad`` under its DDP,
+    else ``grad``), so both stages' copies take the same step. Call on every rank after the
+    backward passes, before the optimizer step."""
+    group = _embedding_group()
+    params = [p for chunk in model for p in tied_adapter_parameters(chunk) if p.requires_grad]
+    if group is None or not params:
+        return
+    attr = "main_grad" if hasattr(params[0], "main_grad") else "grad"
+    grads = [getattr(p, attr) if getattr(p, attr) is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    for p, g, value in zip(params, grads, flat.split([g.numel() for g in grads])):
+        g.copy_(value.view_as(g))
+        setattr(p, attr, g)
 
 
 def _module_seed(seed: int, name: str) -> int:
@@ -306,13 +433,18 @@ def freeze_base(model: nn.Module) -> nn.Module:
     for _, param in model.named_parameters():
         param.requires_grad_(False)
     for _, layer in lora_layers(model):
-        for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters(), *layer.lora_magnitude_vector.parameters()]:
+        for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters(), *layer.lora_magnitude_vector.parameters(),
+                  *getattr(layer, "lora_tied", nn.Module()).parameters()]:
             p.requires_grad_(True)
     return model
 
 
 def merge_lora(model: nn.Module, adapters: Optional[Iterable[str]] = None) -> nn.Module:
-    """Merge the active (or given) adapters into the TP-local base weights."""
+    """Merge the active (or given) adapters into the TP-local base weights (every layer is
+    checked first, so a refusal leaves the model unmerged)."""
+    adapters = None if adapters is None else list(adapters)
+    for _, layer in lora_layers(model):
+        layer.check_merge(adapters)
     for _, layer in lora_layers(model):
         layer.merge(adapters)
     return model

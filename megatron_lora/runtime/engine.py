@@ -35,6 +35,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
+from megatron_lora.model.lora import allreduce_tied_adapter_grads
 from megatron_lora.parallel.device import device
 from megatron_lora.runtime.data import Sample, batch_indices, rank_micro_batches, stack_samples
 from megatron_lora.model.gpt import real_vocab_size
@@ -122,6 +123,13 @@ def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     return [o.optimizer for o in chained]
 
 
+def _finalize_model_grads(model: list[nn.Module], *args, **kwargs) -> None:
+    """megatron-core's ``finalize_model_grads``, then the sum of the tied adapters' gradients
+    over the embedding group, which megatron-core does for the shared embedding weight only."""
+    finalize_model_grads(model, *args, **kwargs)
+    allreduce_tied_adapter_grads(model)
+
+
 class Engine:
     """Trains the trainable parameters of ``model`` (this rank's pipeline stage).
 
@@ -141,7 +149,7 @@ class Engine:
         settings.check(self.dp)
         config: TransformerConfig = base.config
         config.calculate_per_token_loss = True
-        config.finalize_model_grads_func = finalize_model_grads
+        config.finalize_model_grads_func = _finalize_model_grads
         if not hasattr(model, "set_input_tensor"):
             model = _SingleStage(model, base)
         fp16, bf16 = settings.dtype == "fp16", settings.dtype == "bf16"
