@@ -137,7 +137,41 @@ def _group_body(rank, world, base, root):
         _run(base, root, "no-sp", 2, 1, 2, False)
     except ValueError as e:
         out["no_sp"] = str(e)
+    out["experts"] = _expert_checkpoint(base, Path(root) / "experts")
     return out
+
+
+def _expert_checkpoint(base, save):
+    """Trainable expert LoRA factors (test_moe_lora's, added by hand) at EP=2: a checkpoint
+    after step 2 resumed into a fresh engine gives step 3's loss bitwise (each expert-parallel
+    rank saves and restores its own experts)."""
+    from megatron_lora.config import LoraConfig
+    from megatron_lora.model.lora import apply_lora
+    from megatron_lora.runtime.checkpoints import load_checkpoint, save_checkpoint
+    from megatron_lora.runtime.distributed import init_distributed
+    from megatron_lora.runtime.engine import Engine
+    from megatron_lora.runtime.tiny_task import counting_datasets
+    from megatron_lora.runtime.training import load_base
+    from test_moe_lora import _add_expert_lora
+
+    opts = _options(base, save, ep=2)
+    init_distributed(1, expert_model_parallel_size=2)
+
+    def engine():
+        model = load_base(base, opts)
+        apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), seed=1)
+        _add_expert_lora(model, COMMON["hidden_size"], 32)
+        train, _ = counting_datasets(opts.seq_length, COMMON["vocab_size"], opts.seed)
+        return Engine(model, model, opts.settings(), train)
+
+    first = engine()
+    first.train_step(), first.train_step()
+    directory = save_checkpoint(first, save, 1, {})
+    third = first.train_step().loss
+    second = engine()
+    load_checkpoint(second, save)
+    return {"third": third, "resumed": second.train_step().loss,
+            "files": sorted(f.name for f in directory.glob("state_*"))}
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +221,14 @@ def test_load_balancing_gradient_scale(runs):
     scale = max(g.abs().max().item() for g in without["plain"].values())
     change = max((with_aux["plain"][n] - g).abs().max().item() for n, g in without["plain"].items())
     assert change > 1e-3 * scale, change
+
+
+def test_expert_checkpoint_resumes(runs):
+    for per_rank in runs[1]:
+        experts = per_rank["experts"]
+        assert experts["resumed"] == experts["third"]
+    assert runs[1][0]["experts"]["files"] == ["state_etp00_ep00_pp00.safetensors", "state_etp00_ep01_pp00.safetensors",
+                                              "state_tp00_pp00.safetensors"]
 
 
 def test_tensor_parallel_moe_needs_sequence_parallel(runs):

@@ -158,6 +158,7 @@ class Engine:
         self.train_data, self.eval_data, self.attention_mask = train_data, eval_data, attention_mask
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         settings.check(self.dp)
+        _check_trainable_experts(model)
         config: TransformerConfig = base.config
         config.calculate_per_token_loss = True
         config.finalize_model_grads_func = finalize_model_grads
@@ -304,6 +305,19 @@ class Engine:
             total, tokens = total + part, tokens + count
         self.model.train()
         return total / max(tokens, 1)
+
+
+def _check_trainable_experts(model: nn.Module) -> None:
+    """Refuse trainable expert parameters that megatron-core's DDP would reduce wrongly: at
+    expert-parallel size 1 it treats experts as dense parameters (reduced over the dense
+    data-parallel group), which is right only when each expert is split like the dense layers."""
+    ep, etp = ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()
+    if ep > 1 or etp == ps.get_tensor_model_parallel_world_size():
+        return
+    for name, module in model.named_modules():
+        if getattr(module, "is_expert", False) and any(p.requires_grad for p in module.parameters()):
+            raise ValueError(f"{name} is a trainable expert layer: with expert-parallel size 1 the expert-TP size "
+                             f"({etp}) must equal the TP size ({ps.get_tensor_model_parallel_world_size()})")
 
 
 def _aux_loss_coeff(config: TransformerConfig) -> float:

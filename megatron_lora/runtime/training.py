@@ -8,6 +8,10 @@ data (``--data``) or, with ``--tiny``, the synthetic counting task of
 (:mod:`megatron_lora.runtime.checkpoints`) and ends with the adapter in ``SAVE/adapter/``
 (a megatron-lora checkpoint, or our X-LoRA checkpoint) and optionally a PEFT directory.
 
+A mixture-of-experts base trains at any TP x EP x expert-TP (x SP, required at TP > 1), the
+data split over the dense data-parallel group as for a dense model, optionally with
+megatron-core's load-balancing loss (``moe_aux_loss_coeff``; see the engine for its weight).
+
 X-LoRA trains its classifier (and with ``xlora_trainable_adapters`` the experts) over
 frozen LoRA experts, given as directories or made here as small random adapters
 (:data:`RANDOM_EXPERTS`). X-LoRA training refuses pipeline parallelism: the scalings come
