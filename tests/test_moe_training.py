@@ -4,7 +4,7 @@ A tiny random Qwen3-MoE (4 experts, top-2), LoRA on the attention projections (u
 every router), trained on the synthetic task with ``moe_aux_loss_coeff`` > 0:
 
 - one process against 4 gloo ranks at TP x EP x expert-TP x SP = 1x2x1, 2x2x1+SP, 2x1x2+SP
-  and 1x2x2 (one spawned group): per-step losses, load-balancing terms and gradient norms
+  and 1x2x2, and 1x2x1 with 2 pipeline stages (one spawned group): per-step losses, load-balancing terms and gradient norms
   within 1e-5 relative, adapters within test_training.py's tolerance (1e-3 of each factor's
   largest entry);
 - the scale of the load-balancing gradient: the engine's gradients (megatron-core's DDP,
@@ -27,8 +27,8 @@ from test_moe_import import COMMON, _perturbed
 
 STEPS = 3
 COEFF = 0.5
-#: (TP, EP, expert TP, sequence parallel) on 4 ranks.
-LAYOUTS = ((1, 2, 1, False), (2, 2, 1, True), (2, 1, 2, True), (1, 2, 2, False))
+#: (TP, EP, expert TP, sequence parallel, PP) on 4 ranks.
+LAYOUTS = ((1, 2, 1, False, 1), (2, 2, 1, True, 1), (2, 1, 2, True, 1), (1, 2, 2, False, 1), (1, 2, 1, False, 2))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TOL = 1e-5
 
@@ -45,10 +45,10 @@ def moe_base(tmp_path_factory):
     return str(path)
 
 
-def _options(base, save, tp=1, ep=1, etp=None, sp=False, **kw):
+def _options(base, save, tp=1, ep=1, etp=None, sp=False, pp=1, **kw):
     from megatron_lora.runtime.training import FinetuneOptions
 
-    values = dict(base=base, tiny=True, tp=tp, ep=ep, etp=etp, sequence_parallel=sp, train_iters=STEPS,
+    values = dict(base=base, tiny=True, tp=tp, ep=ep, etp=etp, sequence_parallel=sp, pp=pp, train_iters=STEPS,
                   micro_batch_size=2, global_batch_size=8, seq_length=16, lr=1e-2, eval_interval=100,
                   eval_iters=1, target_modules=TARGETS, save=str(save), seed=7, moe_aux_loss_coeff=COEFF)
     return FinetuneOptions(**{**values, **kw})
@@ -132,7 +132,7 @@ def _switch_loss(router, hidden) -> float:
 
 
 def _group_body(rank, world, base, root):
-    out = {layout: _run(base, root, "run{}{}{}{}".format(*map(int, layout)), *layout) for layout in LAYOUTS}
+    out = {layout: _run(base, root, "run{}{}{}{}{}".format(*map(int, layout)), *layout) for layout in LAYOUTS}
     try:
         _run(base, root, "no-sp", 2, 1, 2, False)
     except ValueError as e:
