@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from megatron_lora.hf.layout import ALL_LINEAR, HF_PROJECTIONS, OUTPUT_LAYER
+from megatron_lora.hf.layout import ALL_LINEAR, HF_PROJECTIONS, OUTPUT_LAYER, ROUTER, MoeModule
 
 #: PEFT's default targets for the LLaMA family when ``target_modules`` is None.
 DEFAULT_TARGETS = ["q_proj", "v_proj"]
@@ -30,6 +30,12 @@ class LoraConfig:
     #: layout is known (``q_proj`` ... ``down_proj``: one LoRA per projection),
     #: ``"all-linear"``, or a regex string matched in full against either name.
     target_modules: Optional[Union[list[str], str]] = None
+    #: PEFT's ``target_parameters`` (names matched, exact or as whole trailing components,
+    #: against ``<module>.<parameter>`` as transformers 5 holds an MoE layer): ``gate_up_proj``
+    #: / ``down_proj`` (``mlp.experts.gate_up_proj`` ...) adapt every expert's linear_fc1 /
+    #: linear_fc2 with one LoRA each (shared A over ``[gate; up]``), ``gate.weight`` the router.
+    #: As in PEFT, ``layers_to_transform`` and ``exclude_modules`` do not apply to them.
+    target_parameters: Optional[list[str]] = None
     #: Modules to leave out (same matching as target_modules).
     exclude_modules: Optional[Union[list[str], str]] = None
     #: Rank-stabilised scaling lora_alpha / sqrt(r).
@@ -71,6 +77,11 @@ class LoraConfig:
                 _check_regex(f"{name}={value!r}", value)
             elif value is not None and not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
                 raise ValueError(f"{name} must be a list of names or a regex string, got {value!r}")
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
+        tp = self.target_parameters
+        if tp is not None and not (isinstance(tp, list) and all(isinstance(t, str) for t in tp)):
+            raise ValueError(f"target_parameters must be a list of parameter names, got {tp!r}")
         for name in ("rank_pattern", "alpha_pattern"):
             for key in getattr(self, name):
                 _check_regex(f"{name} key {key!r}", rf"(.*\.)?({key})$")
@@ -124,6 +135,33 @@ class LoraConfig:
         if layer is None:
             layer = self.layer_index(name)
         return layer is not None and layer in self.layers_to_transform
+
+    def matches_any(self, names: tuple[str, ...], layer: Optional[int] = None, any_linear: bool = False) -> Optional[str]:
+        """The first of ``names`` (spellings of one module) that the targets match, None if
+        none does or any is excluded."""
+        if any(_matches(self.exclude_modules, n) for n in names):
+            return None
+        return next((n for n in names if self.matches(n, layer, any_linear)), None)
+
+    def matches_parameter(self, key: str) -> bool:
+        """Whether ``target_parameters`` names the parameter ``key`` (PEFT's rule)."""
+        return any(key == t or key.endswith("." + t) for t in self.target_parameters or ())
+
+    def moe_segment_name(self, module: MoeModule, segment: str) -> Optional[str]:
+        """The name segment ``segment`` of an MoE module is adapted under (its rank_pattern /
+        alpha_pattern key matches against it), None where the config does not adapt it.
+
+        A projection segment of an expert matches by its HF names; a segment named for its
+        module by the Megatron name or, through ``target_parameters``, by its fused parameter;
+        the router (the one segment ``router``) by its Megatron or HF name (``"all-linear"``
+        includes it, as PEFT's does) or its parameter ``gate.weight``.
+        """
+        if segment not in (module.module, *module.projections()):
+            return None
+        name = self.matches_any(module.hf_names(segment), module.layer, any_linear=module.module == ROUTER)
+        if name is None and segment == module.module and self.matches_parameter(module.parameter):
+            name = module.parameter
+        return name
 
     def layer_index(self, name: str) -> Optional[int]:
         """The layer index PEFT reads from a module name for ``layers_to_transform``: the

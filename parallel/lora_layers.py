@@ -16,7 +16,9 @@ and B replicated. The LoRA term joins the base layer's own collective, so no act
 collective is added. An expert of megatron-core's ``SequentialMLP`` is such a layer whose
 ``tp_group`` is the expert-TP group: its replicated factor sums its gradient over that group,
 and under expert parallelism or expert TP the token dispatcher, not the layer, gathers the
-input and reduces the output, for the LoRA term as for the base.
+input and reduces the output, for the LoRA term as for the base. The MoE router
+(:class:`LoraTopKRouter`, ``parallel_mode`` "replicated") holds both factors whole on every
+rank and marks them as megatron-core marks the router weight.
 
 Precision, one rule (:class:`LoraComputeDtype`, the layer's ``lora_compute_dtype``):
 
@@ -56,6 +58,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
@@ -152,7 +155,7 @@ ExtraTerm = Callable[["LoraLayer", torch.Tensor, torch.Tensor], torch.Tensor]
 class LoraLayer:
     """Adapter bookkeeping and math shared by the column and row LoRA layers."""
 
-    #: "column": A replicated, B split; "row": A split, B replicated.
+    #: "column": A replicated, B split; "row": A split, B replicated; "replicated": both whole.
     parallel_mode: str
 
     def init_lora(self) -> None:
@@ -190,17 +193,20 @@ class LoraLayer:
             a, b = self._initial_full_factors(seg, world, spec.init, dtype, generator)
             if self.parallel_mode == "column":
                 b = shard_rows(b, seg.blocks, tp, world)
-            else:
+            elif self.parallel_mode == "row":
                 a = a.chunk(world, 1)[tp]
             a_dict[seg.name] = nn.Parameter(a.to(device).contiguous())
             b_dict[seg.name] = nn.Parameter(b.to(device).contiguous())
-            split, dim = (b_dict, 0) if self.parallel_mode == "column" else (a_dict, 1)
-            set_tensor_model_parallel_attributes(split[seg.name], True, dim, 1)
-            # An expert's factors are expert parameters: megatron-core's DDP reduces
-            # parameters marked allreduce=False over the expert data-parallel group.
-            if hasattr(self.weight, "allreduce"):
-                for param in (a_dict[seg.name], b_dict[seg.name]):
-                    param.allreduce = self.weight.allreduce
+            if self.parallel_mode != "replicated":
+                split, dim = (b_dict, 0) if self.parallel_mode == "column" else (a_dict, 1)
+                set_tensor_model_parallel_attributes(split[seg.name], True, dim, 1)
+            # The marks megatron-core's gradient reduction reads off the weight: an expert's
+            # allreduce=False (reduced over the expert data-parallel group), the router's
+            # sequence_parallel (summed over TP under sequence parallelism).
+            for mark in ("allreduce", "sequence_parallel"):
+                if hasattr(self.weight, mark):
+                    for param in (a_dict[seg.name], b_dict[seg.name]):
+                        setattr(param, mark, getattr(self.weight, mark))
         self.lora_A[name] = a_dict
         self.lora_B[name] = b_dict
         self.lora_specs[name] = spec
@@ -227,8 +233,8 @@ class LoraLayer:
                 f"segment {seg.name!r} (groups={seg.groups}, period={period}, offset={seg.offset}, "
                 f"width={seg.width}) does not fit the local output of {out_local} rows"
             )
-        if self.parallel_mode == "row" and (seg.groups != 1 or seg.width != out_local):
-            raise ValueError("a row-parallel LoRA segment must cover the whole output")
+        if self.parallel_mode != "column" and (seg.groups != 1 or seg.width != out_local):
+            raise ValueError(f"a {self.parallel_mode} LoRA segment must cover the whole output")
 
     def _tp_rank_world(self) -> tuple[int, int]:
         group = self.tp_group
@@ -239,19 +245,20 @@ class LoraLayer:
         """``x`` after LoRA dropout ``p`` (in training)."""
         if not self.training or p == 0.0:
             return x
-        if self.parallel_mode == "column":
+        if self.parallel_mode in ("column", "replicated"):
             # x is replicated: the default RNG draws the same mask on every TP rank.
             return F.dropout(x, p, True)
         with get_cuda_rng_tracker().fork():
             return F.dropout(x, p, True)
 
     def factors(self, adapter: str, seg: Segment, activation: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of one segment as the LoRA term uses them: replicated factors sum their
-        gradient over TP (in the parameters' dtype), then both are cast to the compute dtype."""
+        """(A, B) of one segment as the LoRA term uses them: the replicated factor of a split
+        pair sums its gradient over TP (in the parameters' dtype), then both are cast to the
+        compute dtype."""
         a, b = self.lora_A[adapter][seg.name], self.lora_B[adapter][seg.name]
         if self.parallel_mode == "column":
             a = collectives.replicated_factor(a, self.tp_group)
-        else:
+        elif self.parallel_mode == "row":
             b = collectives.replicated_factor(b, self.tp_group)
         dtype = compute_dtype(self.lora_compute_dtype, a.dtype, activation)
         return a.to(dtype), b.to(dtype)
@@ -346,6 +353,8 @@ class LoraLayer:
         gated = []
         for name, spec in self.lora_specs.items():
             for seg in spec.segments:
+                if self.parallel_mode == "replicated":
+                    continue
                 axis_map[f"{split}.{name}.{seg.name}"] = axis
                 if seg.blocks == 2:
                     gated.append(f"{prefix}{split}.{name}.{seg.name}")
@@ -577,16 +586,63 @@ class LoraVocabParallelEmbedding(LoraLayer, VocabParallelEmbedding):
         return mappings.reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
 
 
+class LoraTopKRouter(TopKRouter, LoraLayer):
+    """megatron-core's MoE router with LoRA on its gating linear, as PEFT's
+    ``target_parameters=["gate.weight"]`` adapts HF's router:
+    logits = x W^T + s (x A^T) B^T, A [r, hidden], B [experts, r].
+
+    The router is replicated over TP, and so are both factors (``parallel_mode``
+    "replicated"): its tokens are all of this rank's, so the factors' gradients are complete
+    except under sequence parallelism, where they are marked ``sequence_parallel`` as the
+    router weight is and megatron-core's ``finalize_model_grads`` sums them over TP with it.
+    The LoRA term is added to the logits in the router's dtype (``moe_router_dtype``, fp32 on
+    a half-precision base when set), following ``lora_compute_dtype`` against it.
+    """
+
+    parallel_mode = "replicated"
+    _base_axis_map: dict = {}
+    # LoraLayer comes after TopKRouter among the bases (with it first, ``add_lora_support``
+    # could not reassign a TopKRouter's ``__class__``: its abc.ABC base changes the layout),
+    # so the one method both define is picked here.
+    sharded_state_dict = LoraLayer.sharded_state_dict
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.init_lora()
+
+    @property
+    def input_size(self) -> int:
+        return self.config.hidden_size
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        logits = super().gating(input)
+        if self.lora_disabled:
+            return logits
+        x2, out = _flat(input), _flat(logits)
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            spec = self.lora_specs[name]
+            xin = self.lora_input(x2, spec.dropout)
+            for seg in spec.segments:
+                a, b = self.factors(name, seg, out.dtype)
+                term = F.linear(F.linear(xin.to(a.dtype), a), b) * seg.scaling
+                # A wider term is added in its dtype and rounded once, as in add_rows.
+                out = (out.to(term.dtype) + term).to(logits.dtype)
+        return out.view_as(logits)
+
+
 LORA_CLASSES: dict[type, type] = {
     ColumnParallelLinear: LoraColumnParallelLinear,
     RowParallelLinear: LoraRowParallelLinear,
     VocabParallelEmbedding: LoraVocabParallelEmbedding,
+    TopKRouter: LoraTopKRouter,
 }
 
 
 def lora_class(cls: type) -> type:
-    """The LoRA class of a ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding
-    class or subclass.
+    """The LoRA class of a ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding /
+    TopKRouter class or subclass.
 
     A subclass gets a LoRA subclass of its own (made once), so ``isinstance`` checks on the
     original class keep holding; the LoRA forward replaces the base class's.
@@ -594,11 +650,12 @@ def lora_class(cls: type) -> type:
     if issubclass(cls, LoraLayer):
         return cls
     if cls not in LORA_CLASSES:
-        base = next((b for b in (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding) if issubclass(cls, b)), None)
+        base = next((b for b in (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, TopKRouter)
+                     if issubclass(cls, b)), None)
         if base is None:
             raise TypeError(
                 f"cannot add LoRA to {cls.__module__}.{cls.__qualname__}: supported classes are "
-                "ColumnParallelLinear, RowParallelLinear and VocabParallelEmbedding (and their subclasses)"
+                "ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding and TopKRouter (and their subclasses)"
             )
         lora = LORA_CLASSES[base]
         LORA_CLASSES[cls] = type(f"Lora{cls.__name__}", (lora, cls), {"__module__": __name__})
@@ -606,8 +663,8 @@ def lora_class(cls: type) -> type:
 
 
 def add_lora_support(module: nn.Module) -> LoraLayer:
-    """Turn a ColumnParallelLinear / RowParallelLinear (or subclass) into its LoRA class, in
-    place.
+    """Turn a ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding / TopKRouter (or
+    subclass) into its LoRA class, in place.
 
     Parameters, buffers, hooks and state-dict keys stay as they are; the instance only
     gains the adapter containers. Any other class is refused by name.

@@ -4,7 +4,7 @@ Directory layout::
 
     adapter_config.json       {"format": "megatron-lora", "version": 2, "kind": "lora",
                                "tp_size": N, "lora_config": {...PEFT field names...},
-                               "modules": {"<module>": {"parallel": "column" | "row",
+                               "modules": {"<module>": {"parallel": "column" | "row" | "replicated",
                                            "segments": {"<segment>": {"blocks": 1}}}},
                                "model": {...ModelFacts...}   (where the LLaMA-family
                                                               layout is adapted)}
@@ -16,9 +16,28 @@ Directory layout::
 ``output_layer`` ...). ``<segment>`` is an HF projection (``q_proj`` ...: per-projection
 LoRA on a fused module of the LLaMA-family layout) or the module's last name component (one
 LoRA over the whole module, shared A on a fused one). ``parallel`` says how the factors are
-split over TP (column: B by rows, A replicated; row: A by columns, B replicated) and
-``blocks`` how a split B's rows are chunked (2: megatron-core's gated ``[gate_j; up_j]``).
-Each rank's tensors have the shape that rank holds; pipeline stages are merged.
+split over TP (column: B by rows, A replicated; row: A by columns, B replicated;
+replicated: neither) and ``blocks`` how a split B's rows are chunked (2: megatron-core's
+gated ``[gate_j; up_j]``). Each rank's tensors have the shape that rank holds; pipeline
+stages are merged.
+
+Mixture of experts (megatron-core's SequentialMLP experts and TopKRouter), GLOBAL expert
+index ``E`` (expert-parallel rank x experts per rank + local index)::
+
+    decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.lora_A.linear_fc1   one LoRA over
+                                                                                  [gate; up] (blocks 2)
+    decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.lora_A.gate_proj    per projection
+    decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.lora_A.up_proj      (Mixtral's w1, w3)
+    decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc2.lora_A.linear_fc2   or .down_proj (w2)
+    decoder.layers.{L}.mlp.router.lora_A.router                                   parallel "replicated":
+                                                                                  A [r, hidden], B [experts, r]
+
+(and the same with ``lora_B``). An expert's factors are stored like a dense module's of
+its style (fc1 column, fc2 row), split over the files' ``tp_size`` whatever expert-TP and
+expert-parallel sizes the model had: every file holds every expert, and a reader slices
+them again for its own expert-TP size and keeps its expert-parallel rank's experts.
+``lora_config.target_parameters`` (PEFT's, e.g. ``["gate_up_proj", "down_proj", "gate.weight"]``)
+adapts a module whole (segment ``linear_fc1`` / ``linear_fc2`` / ``router``).
 
 Version 1 (still read) had the same keys for the four modules of the LLaMA-family layout
 only, no ``modules`` table (it follows from the module names) and always ``model``.
@@ -53,6 +72,7 @@ from megatron_lora.hf.layout import (
     megatron_module_name,
     module_style,
     padded_vocab_size,
+    parse_moe_module,
     vocab_rows,
 )
 from megatron_lora.formats.outputs import atomic_directory
@@ -68,6 +88,8 @@ _MODULE_OF_PATH = {v: k for k, v in MODULE_PATH.items()}
 
 #: A module's entry in the ``modules`` table: {"parallel": ..., "segments": {seg: {"blocks": n}}}.
 ModuleTable = dict[str, dict]
+#: How a module's factors are split over TP (``layout.factor_dim``).
+PARALLEL_STYLES = ("column", "row", "replicated")
 
 
 def shard_file(directory: str | Path, tp_rank: int) -> Path:
@@ -132,10 +154,11 @@ def check_module_table(table, keys: Iterable[str], where: str) -> ModuleTable:
     if not isinstance(table, dict):
         raise ValueError(f"{where}: modules is {'missing' if table is None else 'not an object'}")
     for name, entry in table.items():
-        ok = isinstance(entry, dict) and entry.get("parallel") in ("column", "row") and isinstance(entry.get("segments"), dict)
+        ok = isinstance(entry, dict) and entry.get("parallel") in PARALLEL_STYLES and isinstance(entry.get("segments"), dict)
         ok = ok and all(isinstance(v, dict) and v.get("blocks") in (1, 2) for v in entry["segments"].values())
         if not ok:
-            raise ValueError(f"{where}: modules[{name!r}] is not {{'parallel': 'column'|'row', 'segments': {{name: {{'blocks': 1|2}}}}}}")
+            raise ValueError(f"{where}: modules[{name!r}] is not {{'parallel': 'column'|'row'|'replicated', "
+                             "'segments': {name: {'blocks': 1|2}}}")
     described = {module_key(n, f, s) for n, e in table.items() for s in e["segments"] for f in ("lora_A", "lora_B")}
     keys = set(keys)
     if described != keys:
@@ -233,16 +256,24 @@ def check_against_config(keys: Iterable[str], rank_of: Callable[[str], int], con
     be its effective rank (``rank_pattern``, then ``r``, whose default is PEFT's 8). With
     ``facts``, every module of the LLaMA-family layout the config adapts must have tensors.
     """
-    adapted = set()
+    adapted, moe_layers = set(), set()
     for key in keys:
-        module, factor, _ = split_key(key)
+        module, factor, seg = split_key(key)
         if factor != "lora_A":
             continue
-        name = adapted_name(key)
-        if not config.matches(name, any_linear=layout_module(module) is None):
+        moe = parse_moe_module(module)
+        if moe is not None:
+            moe_layers.add(moe.layer)
+            name = config.moe_segment_name(moe, seg)
+            ok = name is not None
+        else:
+            name = adapted_name(key)
+            ok = config.matches(name, any_linear=layout_module(module) is None)
+        if not ok:
+            name = name or f"segment {seg} of {module}"
             raise ValueError(
                 f"{source}: holds tensors for {name}, which the config does not adapt (target_modules="
-                f"{config.target_modules!r}, layers_to_transform={config.layers_to_transform!r}, "
+                f"{config.target_modules!r}, target_parameters={config.target_parameters!r}, layers_to_transform={config.layers_to_transform!r}, "
                 f"exclude_modules={config.exclude_modules!r}): PEFT would not apply them"
             )
         r, want = rank_of(key), config.rank_alpha(name)[0]
@@ -255,7 +286,9 @@ def check_against_config(keys: Iterable[str], rank_of: Callable[[str], int], con
     if facts is None:
         return
     expected = set()
-    layout = [(layer, module) for layer in range(facts.num_layers) for module in MODULE_PATH] + [(None, OUTPUT_LAYER), (None, EMBEDDING)]
+    # An MoE layer has experts where a dense layer has linear_fc1 / linear_fc2.
+    layout = [(layer, module) for layer in range(facts.num_layers) for module in MODULE_PATH
+              if not (layer in moe_layers and module.startswith("linear_fc"))] + [(None, OUTPUT_LAYER), (None, EMBEDDING)]
     for layer, module in layout:
         names = [megatron_module_name(layer, module)] + [hf_module_name(layer, p) for p in facts.projections(module)]
         expected.update(n for n in names if config.matches(n, layer))

@@ -27,6 +27,7 @@ from megatron_lora.hf.layout import (
     MoeNames,
     base_weight_sources,
     fuse_base,
+    global_expert_path,
     is_expert_parameter,
 )
 from megatron_lora.parallel.device import device
@@ -344,8 +345,7 @@ def _global_name(model: GPTModel, name: str) -> str:
         layer = model.decoder.layers[int(parts[2])]
         parts[2] = str(layer.layer_number - 1)
         if parts[3].startswith(MEGATRON_EXPERTS):
-            local, rest = parts[3][len(MEGATRON_EXPERTS):].split(".", 1)
-            parts[3] = f"{MEGATRON_EXPERTS}{layer.mlp.local_expert_indices[int(local)]}.{rest}"
+            parts[3] = global_expert_path(parts[3], layer.mlp.local_expert_indices)
     return ".".join(parts)
 
 

@@ -9,7 +9,9 @@
 * Mixture of experts (Qwen3-MoE, Mixtral): HF ``{block}.gate`` <-> Megatron ``mlp.router``
   (replicated); HF expert e's gate/up/down <-> ``mlp.experts.local_experts.{local e}``'s
   ``linear_fc1`` ``[gate; up]`` / ``linear_fc2``, split like the dense MLP but over the
-  expert-TP group, each expert-parallel rank holding a contiguous range of experts.
+  expert-TP group, each expert-parallel rank holding a contiguous range of experts. LoRA
+  names them with GLOBAL expert indices (:class:`MoeModule`): Megatron names, HF names
+  (both model types' spellings) and PEFT's ``target_parameters`` keys of the fused experts.
 * LoRA factors: a column module keeps A replicated and B split by rows; a row module
   keeps A split by columns and B replicated. A per-projection segment's B is a contiguous
   row chunk of the PEFT B; a shared-A B is in the fused layout above.
@@ -36,6 +38,9 @@ EMBEDDING = "word_embeddings"
 EMBEDDING_PATH = "embedding.word_embeddings"
 EMBED_TOKENS = "embed_tokens"
 
+#: A layer index as written in keys: ASCII digits without leading zeros, so that no two
+#: spellings (``1`` and ``01``, a fullwidth digit) name one layer.
+LAYER_INDEX = r"(?:0|[1-9][0-9]*)"
 #: Megatron module -> its path inside a transformer layer.
 MODULE_PATH = {
     "linear_qkv": "self_attention.linear_qkv",
@@ -204,9 +209,12 @@ def module_style(module: str) -> str:
 
 def factor_dim(style: str, factor: str) -> Optional[int]:
     """The dim a LoRA factor is split along over TP (None: replicated): a column module
-    splits B by rows and replicates A; a row module splits A by columns and replicates B."""
+    splits B by rows and replicates A; a row module splits A by columns and replicates B; a
+    replicated module (the MoE router) splits neither."""
     if style == "column":
         return None if factor == "lora_A" else 0
+    if style == "replicated":
+        return None
     return 1 if factor == "lora_A" else None
 
 
@@ -293,6 +301,96 @@ MOE_HF_NAMES = {
 }
 #: Prefix of megatron-core's SequentialMLP experts inside ``decoder.layers.{i}``.
 MEGATRON_EXPERTS = "mlp.experts.local_experts."
+#: megatron-core's router (TopKRouter) of an MoE layer: its path inside ``decoder.layers.{i}``
+#: and the one segment a LoRA on it has.
+ROUTER = "router"
+ROUTER_PATH = "mlp.router"
+#: HF projections an expert's Megatron module fuses (``linear_fc1`` is ``[gate; up]``).
+EXPERT_PROJECTIONS = {"linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",)}
+#: Each projection's field of :class:`MoeNames` (how the model type spells it on disk).
+_MOE_FIELD = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+#: PEFT's ``target_parameters`` name of each MoE module as transformers 5 holds it in memory
+#: (``mlp.experts.gate_up_proj`` [experts, 2 x ffn, hidden] ..., the router's ``mlp.gate.weight``).
+MOE_PARAMETERS = {"linear_fc1": "experts.gate_up_proj", "linear_fc2": "experts.down_proj", ROUTER: "gate.weight"}
+
+
+@dataclass(frozen=True)
+class MoeModule:
+    """A LoRA-adaptable module of an MoE layer: an expert's linear_fc1 / linear_fc2 (GLOBAL
+    expert index) or the router (``expert`` None)."""
+
+    layer: int
+    expert: Optional[int]
+    module: str
+
+    @property
+    def name(self) -> str:
+        """Its Megatron name (global layer and expert indices)."""
+        if self.expert is None:
+            return f"decoder.layers.{self.layer}.{ROUTER_PATH}"
+        return f"decoder.layers.{self.layer}.{MEGATRON_EXPERTS}{self.expert}.{self.module}"
+
+    def projections(self, gated: bool = True) -> tuple[str, ...]:
+        """The HF projections its segments may be named for (none for the router)."""
+        if self.expert is None:
+            return ()
+        return EXPERT_PROJECTIONS[self.module] if gated or self.module != "linear_fc1" else ("up_proj",)
+
+    def hf_names(self, segment: str) -> tuple[str, ...]:
+        """The HF module names ``target_modules`` matches a segment under, as each supported
+        model type spells it (transformers 4 modules, on-disk names): an expert projection
+        (``model.layers.{i}.mlp.experts.{e}.gate_proj``, Mixtral's ``block_sparse_moe...w1``), the
+        router (``...mlp.gate``); a segment named for the module has its Megatron name only."""
+        if self.expert is None:
+            return (self.name, *dict.fromkeys(f"model.layers.{self.layer}.{m.block}.gate" for m in MOE_HF_NAMES.values()))
+        if segment == self.module:
+            return (self.name,)
+        return tuple(dict.fromkeys(
+            f"model.layers.{self.layer}.{m.block}.experts.{self.expert}.{getattr(m, _MOE_FIELD[segment])}"
+            for m in MOE_HF_NAMES.values()))
+
+    @property
+    def parameter(self) -> str:
+        """PEFT's ``target_parameters`` key of the (fused) parameter it belongs to: LoRA on it
+        adapts the whole module of every expert (shared A over ``[gate; up]``)."""
+        return f"model.layers.{self.layer}.mlp.{MOE_PARAMETERS[self.module]}"
+
+
+_MOE_MODULE = re.compile(
+    rf"decoder\.layers\.(?P<layer>{LAYER_INDEX})\.(?:(?P<router>{re.escape(ROUTER_PATH)})|"
+    rf"{re.escape(MEGATRON_EXPERTS)}(?P<expert>{LAYER_INDEX})\.(?P<module>linear_fc1|linear_fc2))", re.ASCII)
+
+
+def parse_moe_module(name: str) -> Optional[MoeModule]:
+    """The :class:`MoeModule` a Megatron module name (global indices) denotes, else None."""
+    m = _MOE_MODULE.fullmatch(name)
+    if m is None:
+        return None
+    if m["router"]:
+        return MoeModule(int(m["layer"]), None, ROUTER)
+    return MoeModule(int(m["layer"]), int(m["expert"]), m["module"])
+
+
+def moe_segment_geometry(module: MoeModule, segment: str, out_local: int, gated: bool) -> dict:
+    """Rows a segment of an expert's linear (or the router) writes in its local output of
+    ``out_local`` rows, split over expert TP like the dense MLP (a gated fc1 is ``[gate_j; up_j]``)."""
+    if segment == module.module:  # one LoRA over the module; a gated [gate; up] B splits by halves
+        return dict(width=out_local, blocks=2 if gated and module.module == "linear_fc1" else 1)
+    if segment not in module.projections(gated):
+        raise ValueError(f"{module.name} has no segment {segment!r} (segments: {(module.module, *module.projections(gated))})")
+    if module.module == "linear_fc2" or not gated:
+        return dict(width=out_local)
+    half = out_local // 2
+    return dict(width=half, period=out_local, offset=0 if segment == "gate_proj" else half)
+
+
+def global_expert_path(inner: str, local_expert_indices) -> str:
+    """``mlp.experts.local_experts.{local e}...`` inside a layer -> the GLOBAL expert index
+    (``local_expert_indices``: the layer's ``mlp.local_expert_indices``); any other path as is."""
+    if not inner.startswith(MEGATRON_EXPERTS):
+        return inner
+    local, _, rest = inner[len(MEGATRON_EXPERTS):].partition(".")
+    return f"{MEGATRON_EXPERTS}{local_expert_indices[int(local)]}{'.' + rest if rest else ''}"
 
 
 def is_expert_parameter(name: str) -> bool:
@@ -396,9 +494,6 @@ def megatron_full_to_hf(full_state_dict: dict, facts: ModelFacts, biases: Option
 # --- LoRA factors: HF PEFT module names <-> Megatron segments ------------------------------
 
 
-#: A layer index as written in keys: ASCII digits without leading zeros, so that no two
-#: spellings (``1`` and ``01``, a fullwidth digit) name one layer.
-LAYER_INDEX = r"(?:0|[1-9][0-9]*)"
 
 
 def parse_hf_module_name(name: str) -> tuple[Optional[int], str]:

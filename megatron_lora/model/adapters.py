@@ -1,4 +1,11 @@
-"""Adapter state of a model <-> our Megatron adapter checkpoint (``checkpoint``)."""
+"""Adapter state of a model <-> our Megatron adapter checkpoint (``checkpoint``).
+
+MoE experts: a checkpoint holds every expert once, split over the files' TP size like a dense
+module (``formats.checkpoint``), whatever expert-parallel and expert-TP sizes saved it. Saving
+gathers each expert's factors over expert TP and the experts over expert parallelism, then
+every TP rank writes its slice; loading gives each rank its experts' slices at its expert-TP
+size.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,16 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
-from megatron_lora.formats.checkpoint import ModuleTable, checkpoint_config, module_key, split_key, write_config, write_shard
+from megatron_lora.formats.checkpoint import (
+    ModuleTable,
+    checkpoint_config,
+    key_split,
+    local_part,
+    module_key,
+    split_key,
+    write_config,
+    write_shard,
+)
 from megatron_lora.config import LoraConfig
 from megatron_lora.formats.detect import AdapterReader
 from megatron_lora.formats.peft import open_adapter
@@ -18,7 +34,7 @@ from megatron_lora.model.gpt import real_vocab_size
 from megatron_lora.hf.layout import ModelFacts
 from megatron_lora.model.lora import LinearSite, freeze_base, iter_linear_sites, layout_facts, site_segment
 from megatron_lora.formats.outputs import shared_atomic_directory
-from megatron_lora.parallel.lora_layers import AdapterSpec, LoraLayer, add_lora_support
+from megatron_lora.parallel.lora_layers import AdapterSpec, LoraLayer, add_lora_support, unshard_rows
 
 
 def _tp() -> tuple[int, int]:
@@ -41,14 +57,58 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return out
 
 
-def adapter_module_table(model: nn.Module, adapter_name: str = "default") -> ModuleTable:
-    """The checkpoint's ``modules`` table of this rank's modules carrying ``adapter_name``."""
+def _is_expert(site: LinearSite) -> bool:
+    return site.moe is not None and site.moe.expert is not None
+
+
+def _gather_split(t: torch.Tensor, dim: Optional[int], blocks: int, group) -> torch.Tensor:
+    """The whole factor from every rank's slice of ``group`` (``dim`` None: replicated)."""
+    world = dist.get_world_size(group)
+    if dim is None or world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return unshard_rows(parts, blocks) if dim == 0 else torch.cat(parts, dim)
+
+
+def _expert_shards(model: nn.Module, adapter_name: str, tp_rank: int, tp: int) -> tuple[dict, ModuleTable]:
+    """Every expert's factors of ``adapter_name`` (and their table entries), split for TP
+    rank ``tp_rank`` of ``tp`` as a dense module is: gathered over expert TP, then over
+    expert parallelism. Collective over the expert groups (every rank takes part)."""
+    state: dict[str, torch.Tensor] = {}
+    table = adapter_module_table(model, adapter_name, experts=True)
+    for site in _adapted_sites(model, adapter_name):
+        if not _is_expert(site):
+            continue
+        for factor in ("lora_A", "lora_B"):
+            for seg, p in getattr(site.module, factor)[adapter_name].items():
+                key = module_key(site.global_name, factor, seg)
+                dim, blocks = key_split(table, key)
+                state[key] = _gather_split(p.detach(), dim, blocks, site.module.tp_group).cpu()
+    if ps.get_expert_model_parallel_world_size() > 1:
+        parts = [None] * ps.get_expert_model_parallel_world_size()
+        dist.all_gather_object(parts, (state, table), group=ps.get_expert_model_parallel_group())
+        state = {k: v for part, _ in parts for k, v in part.items()}
+        table = {k: v for _, part in parts for k, v in part.items()}
+    out = {}
+    for key, full in state.items():
+        dim, blocks = key_split(table, key)
+        if dim is not None and full.shape[dim] % (tp * blocks):
+            raise ValueError(f"cannot save {key} at tensor parallel size {tp}: its {full.shape[dim]} split rows do not divide")
+        out[key] = full if dim is None else local_part(full, dim, blocks, tp_rank, tp, None)
+    return out, table
+
+
+def adapter_module_table(model: nn.Module, adapter_name: str = "default", experts: Optional[bool] = None) -> ModuleTable:
+    """The checkpoint's ``modules`` table of this rank's modules carrying ``adapter_name``
+    (``experts``: only the MoE experts' (True) or all but theirs (False))."""
     return {
         site.global_name: {
             "parallel": site.module.parallel_mode,
             "segments": {s.name: {"blocks": s.blocks} for s in site.module.lora_specs[adapter_name].segments},
         }
         for site in _adapted_sites(model, adapter_name)
+        if experts is None or experts == _is_expert(site)
     }
 
 
@@ -69,10 +129,15 @@ def save_adapter(
     """Save ``adapter_name`` as a megatron-lora checkpoint; call on every rank.
 
     Pipeline stages are merged into one file per TP rank; the first data-parallel replica
-    writes; the directory appears only when complete.
+    writes; the directory appears only when complete. MoE experts are gathered over expert
+    TP and expert parallelism and written split over TP like a dense module.
     """
     tp_rank, tp = _tp()
-    state, table = adapter_state_dict(model, adapter_name), adapter_module_table(model, adapter_name)
+    experts, expert_table = _expert_shards(model, adapter_name, tp_rank, tp)
+    dense = adapter_module_table(model, adapter_name, experts=False)
+    state = {k: v for k, v in adapter_state_dict(model, adapter_name).items() if split_key(k)[0] in dense}
+    state.update(experts)
+    table = {**dense, **expert_table}
     if ps.get_pipeline_model_parallel_world_size() > 1:
         parts = [None] * ps.get_pipeline_model_parallel_world_size()
         # Pickled for the gather: CPU tensors unpickle on any rank (they go to a file next).
@@ -88,6 +153,14 @@ def save_adapter(
             facts = model_facts(model) or (layout_facts(layout.module) if layout is not None else None)
             cfg = checkpoint_config("lora", tp, facts, config.to_dict(), modules=table)
             write_config(tmp, {**cfg, **(extra or {})})
+
+
+def _group_rank_size(module: nn.Module) -> tuple[int, int]:
+    """(rank, size) in the group a module's factors are split over (its ``tp_group``)."""
+    group = getattr(module, "tp_group", None)
+    if group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def adapter_spec_for_keys(site: LinearSite, keys: list[str], reader: AdapterReader, config: LoraConfig, tp: int) -> AdapterSpec:
@@ -133,7 +206,6 @@ def add_adapter_from_reader(
     Under pipeline parallelism each stage loads its modules; every key must find its module
     on some stage.
     """
-    tp_rank, tp = _tp()
     keys = reader.keys()
     a_keys: dict[str, list[str]] = {}
     for key in keys:
@@ -141,26 +213,37 @@ def add_adapter_from_reader(
         if factor == "lora_A":
             a_keys.setdefault(module, []).append(key)
     sites = [s for s in iter_linear_sites(model) if s.global_name in a_keys]
-    specs = [(s, adapter_spec_for_keys(s, a_keys[s.global_name], reader, config, tp)) for s in sites]
+    # Every expert of an adapted expert module (a model holds them all, over its ranks).
+    adapted = {(s.moe.layer, s.moe.module) for s in sites if _is_expert(s)}
+    for s in iter_linear_sites(model):
+        if _is_expert(s) and (s.moe.layer, s.moe.module) in adapted and s.global_name not in a_keys:
+            raise ValueError(f"{source}: holds LoRA tensors for other experts of layer {s.moe.layer}'s "
+                             f"{s.moe.module} but none for {s.global_name}")
+    # An expert's linear is split over the expert-TP group (its tp_group), any other over TP.
+    specs = [(s, adapter_spec_for_keys(s, a_keys[s.global_name], reader, config, _group_rank_size(s.module)[1]))
+             for s in sites]
     if any(adapter_name in getattr(s.module, "lora_specs", {}) for s in sites):  # checked before any module changes
         raise ValueError(f"adapter {adapter_name!r} already exists on this model")
     used = set()
     for site, spec in specs:
         lora = add_lora_support(site.module)
         lora.add_adapter(adapter_name, spec)
+        rank, size = _group_rank_size(lora)
         for factor in ("lora_A", "lora_B"):
             for seg, p in getattr(lora, factor)[adapter_name].items():
                 key = module_key(site.global_name, factor, seg)
-                t = reader.local(key, tp_rank, tp)
+                t = reader.local(key, rank, size)
                 if t.shape != p.shape:
                     raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(p.shape)}")
                 with torch.no_grad():
                     p.copy_(t)
                 p.data = p.data.to(t.dtype)
                 used.add(key)
-    if dist.is_initialized() and ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
-        parts = [None] * ps.get_pipeline_model_parallel_world_size()
-        dist.all_gather_object(parts, used, group=ps.get_pipeline_model_parallel_group())
+    spread = ps.model_parallel_is_initialized() and max(
+        ps.get_pipeline_model_parallel_world_size(), ps.get_expert_model_parallel_world_size()) > 1
+    if dist.is_initialized() and spread:  # stages and expert-parallel ranks each load their modules
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, used)
         used = set().union(*parts)
     missing = [k for k in keys if k not in used]
     if missing:

@@ -8,6 +8,9 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.transformer.moe.experts import GroupedMLP, TEGroupedMLP
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
@@ -21,8 +24,13 @@ from megatron_lora.hf.layout import (
     LM_HEAD,
     MODULE_PATH,
     OUTPUT_LAYER,
+    ROUTER,
     ModelFacts,
+    MoeModule,
+    global_expert_path,
     hf_module_name,
+    moe_segment_geometry,
+    parse_moe_module,
 )
 from megatron_lora.model.gpt import real_vocab_size
 from megatron_lora.parallel.lora_layers import AdapterSpec, Segment, add_lora_support, lora_layers
@@ -45,19 +53,26 @@ class LinearSite:
     #: ``output_layer``; HF names alias its projections), or None for any other parallel linear.
     kind: Optional[str]
     module: nn.Module
+    #: An MoE layer's expert linear or router (``global_name`` has the GLOBAL expert index).
+    moe: Optional[MoeModule] = None
 
 
 #: GPT-model modules adapted as a whole -> their HF name (``output_layer`` is ``lm_head``).
 _WHOLE = {OUTPUT_LAYER: LM_HEAD, EMBEDDING: EMBED_TOKENS}
-#: The parallel modules LoRA wraps.
-PARALLEL_LINEARS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
+#: The modules LoRA wraps.
+PARALLEL_LINEARS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, TopKRouter)
+#: MoE experts LoRA cannot adapt: grouped-GEMM experts (no per-expert linears) and shared experts.
+_UNSUPPORTED_EXPERTS = {GroupedMLP: "grouped-GEMM experts (GroupedMLP)", TEGroupedMLP: "grouped-GEMM experts (TEGroupedMLP)",
+                        SharedExpertMLP: "shared experts (SharedExpertMLP)"}
 
 
 def iter_linear_sites(model: nn.Module, config: Optional[LoraConfig] = None) -> Iterator[LinearSite]:
-    """Every ColumnParallelLinear / RowParallelLinear (subclasses included) of ``model``.
+    """Every ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding / MoE router
+    (subclasses included) of ``model``.
 
     With ``config``, any other module that its targets name is refused (TypeError naming
-    the class), as PEFT refuses a module type it cannot wrap.
+    the class), as PEFT refuses a module type it cannot wrap, and so are grouped-GEMM and
+    shared experts that it would adapt (ValueError).
     """
     owners: dict[str, TransformerLayer] = {}
     inside_linear: list[str] = []
@@ -67,20 +82,25 @@ def iter_linear_sites(model: nn.Module, config: Optional[LoraConfig] = None) -> 
         if isinstance(module, TransformerLayer):
             owners[name] = module
         owner = next((p for p in _prefixes(name) if p in owners), None)
-        global_name, layer, kind = name, None, None
+        global_name, layer, kind, moe = name, None, None, None
         if owner is not None:
             index = owners[owner].layer_number - 1
             head, _, last = owner.rpartition(".")
-            if last.isdigit():
-                global_name = f"{head + '.' if head else ''}{index}{name[len(owner):]}"
-            layer = index
             inner = name[len(owner) :].lstrip(".")
+            if hasattr(owners[owner].mlp, "local_expert_indices"):
+                inner = global_expert_path(inner, owners[owner].mlp.local_expert_indices)
+            if last.isdigit():
+                global_name = f"{head + '.' if head else ''}{index}{'.' + inner if inner else ''}"
+            layer = index
             kind = next((k for k, path in MODULE_PATH.items() if inner == path), None)
+            moe = parse_moe_module(f"decoder.layers.{index}.{inner}")
         elif name in (OUTPUT_LAYER, EMBEDDING_PATH) and real_vocab_size(model):
             kind = name.rsplit(".", 1)[-1]  # a GPT model's: HF's lm_head, embed_tokens
+        if config is not None and layer is not None:
+            _refuse_unsupported_experts(config, global_name, layer, module)
         if isinstance(module, PARALLEL_LINEARS):
             inside_linear.append(name)
-            yield LinearSite(name, global_name, layer, kind, module)
+            yield LinearSite(name, global_name, layer, kind, module, moe)
         elif config is not None and name and config.target_modules != ALL_LINEAR and config.matches(global_name, layer):
             cls = type(module)
             raise TypeError(
@@ -88,6 +108,23 @@ def iter_linear_sites(model: nn.Module, config: Optional[LoraConfig] = None) -> 
                 f"{cls.__module__}.{cls.__qualname__}: LoRA supports megatron-core's "
                 "ColumnParallelLinear and RowParallelLinear (and their subclasses) only"
             )
+
+
+def _refuse_unsupported_experts(config: LoraConfig, name: str, layer: int, module: nn.Module) -> None:
+    """Refuse, by name, grouped-GEMM or shared experts that ``config`` would adapt."""
+    what = next((v for cls, v in _UNSUPPORTED_EXPERTS.items() if isinstance(module, cls)), None)
+    if what is None:
+        return
+    if isinstance(module, SharedExpertMLP):  # by its Megatron names, or Qwen2-MoE's HF names
+        names = [f"{name}.{m}" for m in ("linear_fc1", "linear_fc2")]
+        names += [f"model.layers.{layer}.mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+        targeted = any(config.matches(n, layer) for n in names)
+    else:  # the names its experts would have as SequentialMLP experts
+        targeted = any(config.moe_segment_name(MoeModule(layer, 0, m), seg) is not None
+                       for m in ("linear_fc1", "linear_fc2") for seg in (m, *MoeModule(layer, 0, m).projections()))
+    if targeted:
+        raise ValueError(f"LoRA on {what} at {name} is not supported: build the model with megatron-core's "
+                         "SequentialMLP experts (local spec) and no shared experts")
 
 
 def _prefixes(name: str) -> Iterator[str]:
@@ -119,13 +156,14 @@ def _check_wrappable(site: LinearSite) -> None:
             f"cannot add LoRA to {site.global_name}: it owns no weight (it receives one at call "
             "time, as an output layer tied to the embedding does); LoRA on tied weights is not supported"
         )
-    if getattr(module, "explicit_expert_comm", False):
-        raise ValueError(f"cannot add LoRA to {site.global_name}: expert-parallel linears are not supported")
 
 
-def match_name(site: LinearSite, segment: str) -> str:
+def match_name(site: LinearSite, segment: str, config: Optional[LoraConfig] = None) -> str:
     """The name a segment of ``site`` matches targets and takes ``rank_pattern`` /
-    ``alpha_pattern`` under: the HF name of a projection segment, else the module's own."""
+    ``alpha_pattern`` under: the HF name of a projection segment, else the module's own; on
+    an MoE module, the name ``config`` adapts it under (``LoraConfig.moe_segment_name``)."""
+    if site.moe is not None:
+        return (config and config.moe_segment_name(site.moe, segment)) or site.moe.hf_names(segment)[0]
     if site.kind is not None and segment != site.kind:
         return hf_module_name(site.layer, segment)
     return site.global_name
@@ -133,9 +171,11 @@ def match_name(site: LinearSite, segment: str) -> str:
 
 def site_segment(site: LinearSite, segment: str, r: int, config: LoraConfig, tp: int) -> Segment:
     """Segment ``segment`` of rank ``r`` on ``site``: the rows of a projection where the
-    LLaMA-family layout is known, else the whole output."""
+    LLaMA-family layout or the MoE layout is known, else the whole output."""
     _check_wrappable(site)
-    if site.kind is None or site.kind in _WHOLE:
+    if site.moe is not None:
+        geometry = moe_segment_geometry(site.moe, segment, site.module.weight.shape[0], site.module.config.gated_linear_unit)
+    elif site.kind is None or site.kind in _WHOLE:
         allowed = (site.global_name.rsplit(".", 1)[-1], *([_WHOLE[site.kind]] if site.kind else []))
         if segment not in allowed:
             raise ValueError(f"{site.global_name} has no segment {segment!r} (one LoRA over the module: {allowed})")
@@ -146,7 +186,7 @@ def site_segment(site: LinearSite, segment: str, r: int, config: LoraConfig, tp:
         if proj is not None and proj not in facts.projections(site.kind):
             raise ValueError(f"{site.global_name}: segment {segment!r} does not belong to {site.kind}")
         geometry = facts.segment_geometry(site.kind, proj, tp)
-    return Segment(name=segment, r=r, scaling=config.scaling(match_name(site, segment)), **geometry)
+    return Segment(name=segment, r=r, scaling=config.scaling(match_name(site, segment, config)), **geometry)
 
 
 def adapter_spec_for(config: LoraConfig, site: LinearSite, tp: int) -> Optional[AdapterSpec]:
@@ -156,7 +196,9 @@ def adapter_spec_for(config: LoraConfig, site: LinearSite, tp: int) -> Optional[
     by the HF names of its projections (one segment each); any other site matches by its
     Megatron name only and gets one segment over its whole output, named like the module.
     """
-    if site.kind is None:
+    if site.moe is not None:
+        names = _moe_segments(config, site)
+    elif site.kind is None:
         linear = not isinstance(site.module, VocabParallelEmbedding)  # all-linear: linears only
         if not config.matches(site.global_name, site.layer, any_linear=linear):
             return None
@@ -174,8 +216,28 @@ def adapter_spec_for(config: LoraConfig, site: LinearSite, tp: int) -> Optional[
         names = [kind] if shared else projections
     if not names:
         return None
-    segments = tuple(site_segment(site, n, config.rank_alpha(match_name(site, n))[0], config, tp) for n in names)
+    segments = tuple(site_segment(site, n, config.rank_alpha(match_name(site, n, config))[0], config, tp) for n in names)
     return AdapterSpec(segments, dropout=config.lora_dropout, init=config.init_lora_weights)
+
+
+def _moe_segments(config: LoraConfig, site: LinearSite) -> list[str]:
+    """The segments ``config`` puts on an expert's linear or the router: the module's own (by
+    its Megatron name or ``target_parameters``) or its HF projections (by their HF names)."""
+    moe = site.moe
+    if moe.module == ROUTER:
+        return [ROUTER] if config.moe_segment_name(moe, ROUTER) else []
+    projections = [p for p in moe.projections(site.module.config.gated_linear_unit) if config.moe_segment_name(moe, p)]
+    whole = config.moe_segment_name(moe, moe.module)
+    if whole is not None and projections:
+        raise ValueError(
+            f"the config names both {whole} and the HF projections {projections} of {site.global_name}: "
+            "adapt an expert's module whole (Megatron name or target_parameters) or per HF projection, not both"
+        )
+    both = config.matches_any(moe.hf_names(moe.module), moe.layer) and config.matches_parameter(moe.parameter)
+    if both:
+        raise ValueError(f"{site.global_name} is targeted by both target_modules and target_parameters "
+                         f"({moe.parameter}): PEFT refuses the same, choose one")
+    return [moe.module] if whole is not None else projections
 
 
 def add_adapters(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
