@@ -1,7 +1,8 @@
 """LoRA fine-tuning of a mixture of experts with megatron-core's load-balancing loss.
 
 A tiny random Qwen3-MoE (4 experts, top-2), LoRA on the attention projections (upstream of
-every router), trained on the synthetic task with ``moe_aux_loss_coeff`` > 0:
+every router), every expert and the router, trained on the synthetic task with
+``moe_aux_loss_coeff`` > 0:
 
 - one process against 4 gloo ranks at TP x EP x expert-TP x SP = 1x2x1, 2x2x1+SP, 2x1x2+SP
   and 1x2x2, and 1x2x1 with 2 pipeline stages (one spawned group): per-step losses, load-balancing terms and gradient norms
@@ -29,7 +30,8 @@ STEPS = 3
 COEFF = 0.5
 #: (TP, EP, expert TP, sequence parallel, PP) on 4 ranks.
 LAYOUTS = ((1, 2, 1, False, 1), (2, 2, 1, True, 1), (2, 1, 2, True, 1), (1, 2, 2, False, 1), (1, 2, 1, False, 2))
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+#: Attention, every expert's projections and the router.
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate"]
 TOL = 1e-5
 
 
@@ -125,7 +127,8 @@ def _engine_and_plain_grads(base, coeff):
 def _switch_loss(router, hidden) -> float:
     """E x sum_i f_i P_i over one micro-batch's tokens: f_i the share of top-k slots routed
     to expert i, P_i the mean softmax probability of expert i."""
-    probs = torch.softmax(torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), router.weight), -1)
+    with torch.no_grad():  # the router's logits (its LoRA term included)
+        probs = torch.softmax(router.gating(hidden).reshape(-1, router.weight.shape[0]).float(), -1)
     experts, k = probs.shape[1], router.topk
     routed = torch.zeros_like(probs).scatter(1, probs.topk(k, -1).indices, 1.0)
     return (experts * (routed.mean(0) / k * probs.mean(0)).sum()).item()
@@ -142,9 +145,8 @@ def _group_body(rank, world, base, root):
 
 
 def _expert_checkpoint(base, save):
-    """Trainable expert LoRA factors (test_moe_lora's, added by hand) at EP=2: a checkpoint
-    after step 2 resumed into a fresh engine gives step 3's loss bitwise (each expert-parallel
-    rank saves and restores its own experts)."""
+    """Expert LoRA factors at EP=2: a checkpoint after step 2 resumed into a fresh engine
+    gives step 3's loss bitwise (each expert-parallel rank saves and restores its own experts)."""
     from megatron_lora.config import LoraConfig
     from megatron_lora.model.lora import apply_lora
     from megatron_lora.runtime.checkpoints import load_checkpoint, save_checkpoint
@@ -152,7 +154,6 @@ def _expert_checkpoint(base, save):
     from megatron_lora.runtime.engine import Engine
     from megatron_lora.runtime.tiny_task import counting_datasets
     from megatron_lora.runtime.training import load_base
-    from test_moe_lora import _add_expert_lora
 
     opts = _options(base, save, ep=2)
     init_distributed(1, expert_model_parallel_size=2)
@@ -160,7 +161,6 @@ def _expert_checkpoint(base, save):
     def engine():
         model = load_base(base, opts)
         apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), seed=1)
-        _add_expert_lora(model, COMMON["hidden_size"], 32)
         train, _ = counting_datasets(opts.seq_length, COMMON["vocab_size"], opts.seed)
         return Engine(model, model, opts.settings(), train)
 

@@ -178,6 +178,12 @@ class Engine:
                 adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, clip_grad=settings.clip_grad,
                 fp16=fp16, bf16=bf16, params_dtype=DTYPES[settings.dtype],
                 initial_loss_scale=self._initial_loss_scale() if fp16 else None), [self.model])
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if any(group.get("is_expert_parallel") for group in optimizer.optimizer.param_groups):
+                # megatron-core 0.16 gives the expert optimizer the dense TP group, by whose
+                # rank the gradient norm skips copies of parameters not split over TP; an
+                # expert's unsplit parameters (a LoRA factor) are copies over expert TP only.
+                optimizer.tp_group = ps.get_expert_tensor_parallel_group()
         config.no_sync_func = self.model.no_sync
         self._fp16 = fp16
         config.grad_scale_func = self._grad_scale if fp16 or self.aux_loss_coeff else None
