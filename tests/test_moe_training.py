@@ -251,3 +251,14 @@ def test_moe_flags():
         parse_options(["--tiny", "--moe-aux-loss-coeff", "-1"])
     with pytest.raises(ValueError, match="--expert-model-parallel-size"):
         parse_options(["--tiny", "--ep", "0"])
+    from megatron_lora.hf.importer import transformer_config_from_hf
+
+    dense = dict(model_type="llama", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                 intermediate_size=80, vocab_size=128)
+    with pytest.raises(ValueError, match="needs a mixture-of-experts base"):
+        transformer_config_from_hf(dense, tp=1, moe_aux_loss_coeff=0.01)
+    moe = dict(dense, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    cfg, _ = transformer_config_from_hf(moe, tp=2, sequence_parallel=True, moe_aux_loss_coeff=0.01)
+    assert (cfg.sequence_parallel, cfg.moe_router_load_balancing_type, cfg.moe_aux_loss_coeff) == (True, "aux_loss", 0.01)
+    cfg, _ = transformer_config_from_hf(moe, tp=1)
+    assert (cfg.sequence_parallel, cfg.moe_router_load_balancing_type) == (False, "none")
