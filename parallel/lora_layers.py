@@ -201,9 +201,11 @@ class LoraLayer:
                 split, dim = (b_dict, 0) if self.parallel_mode == "column" else (a_dict, 1)
                 set_tensor_model_parallel_attributes(split[seg.name], True, dim, 1)
             # The marks megatron-core's gradient reduction reads off the weight: an expert's
-            # allreduce=False (reduced over the expert data-parallel group), the router's
-            # sequence_parallel (summed over TP under sequence parallelism).
-            for mark in ("allreduce", "sequence_parallel"):
+            # allreduce=False (reduced over the expert data-parallel group) and, on a replicated
+            # module (the router), sequence_parallel (summed over TP under sequence parallelism;
+            # a split pair's replicated factor is summed in autograd instead).
+            marks = ("allreduce", "sequence_parallel") if self.parallel_mode == "replicated" else ("allreduce",)
+            for mark in marks:
                 if hasattr(self.weight, mark):
                     for param in (a_dict[seg.name], b_dict[seg.name]):
                         setattr(param, mark, getattr(self.weight, mark))

@@ -244,9 +244,11 @@ def _marks_follow_weights(model) -> bool:
 
     ok = True
     for _, layer in lora_layers(model):
+        marks = ("allreduce", "sequence_parallel") if layer.parallel_mode == "replicated" else ("allreduce",)
         for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]:
-            for mark in ("allreduce", "sequence_parallel"):
+            for mark in marks:
                 ok &= getattr(p, mark, None) == getattr(layer.weight, mark, None)
+            ok &= layer.parallel_mode != "replicated" or not getattr(p, "tensor_model_parallel", False)
     return ok
 
 
