@@ -17,14 +17,15 @@ import torch
 from dist import run_ranks
 
 STEPS = 3
-LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (TP, PP) on 4 ranks: 2x1x2, 1x2x2, 2x2x1
+#: (TP, PP, sequence parallel) on 4 ranks: 2x1x2, 1x2x2, 2x2x1, and 2x2x1 with sequence parallelism.
+LAYOUTS = [(2, 1, False), (1, 2, False), (2, 2, False), (2, 2, True)]
 
 
-def _options(save, tp=1, pp=1, **kw):
+def _options(save, tp=1, pp=1, sp=False, **kw):
     from megatron_lora.runtime.training import FinetuneOptions
 
-    base = dict(tiny=True, tp=tp, pp=pp, train_iters=STEPS, micro_batch_size=2, global_batch_size=8,
-                seq_length=16, lr=1e-2, lr_warmup_iters=1, eval_interval=100, eval_iters=1,
+    base = dict(tiny=True, tp=tp, pp=pp, sequence_parallel=sp, train_iters=STEPS, micro_batch_size=2,
+                global_batch_size=8, seq_length=16, lr=1e-2, lr_warmup_iters=1, eval_interval=100, eval_iters=1,
                 target_modules=["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"], save=str(save), seed=7)
     return FinetuneOptions(**{**base, **kw})
 
@@ -50,19 +51,27 @@ def _single_body(rank, world, root):
     result = finetune(_options(Path(root) / "single", save_interval=2, keep_checkpoints=5, log_jsonl=str(log)))
     return {"losses": result.losses, "grad_norms": _grad_norms(log), "eval": (result.start_loss, result.final_loss),
             "adapter": _full_adapter(result.adapter), "masking": _masking(),
-            "fallback": _fallback(root), "packing": _packing()}
+            "fallback": _fallback(root), "packing": _packing(_packing_base(root))}
 
 
-def _packing():
+def _packing_base(root) -> Path:
+    """The tiny base of the packing checks, written once (by the single process)."""
+    from megatron_lora.runtime.training import write_tiny_base
+
+    base = Path(root) / "packing-base"
+    write_tiny_base(base, 1)
+    return base
+
+
+def _packing(base, **layout):
     """Two examples packed into one sequence (positions restart, block-diagonal mask) give
-    the evaluation loss of the two unpacked; without the mask they do not."""
-    import tempfile
-
+    the evaluation loss of the two unpacked on ``base``; without the mask they do not.
+    ``layout``: :func:`_options`' tp / pp / sp of the current process groups."""
     from megatron_lora.config import LoraConfig
     from megatron_lora.runtime.data import packed_attention_mask
     from megatron_lora.runtime.engine import Engine, EngineSettings
     from megatron_lora.model.lora import apply_lora
-    from megatron_lora.runtime.training import load_base, write_tiny_base
+    from megatron_lora.runtime.training import load_base
 
     def example(start, n, pad):
         ids = (start + torch.arange(n + 1)) % 256
@@ -76,16 +85,15 @@ def _packing():
     a, b = example(3, 10, 6), example(100, 6, 10)
     packed = {k: torch.cat([a[k][:10], b[k][:6]]) for k in a}
     packed["document_ids"] = torch.cat([torch.zeros(10, dtype=torch.long), torch.ones(6, dtype=torch.long)])
-    settings = EngineSettings(micro_batch_size=1, global_batch_size=1, seq_length=16, train_iters=1, lr=1e-3)
-    with tempfile.TemporaryDirectory() as d:
-        write_tiny_base(Path(d) / "base", 1)
-        model = load_base(Path(d) / "base", _options("unused"))
-        apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                     init_lora_weights=False), seed=1)
-        losses = {}
-        for name, data, mask in (("unpacked", [a, b], packed_attention_mask), ("packed", [packed], packed_attention_mask),
-                                 ("packed-causal-only", [packed], None)):
-            losses[name] = Engine(model, model, settings, data, data, mask).evaluate()
+    dp = torch.distributed.get_world_size() // (layout.get("tp", 1) * layout.get("pp", 1))
+    settings = EngineSettings(micro_batch_size=1, global_batch_size=dp, seq_length=16, train_iters=1, lr=1e-3)
+    model = load_base(base, _options("unused", **layout))
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                 init_lora_weights=False), seed=1)
+    losses = {}
+    for name, data, mask in (("unpacked", [a, b], packed_attention_mask), ("packed", [packed], packed_attention_mask),
+                             ("packed-causal-only", [packed], None)):
+        losses[name] = Engine(model, model, settings, data, data, mask).evaluate()
     return losses
 
 
@@ -148,16 +156,20 @@ def _masking():
 def _group_body(rank, world, root):
     """4 ranks: every layout from scratch, a resume at the same layout, and a resume of the
     single process's step-2 checkpoint at DP=4."""
+    from megatron_lora.runtime.distributed import init_distributed
     from megatron_lora.runtime.training import finetune
 
     root = Path(root)
     out = {}
-    for tp, pp in LAYOUTS:
-        log = root / f"run{tp}{pp}.jsonl"
-        result = finetune(_options(root / f"run{tp}{pp}", tp, pp, save_interval=2, keep_checkpoints=5,
-                                   log_jsonl=str(log)))
-        out[(tp, pp)] = {"losses": result.losses, "grad_norms": _grad_norms(log) if rank == 0 else None,
-                         "adapter": _full_adapter(result.adapter) if rank == 0 else None}
+    for tp, pp, sp in LAYOUTS:
+        name = f"run{tp}{pp}{'sp' if sp else ''}"
+        log = root / f"{name}.jsonl"
+        result = finetune(_options(root / name, tp, pp, sp, save_interval=2, keep_checkpoints=5, log_jsonl=str(log)))
+        out[(tp, pp, sp)] = {"losses": result.losses, "grad_norms": _grad_norms(log) if rank == 0 else None,
+                             "adapter": _full_adapter(result.adapter) if rank == 0 else None}
+    # Packing under sequence parallelism (the sequence split over TP, the mask whole).
+    init_distributed(2)
+    out["packing_sp"] = _packing(root / "packing-base", tp=2, sp=True)
     # Resume the 2x1x2 run from its step-2 checkpoint: the last step again, bitwise.
     save = root / "run21"
     _point_latest(save, 2)
@@ -208,7 +220,7 @@ def test_layouts_match_one_process(runs):
 def test_resume(runs):
     single, group = runs
     # Same layout: the uninterrupted run's last step, bitwise.
-    assert group[0]["resumed"] == group[0][(2, 1)]["losses"][2:]
+    assert group[0]["resumed"] == group[0][(2, 1, False)]["losses"][2:]
     # Another DP size: the single process's last step, to reduction-order tolerance.
     assert len(group[0]["dp4"]) == 1
     assert abs(group[0]["dp4"][0] - single["losses"][2]) <= 1e-5 * abs(single["losses"][2])
@@ -229,9 +241,9 @@ def test_failed_final_save_falls_back(runs):
 
 
 def test_packing_equals_unpacked(runs):
-    losses = runs[0]["packing"]
-    assert abs(losses["packed"] - losses["unpacked"]) <= 1e-5 * losses["unpacked"], losses
-    assert abs(losses["packed-causal-only"] - losses["unpacked"]) > 1e-3, losses
+    for losses in (runs[0]["packing"], runs[1][0]["packing_sp"]):
+        assert abs(losses["packed"] - losses["unpacked"]) <= 1e-5 * losses["unpacked"], losses
+        assert abs(losses["packed-causal-only"] - losses["unpacked"]) > 1e-3, losses
 
 
 # -- flags (no ranks) ------------------------------------------------------------------------------

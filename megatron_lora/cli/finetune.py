@@ -19,7 +19,8 @@ USAGE = """torchrun --nproc_per_node=N scripts/finetune.py --base HF_DIR --data 
        torchrun --nproc_per_node=2 scripts/finetune.py --tiny   # synthetic smoke run
        python scripts/finetune.py --tiny                        # one plain process
 
-DP = N / (TP x PP). Writes SAVE/iter_{k:07d}/ checkpoints and SAVE/adapter/ (megatron-lora)."""
+DP = N / (TP x PP) (experts: N / (expert-TP x EP x PP)). Writes SAVE/iter_{k:07d}/ checkpoints and
+SAVE/adapter/ (megatron-lora)."""
 
 
 def add_finetune(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +42,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"tensor-parallel size (default {d.tp})")
     p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=d.pp, metavar="P",
                    help=f"pipeline-parallel size (default {d.pp})")
+    p.add_argument("--expert-model-parallel-size", "--ep", dest="ep", type=int, default=d.ep, metavar="E",
+                   help=f"mixture-of-experts bases: experts split over E ranks (default {d.ep})")
+    p.add_argument("--expert-tensor-parallel-size", "--etp", dest="etp", type=int, metavar="T",
+                   help="mixture-of-experts bases: each expert split over T ranks (default: the TP size)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="megatron-core's sequence parallelism (needs TP > 1; required for MoE bases at TP > 1)")
+    p.add_argument("--moe-aux-loss-coeff", type=float, default=d.moe_aux_loss_coeff, metavar="C",
+                   help="mixture-of-experts bases: megatron-core's load-balancing loss (aux_loss) with this "
+                        f"coefficient, averaged over micro-batches and summed over layers (default {d.moe_aux_loss_coeff:g}: none)")
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, metavar="M",
                    help=f"sequences per micro-batch (default {d.micro_batch_size})")
     p.add_argument("--global-batch-size", type=int, default=d.global_batch_size, metavar="G",

@@ -160,7 +160,7 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def _moe_config(hf_config: dict, model_type: str, ep: int, etp: int) -> dict:
+def _moe_config(hf_config: dict, model_type: str, ep: int, etp: int, aux_loss_coeff: float) -> dict:
     """TransformerConfig fields of an HF mixture of experts (empty for a dense model), its
     experts split over ``ep`` expert-parallel ranks and ``etp`` expert-TP ranks.
 
@@ -170,11 +170,17 @@ def _moe_config(hf_config: dict, model_type: str, ep: int, etp: int) -> dict:
     all, then top-k) the unnormalised one. No token is dropped (no capacity factor) and the
     ``allgather`` dispatcher runs everywhere. The auxiliary loss fields
     (``router_aux_loss_coef``, ``output_router_logits``) do not change logits and are left to
-    fine-tuning; Mixtral's training-time ``router_jitter_noise`` (which scales the experts'
+    fine-tuning: ``aux_loss_coeff`` > 0 turns on megatron-core's micro-batch load-balancing
+    loss (``moe_router_load_balancing_type="aux_loss"``) with that coefficient. Mixtral's training-time ``router_jitter_noise`` (which scales the experts'
     input too, unlike megatron-core's router-only jitter) is refused.
     """
     if model_type not in MOE_HF_NAMES:
+        if aux_loss_coeff:
+            raise ValueError(f"an auxiliary load-balancing loss needs a mixture-of-experts base, "
+                             f"not model_type={model_type!r}")
         return {}
+    if not aux_loss_coeff >= 0:
+        raise ValueError(f"the auxiliary load-balancing loss coefficient must be >= 0, got {aux_loss_coeff}")
     experts = hf_config.get("num_local_experts", hf_config.get("num_experts"))
     if "num_experts" in hf_config and hf_config["num_experts"] != experts:
         raise ValueError(f"config fields num_experts={hf_config['num_experts']!r} and "
@@ -210,7 +216,8 @@ def _moe_config(hf_config: dict, model_type: str, ep: int, etp: int) -> dict:
         moe_router_pre_softmax=not normalize,
         moe_layer_freq=pattern,
         moe_token_dispatcher_type="allgather",
-        moe_router_load_balancing_type="none",
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff else "none",
+        moe_aux_loss_coeff=float(aux_loss_coeff),
         # Read by the expert layers: under EP they leave the collectives to the dispatcher
         # and mark their weights for the expert data-parallel gradient reduction.
         expert_model_parallel_size=ep,
@@ -220,11 +227,13 @@ def _moe_config(hf_config: dict, model_type: str, ep: int, etp: int) -> dict:
 
 def transformer_config_from_hf(
     hf_config: dict, tp: int, pp: int = 1, dtype: torch.dtype = torch.float32,
-    ep: int = 1, etp: Optional[int] = None,
+    ep: int = 1, etp: Optional[int] = None, sequence_parallel: bool = False, moe_aux_loss_coeff: float = 0.0,
 ) -> tuple[TransformerConfig, dict]:
     """(TransformerConfig, build_gpt kwargs) of an HF Llama / Mistral / Qwen2 / Qwen3 /
     Qwen3-MoE / Mixtral config (experts over ``ep`` expert-parallel and ``etp`` expert-TP
-    ranks, None: ``tp``; a dense model ignores both).
+    ranks, None: ``tp``; a dense model ignores both), with megatron-core's
+    ``sequence_parallel`` (needs ``tp`` > 1) and, for a mixture of experts, its auxiliary
+    load-balancing loss coefficient ``moe_aux_loss_coeff`` (0: none).
 
     The vocabulary is padded to a multiple of ``tp`` in the kwargs. Parameters are left
     uninitialised (``perform_initialization=False``): they are about to be loaded.
@@ -256,7 +265,8 @@ def transformer_config_from_hf(
         add_qkv_bias=qkv_bias,
         qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         perform_initialization=False,
-        **_moe_config(hf_config, model_type, ep, etp or tp),
+        sequence_parallel=sequence_parallel,
+        **_moe_config(hf_config, model_type, ep, etp or tp, moe_aux_loss_coeff),
     )
     kwargs = dict(
         vocab_size=facts.vocab_size,
@@ -380,9 +390,11 @@ def load_base_weights(model: GPTModel, ckpt: SafetensorsCheckpoint, facts: Model
         param.copy_(value)
 
 
-def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPTModel, ModelFacts]:
+def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32, sequence_parallel: bool = False,
+                 moe_aux_loss_coeff: float = 0.0) -> tuple[GPTModel, ModelFacts]:
     """Build the GPTModel of an HF model directory (on this rank's device, SDPA attention)
-    and load this rank's weights.
+    and load this rank's weights (``sequence_parallel``, ``moe_aux_loss_coeff``: as in
+    :func:`transformer_config_from_hf`).
 
     Call after :func:`megatron_lora.init_distributed` on every rank. The model is in eval
     mode; its vocabulary is padded for TP as :func:`~megatron_lora.model.gpt.build_gpt` pads it.
@@ -390,7 +402,8 @@ def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     hf_config = read_hf_config(hf_dir)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     config, kwargs = transformer_config_from_hf(hf_config, tp, pp, dtype, ps.get_expert_model_parallel_world_size(),
-                                                ps.get_expert_tensor_parallel_world_size())
+                                                ps.get_expert_tensor_parallel_world_size(), sequence_parallel,
+                                                moe_aux_loss_coeff)
     facts = hf_model_facts(hf_config)
     ckpt = SafetensorsCheckpoint(hf_dir)
     # With tied embeddings and PP > 1 the last stage's output weight is moved with .cuda().

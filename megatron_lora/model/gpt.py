@@ -10,10 +10,13 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_lora.hf.layout import padded_vocab_size
 from megatron_lora.parallel.attention import with_sdpa_attention
 from megatron_lora.parallel.device import device
+from megatron_lora.parallel.norms import with_torch_norms
 
 
 #: Model dtypes by their command-line names.
@@ -86,7 +89,8 @@ def build_gpt(
     **kwargs,
 ) -> GPTModel:
     """A GPTModel with RoPE on the current device: megatron-core's local (no Transformer
-    Engine) spec with SDPA core attention, or ``layer_spec`` as given.
+    Engine) spec with SDPA core attention and norms that allow sequence parallelism
+    (:class:`~megatron_lora.parallel.norms.TorchNorm`), or ``layer_spec`` as given.
 
     The vocabulary is padded to a multiple of the TP size (VocabParallelEmbedding splits it
     evenly); ``model.unpadded_vocab_size`` keeps ``vocab_size``, and the padding never reaches
@@ -97,14 +101,17 @@ def build_gpt(
     """
     if layer_spec is not None:
         spec = layer_spec
-    elif config.num_moe_experts:
-        check_moe_config(config)
-        block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
-        spec = dataclasses.replace(block, layer_specs=[with_sdpa_attention(s) for s in block.layer_specs])
     else:
-        spec = with_sdpa_attention(
-            get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
-        )
+        if config.num_moe_experts:
+            check_moe_config(config)
+            block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
+        else:
+            # A block spec, not a layer spec: a layer spec gets megatron-core's default final norm.
+            layer = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+            block = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+                                               layer_norm=WrappedTorchNorm)
+        block = dataclasses.replace(block, layer_specs=[with_sdpa_attention(s) for s in block.layer_specs])
+        spec = with_torch_norms(block)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -115,8 +122,8 @@ def build_gpt(
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         **kwargs,
     )
-    # megatron-core allocates its own layers on the device; the local spec's torch norms
-    # (WrappedTorchNorm) come without a device or dtype. Give them the parameters' dtype
+    # megatron-core allocates its own layers on the device; torch norms (TorchNorm,
+    # WrappedTorchNorm) come without a device or dtype. Give them the parameters' dtype
     # too: a bf16 input with an fp32 norm weight misses torch's fused RMSNorm kernel.
     for module in model.modules():
         if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):

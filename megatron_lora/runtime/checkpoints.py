@@ -6,13 +6,18 @@ An iteration directory holds, without pickle:
     state_tp{t:02d}_pp{p:02d}.safetensors  trainable parameters of that TP rank / pipeline stage
                                         (``param.NAME``) and their Adam moments (``exp_avg.NAME``,
                                         ``exp_avg_sq.NAME``), written by the first data-parallel replica
+    state_etp{t:02d}_ep{e:02d}_pp{p:02d}.safetensors
+                                        the same for trainable expert parameters (mixtures of experts;
+                                        local expert names) of that expert-TP rank / expert-parallel
+                                        rank / stage, written by the first expert data-parallel replica
     rng/rank_{r:05d}.safetensors        each rank's CPU (and CUDA) and model-parallel RNG states
 
 It appears atomically (``formats.outputs``: written in a temporary sibling, then renamed),
 ``latest`` is replaced atomically after it, and only the newest ``keep`` iteration directories stay. Resuming needs
 the same TP and PP sizes; the data-parallel size may differ (the optimizer is not sharded
 over data parallelism, and the data order depends only on the step). RNG states are restored
-only at the same layout (they drive dropout alone).
+only at the same layout (they drive dropout alone). Trainable expert parameters need the same
+expert-parallel and expert-TP sizes too.
 """
 
 from __future__ import annotations
@@ -78,6 +83,18 @@ def _state_file(directory: Path, tp: int, pp: int) -> Path:
     return directory / f"state_tp{tp:02d}_pp{pp:02d}.safetensors"
 
 
+def _expert_state_file(directory: Path) -> Path:
+    """This rank's file of expert parameters."""
+    etp, ep = ps.get_expert_tensor_parallel_rank(), ps.get_expert_model_parallel_rank()
+    return directory / f"state_etp{etp:02d}_ep{ep:02d}_pp{ps.get_pipeline_model_parallel_rank():02d}.safetensors"
+
+
+def _is_expert(param: torch.nn.Parameter) -> bool:
+    # megatron-core marks expert parameters allreduce=False (their DDP reduction is over the
+    # expert data-parallel group); LoRA factors of an expert copy the mark.
+    return not getattr(param, "allreduce", True)
+
+
 def _rng_file(directory: Path, rank: int) -> Path:
     return directory / "rng" / f"rank_{rank:05d}.safetensors"
 
@@ -92,19 +109,18 @@ def save_checkpoint(engine: Engine, save: str | Path, keep: int, extra: dict) ->
     final = iteration_dir(save, engine.step)
     rank = dist.get_rank()
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    states = {}
+    for opt in _torch_optimizers(engine.optimizer):
+        states.update(opt.state)
+    trainable = _trainable(engine)
     # An iteration directory under --save is ours (check_save_dir), so it may be replaced.
     with shared_atomic_directory(final, overwrite=True) as tmp:
         if ps.get_data_parallel_rank() == 0:
-            tensors = {}
-            states = {}
-            for opt in _torch_optimizers(engine.optimizer):
-                states.update(opt.state)
-            for name, p in _trainable(engine).items():
-                tensors[f"param.{name}"] = p.detach().cpu()
-                for moment in ("exp_avg", "exp_avg_sq"):
-                    if p in states:
-                        tensors[f"{moment}.{name}"] = states[p][moment].cpu()
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(_state_file(tmp, tp, pp)))
+            dense = {n: p for n, p in trainable.items() if not _is_expert(p)}
+            save_file(_state_tensors(dense, states), str(_state_file(tmp, tp, pp)))
+        experts = {n: p for n, p in trainable.items() if _is_expert(p)}
+        if experts and ps.get_expert_data_parallel_rank() == 0:
+            save_file(_state_tensors(experts, states), str(_expert_state_file(tmp)))
         (tmp / "rng").mkdir(exist_ok=True)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -123,6 +139,17 @@ def save_checkpoint(engine: Engine, save: str | Path, keep: int, extra: dict) ->
     return final
 
 
+def _state_tensors(params: dict[str, torch.nn.Parameter], states: dict) -> dict[str, torch.Tensor]:
+    """``param.NAME`` and the Adam moments of ``params``, on the CPU."""
+    tensors = {}
+    for name, p in params.items():
+        tensors[f"param.{name}"] = p.detach().cpu()
+        for moment in ("exp_avg", "exp_avg_sq"):
+            if p in states:
+                tensors[f"{moment}.{name}"] = states[p][moment].cpu()
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
 def _trainer_state(engine: Engine, extra: dict) -> dict:
     step_counts = {int(s["step"]) for opt in _torch_optimizers(engine.optimizer) for s in opt.state.values()}
     scaler = _grad_scaler(engine)
@@ -131,6 +158,8 @@ def _trainer_state(engine: Engine, extra: dict) -> dict:
         "consumed_samples": engine.step * engine.settings.global_batch_size,
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "etp": ps.get_expert_tensor_parallel_world_size(),
         "dp": engine.dp,
         "world": dist.get_world_size(),
         "scheduler": engine.scheduler.state_dict(),
@@ -156,12 +185,20 @@ def load_checkpoint(engine: Engine, directory: str | Path) -> dict:
     if (trainer["tp"], trainer["pp"]) != (tp, pp):
         raise ValueError(f"--load {path} was saved at TP={trainer['tp']} PP={trainer['pp']}; "
                          f"resume it at the same sizes (this run: TP={tp} PP={pp}; the DP size may differ)")
+    trainable = _trainable(engine)
     tensors = load_file(str(_state_file(path, ps.get_tensor_model_parallel_rank(),
                                         ps.get_pipeline_model_parallel_rank())))
+    if any(_is_expert(p) for p in trainable.values()):
+        ep, etp = ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()
+        if (trainer.get("ep", 1), trainer.get("etp", trainer["tp"])) != (ep, etp):
+            raise ValueError(f"--load {path} was saved at expert-parallel size {trainer.get('ep', 1)} and expert-TP "
+                             f"{trainer.get('etp', trainer['tp'])}; resume its trainable experts at the same sizes "
+                             f"(this run: {ep} and {etp})")
+        tensors.update(load_file(str(_expert_state_file(path))))
     optimizers = _torch_optimizers(engine.optimizer)
     owner = {p: opt for opt in optimizers for g in opt.param_groups for p in g["params"]}
     step = torch.tensor(float(trainer["adam_step"]))
-    for name, p in _trainable(engine).items():
+    for name, p in trainable.items():
         if f"param.{name}" not in tensors:
             raise ValueError(f"--load {path}: no saved value for {name}")
         with torch.no_grad():

@@ -11,6 +11,12 @@ The step's objective (a contract): the summed token cross-entropy over every los
 the global batch divided by their count (``calculate_per_token_loss=True``: each
 micro-batch returns its sum and its count and ``finalize_model_grads`` divides the
 gradients by the global count), so the gradient does not depend on how the batch is split.
+A mixture of experts built with megatron-core's load-balancing loss
+(``moe_router_load_balancing_type="aux_loss"``, ``moe_aux_loss_coeff`` > 0) adds
+``moe_aux_loss_coeff`` x the mean over the global batch's micro-batches of the sum over MoE
+layers of each micro-batch's load-balancing loss (:class:`StepReport` ``aux_loss``):
+Megatron-LM's weighting without per-token loss and HF's with gradient accumulation, whatever
+the share of tokens that carry a label, and the same at every TP x EP x expert-TP x SP x DP.
 
 The order of the samples is :mod:`megatron_lora.runtime.data`'s. Every tensor lives on
 ``torch.cuda.current_device()`` (the CPU under :mod:`parallel.cpu`).
@@ -33,6 +39,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.moe.router import Router
 from torch import nn
 
 from megatron_lora.model.lora import allreduce_tied_adapter_grads
@@ -98,6 +106,7 @@ class StepReport:
     tokens: int  # loss tokens of the global batch
     seconds: float
     updated: bool  # False when fp16 loss scaling skipped the step
+    aux_loss: Optional[float] = None  # the load-balancing term of the objective; None: the model has none
 
 
 def token_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -138,6 +147,16 @@ class Engine:
     boolean mask (True = masked), or is None for the plain causal mask. It sets
     ``calculate_per_token_loss``, ``finalize_model_grads_func``, ``no_sync_func`` and
     ``grad_scale_func`` on ``base.config``, where megatron-core's schedules read them.
+
+    The load-balancing loss reaches the gradient through megatron-core's
+    ``MoEAuxLossAutoScaler``, whose backward scale the schedules set to
+    ``grad_scale_func(1)`` for every micro-batch. ``finalize_model_grads`` then divides every
+    gradient by the global batch's loss tokens N, so for the mean over its M micro-batches
+    the scale must be N / M: ``grad_scale_func`` multiplies by it (and by the fp16 loss
+    scale), and each micro-batch's token-loss sum is divided by it first, so the token loss
+    keeps its own scale. (A router built with ``calculate_per_token_loss`` would multiply its
+    loss by the tokens it routes instead: a weight that follows the labelled share of the
+    batch and, under sequence parallelism, the shard size; the engine switches that off.)
     """
 
     def __init__(self, model: nn.Module, base: nn.Module, settings: EngineSettings,
@@ -147,9 +166,15 @@ class Engine:
         self.train_data, self.eval_data, self.attention_mask = train_data, eval_data, attention_mask
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         settings.check(self.dp)
+        _check_trainable_experts(model)
         config: TransformerConfig = base.config
         config.calculate_per_token_loss = True
         config.finalize_model_grads_func = _finalize_model_grads
+        self.aux_loss_coeff = _aux_loss_coeff(config)
+        for module in model.modules():
+            if isinstance(module, Router):  # read at construction; see the class docstring
+                module.calculate_per_token_loss = False
+        self._aux_scale = 1.0  # the load-balancing loss's backward scale for this step
         if not hasattr(model, "set_input_tensor"):
             model = _SingleStage(model, base)
         fp16, bf16 = settings.dtype == "fp16", settings.dtype == "bf16"
@@ -161,8 +186,15 @@ class Engine:
                 adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, clip_grad=settings.clip_grad,
                 fp16=fp16, bf16=bf16, params_dtype=DTYPES[settings.dtype],
                 initial_loss_scale=self._initial_loss_scale() if fp16 else None), [self.model])
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if any(group.get("is_expert_parallel") for group in optimizer.optimizer.param_groups):
+                # megatron-core 0.16 gives the expert optimizer the dense TP group, by whose
+                # rank the gradient norm skips copies of parameters not split over TP; an
+                # expert's unsplit parameters (a LoRA factor) are copies over expert TP only.
+                optimizer.tp_group = ps.get_expert_tensor_parallel_group()
         config.no_sync_func = self.model.no_sync
-        config.grad_scale_func = self.optimizer.scale_loss if fp16 else None
+        self._fp16 = fp16
+        config.grad_scale_func = self._grad_scale if fp16 or self.aux_loss_coeff else None
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=settings.lr, min_lr=settings.min_lr,
             lr_warmup_steps=settings.lr_warmup_iters, lr_decay_steps=settings.decay_iters,
@@ -179,6 +211,13 @@ class Engine:
         # usual per-token scale of 2**16 divided by the tokens of a micro-batch.
         return max(1.0, 2.0 ** 16 / (self.settings.micro_batch_size * self.settings.seq_length))
 
+    def _grad_scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The schedules' backward scale: of each micro-batch's loss, and (at 1) of the
+        load-balancing loss."""
+        if self._fp16:
+            loss = self.optimizer.scale_loss(loss)
+        return loss * self._aux_scale
+
     # -- one micro-batch -------------------------------------------------------------------
     def _forward_step(self, data_iterator: Iterator[Sample], model: nn.Module):
         batch = next(data_iterator)
@@ -190,7 +229,8 @@ class Engine:
         mask = batch["loss_mask"].float()
         total = (token_losses(self.base, logits, batch["labels"]) * mask).sum()
         count = mask.sum()
-        return total, count.to(torch.int), {"loss": torch.stack([total.detach(), count])}
+        # Divided by the load-balancing loss's scale, which _grad_scale multiplies back.
+        return total / self._aux_scale, count.to(torch.int), {"loss": torch.stack([total.detach(), count])}
 
     def _run(self, micro_batches: list[list[int]], data: Sequence[Sample], forward_only: bool) -> tuple[float, int]:
         """Forward (and backward) over this rank's micro-batches; the global (loss sum, token count)."""
@@ -222,19 +262,41 @@ class Engine:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]
+        micro_batches = s.global_batch_size // s.micro_batch_size
+        if self.aux_loss_coeff:
+            clear_aux_losses_tracker()
+            labelled = sum(int(self.train_data[i]["loss_mask"].sum()) for i in indices)
+            self._aux_scale = max(labelled, 1) / micro_batches
         loss_sum, tokens = self._run(micro, self.train_data, forward_only=False)
+        aux_loss = self._aux_loss(micro_batches) if self.aux_loss_coeff else None
         with cuda_on_cpu():
-            grad_norm = None if s.clip_grad > 0 else self.optimizer.get_grad_norm()
-            updated, clipped_norm, _ = self.optimizer.step()
+            updated, norm, _ = self.optimizer.step()
+            if updated and s.clip_grad == 0:
+                # Without clipping step() measures no norm; the gradients it prepared (the
+                # DDP buffers' sums, unscaled) are still in place after the update.
+                norm = self.optimizer.get_grad_norm()
         if updated:
             self.scheduler.step(increment=1)
         self.step += 1
         loss = loss_sum / max(tokens, 1)
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss} at step {self.step}; try a lower --lr")
-        norm = clipped_norm if grad_norm is None else grad_norm
         return StepReport(loss, lr, float(norm) if norm is not None else None, tokens,
-                          time.perf_counter() - start, bool(updated))
+                          time.perf_counter() - start, bool(updated), aux_loss)
+
+    def _aux_loss(self, micro_batches: int) -> float:
+        """The step's load-balancing term: megatron-core's tracker holds, per layer, this
+        rank's share (its sequence-parallel shard's part) of each of its micro-batches' loss
+        over the coefficient, summed over its micro-batches."""
+        tracker = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+        total = torch.zeros(1, dtype=torch.float64, device=torch.cuda.current_device())
+        if tracker is not None:  # a pipeline stage without MoE layers has none
+            total += tracker["values"].sum().double()
+        for group in (ps.get_tensor_and_context_parallel_group(), ps.get_data_parallel_group(),
+                      ps.get_pipeline_model_parallel_group()):
+            dist.all_reduce(total, group=group)
+        clear_aux_losses_tracker()
+        return self.aux_loss_coeff * total.item() / micro_batches
 
     def evaluate(self) -> float:
         """Mean token loss over the evaluation set (or its first ``eval_iters`` global batches)."""
@@ -257,6 +319,30 @@ class Engine:
             total, tokens = total + part, tokens + count
         self.model.train()
         return total / max(tokens, 1)
+
+
+def _check_trainable_experts(model: nn.Module) -> None:
+    """Refuse trainable expert parameters that megatron-core's DDP would reduce wrongly: at
+    expert-parallel size 1 it treats experts as dense parameters (reduced over the dense
+    data-parallel group), which is right only when each expert is split like the dense layers."""
+    ep, etp = ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()
+    if ep > 1 or etp == ps.get_tensor_model_parallel_world_size():
+        return
+    for name, module in model.named_modules():
+        if getattr(module, "is_expert", False) and any(p.requires_grad for p in module.parameters()):
+            raise ValueError(f"{name} is a trainable expert layer: with expert-parallel size 1 the expert-TP size "
+                             f"({etp}) must equal the TP size ({ps.get_tensor_model_parallel_world_size()})")
+
+
+def _aux_loss_coeff(config: TransformerConfig) -> float:
+    """The load-balancing loss coefficient of a model config (0: none)."""
+    kind = config.moe_router_load_balancing_type
+    if not config.num_moe_experts or kind == "none" or not config.moe_aux_loss_coeff:
+        return 0.0
+    if kind != "aux_loss":
+        raise ValueError(f"moe_router_load_balancing_type={kind!r} is not supported in training "
+                         "(only 'aux_loss' and 'none')")
+    return float(config.moe_aux_loss_coeff)
 
 
 class _SingleStage(nn.Module):

@@ -8,6 +8,10 @@ data (``--data``) or, with ``--tiny``, the synthetic counting task of
 (:mod:`megatron_lora.runtime.checkpoints`) and ends with the adapter in ``SAVE/adapter/``
 (a megatron-lora checkpoint, or our X-LoRA checkpoint) and optionally a PEFT directory.
 
+A mixture-of-experts base trains at any TP x EP x expert-TP (x SP, required at TP > 1), the
+data split over the dense data-parallel group as for a dense model, optionally with
+megatron-core's load-balancing loss (``moe_aux_loss_coeff``; see the engine for its weight).
+
 X-LoRA trains its classifier (and with ``xlora_trainable_adapters`` the experts) over
 frozen LoRA experts, given as directories or made here as small random adapters
 (:data:`RANDOM_EXPERTS`). X-LoRA training refuses pipeline parallelism: the scalings come
@@ -73,6 +77,10 @@ class FinetuneOptions:
     tiny: bool = False  # the synthetic counting task (and the random Llama without --base)
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert-parallel size (mixtures of experts)
+    etp: Optional[int] = None  # expert tensor-parallel size; None: tp
+    sequence_parallel: bool = False  # megatron-core's sequence parallelism (tp > 1; MoE bases at tp > 1 need it)
+    moe_aux_loss_coeff: float = 0.0  # megatron-core's load-balancing loss coefficient (MoE bases; 0: none)
     micro_batch_size: int = 4
     global_batch_size: int = 16
     seq_length: Optional[int] = None  # None: REAL_DEFAULTS / TINY_DEFAULTS
@@ -112,9 +120,18 @@ class FinetuneOptions:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         for flag, value in (("--tensor-model-parallel-size", self.tp), ("--pipeline-model-parallel-size", self.pp),
+                            ("--expert-model-parallel-size", self.ep),
+                            ("--expert-tensor-parallel-size", 1 if self.etp is None else self.etp),
                             ("--eval-interval", self.eval_interval), ("--lora-r", self.lora_r)):
             if value <= 0:
                 raise ValueError(f"{flag} must be positive, got {value}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.sequence_parallel and self.seq_length % self.tp:
+            raise ValueError(f"--sequence-parallel splits the sequence over TP: --seq-length {self.seq_length} "
+                             f"must be a multiple of --tensor-model-parallel-size {self.tp}")
+        if not self.moe_aux_loss_coeff >= 0:
+            raise ValueError(f"--moe-aux-loss-coeff must be >= 0, got {self.moe_aux_loss_coeff}")
         if self.save_interval is not None and self.save_interval <= 0:
             raise ValueError(f"--save-interval must be positive, got {self.save_interval}")
         if self.keep_checkpoints < 1:
@@ -138,6 +155,9 @@ class FinetuneOptions:
         if self.xlora and self.pp > 1:
             raise ValueError("--xlora training needs --pipeline-model-parallel-size 1: the classifier's "
                              "scalings, made on the last stage, would have to reach every stage's layers")
+        if self.xlora and self.sequence_parallel:
+            raise ValueError("--xlora training does not support --sequence-parallel (its classifier reads "
+                             "whole sequences)")
 
     def settings(self) -> EngineSettings:
         return EngineSettings(
@@ -184,7 +204,11 @@ def check_outputs(options: FinetuneOptions) -> None:
 def load_base(base_dir: str | Path, options: FinetuneOptions) -> nn.Module:
     from megatron_lora.hf.importer import load_hf_base
 
-    model, _ = load_hf_base(base_dir, DTYPES[options.dtype])
+    model, _ = load_hf_base(base_dir, DTYPES[options.dtype], options.sequence_parallel, options.moe_aux_loss_coeff)
+    if model.config.num_moe_experts and options.tp > 1 and not options.sequence_parallel:
+        # megatron-core's MoE layer refuses to train at TP > 1 without it.
+        raise ValueError(f"{base_dir} is a mixture of experts: training it at --tensor-model-parallel-size "
+                         f"{options.tp} needs --sequence-parallel")
     return model
 
 
@@ -245,9 +269,9 @@ def _datasets(options: FinetuneOptions, base: nn.Module, tokenizer):
 
 
 def _held_out_prompts(options: FinetuneOptions, tokenizer) -> list[tuple[list[int], str]]:
-    """The first ``--show-answers`` prompts of ``--eval-data`` (none without it, or with PP > 1,
-    where generation cannot run)."""
-    if not options.show_answers or not options.eval_data or options.pp > 1:
+    """The first ``--show-answers`` prompts of ``--eval-data`` (none without it, or with PP > 1
+    or sequence parallelism, where generation cannot run)."""
+    if not options.show_answers or not options.eval_data or options.pp > 1 or options.sequence_parallel:
         return []
     return data.held_out_prompts(options.eval_data, tokenizer, options.show_answers)
 
@@ -319,10 +343,12 @@ class _Progress:
             self.log.flush()
 
     def step(self, step: int, report: StepReport) -> None:
-        self.record({"step": step, "loss": report.loss, "lr": report.lr, "grad_norm": report.grad_norm,
+        aux = {} if report.aux_loss is None else {"aux_loss": report.aux_loss}
+        self.record({"step": step, "loss": report.loss, **aux, "lr": report.lr, "grad_norm": report.grad_norm,
                      "tokens": report.tokens, "seconds": report.seconds})
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.lr:.2e}",
+            aux = {} if report.aux_loss is None else {"aux": f"{report.aux_loss:.4f}"}
+            self.bar.set_postfix(loss=f"{report.loss:.4f}", **aux, lr=f"{report.lr:.2e}",
                                  tok_s=f"{self.tokens_per_step / report.seconds:.0f}", refresh=False)
             self.bar.update(1)
 
@@ -336,7 +362,8 @@ class _Progress:
 def finetune(options: FinetuneOptions) -> FinetuneResult:
     """Build, adapt, train, checkpoint and save; call on every rank (rank 0 reports)."""
     check_outputs(options)
-    init_distributed(options.tp, options.pp, seed=options.seed)
+    init_distributed(options.tp, options.pp, seed=options.seed, expert_model_parallel_size=options.ep,
+                     expert_tensor_parallel_size=options.etp)
     save = Path(options.save)
     scratch = shared_temp_dir(save)
     try:
