@@ -160,7 +160,7 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def _moe_config(hf_config: dict, model_type: str, ep: int, etp: int, aux_loss_coeff: float) -> dict:
+def _moe_config(hf_config: dict, model_type: str, ep: int, etp: int, aux_loss_coeff: float = 0.0) -> dict:
     """TransformerConfig fields of an HF mixture of experts (empty for a dense model), its
     experts split over ``ep`` expert-parallel ranks and ``etp`` expert-TP ranks.
 
@@ -171,8 +171,9 @@ def _moe_config(hf_config: dict, model_type: str, ep: int, etp: int, aux_loss_co
     ``allgather`` dispatcher runs everywhere. The auxiliary loss fields
     (``router_aux_loss_coef``, ``output_router_logits``) do not change logits and are left to
     fine-tuning: ``aux_loss_coeff`` > 0 turns on megatron-core's micro-batch load-balancing
-    loss (``moe_router_load_balancing_type="aux_loss"``) with that coefficient. Mixtral's training-time ``router_jitter_noise`` (which scales the experts'
-    input too, unlike megatron-core's router-only jitter) is refused.
+    loss (``moe_router_load_balancing_type="aux_loss"``) with that coefficient. Mixtral's
+    training-time ``router_jitter_noise`` (which scales the experts' input too, unlike
+    megatron-core's router-only jitter) is refused.
     """
     if model_type not in MOE_HF_NAMES:
         if aux_loss_coeff:
