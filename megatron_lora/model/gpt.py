@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron_lora.hf.layout import padded_vocab_size
 from megatron_lora.parallel.attention import with_sdpa_attention
 from megatron_lora.parallel.device import device
+from megatron_lora.parallel.mla import reduce_mla_rope_key_grads
 from megatron_lora.parallel.norms import with_torch_norms
 
 
@@ -104,7 +105,8 @@ def build_gpt(
 
     With ``config.multi_latent_attention`` (an ``MLATransformerConfig``) the layers use
     megatron-core's ``MLASelfAttention`` (SDPA core attention takes MLA's separate key and
-    value head sizes), whose RoPE comes from the config, not ``rotary_base``.
+    value head sizes), whose RoPE comes from the config, not ``rotary_base``, and whose RoPE
+    key gradient is summed over TP (:func:`~megatron_lora.parallel.mla.reduce_mla_rope_key_grads`).
 
     With ``config.num_moe_experts`` the MoE layers (``config.moe_layer_freq``) use the local
     spec's ``SequentialMLP`` experts; see :func:`check_moe_config` for what is refused.
@@ -139,6 +141,8 @@ def build_gpt(
     for module in model.modules():
         if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
             module.to(device=device(), dtype=config.params_dtype)
+    # megatron-core's MLA drops part of its RoPE key's gradient at TP > 1 (see parallel/mla.py).
+    reduce_mla_rope_key_grads(model)
     model.unpadded_vocab_size = vocab_size
     return model
 
