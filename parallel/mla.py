@@ -26,8 +26,9 @@ from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from torch import nn
 
 # The tag a hooked linear_kv_down_proj puts on its output: how many trailing columns (of the
-# gathered output) are the RoPE key.
+# gathered output) are the RoPE key; and the mark of a hooked module.
 _ROPE_COLUMNS = "_megatron_lora_rope_key_columns"
+_HOOKED = "_megatron_lora_rope_key_hooked"
 _megatron_gather = mappings.gather_from_tensor_model_parallel_region
 
 
@@ -74,9 +75,9 @@ def reduce_mla_rope_key_grads(model: nn.Module) -> int:
     for module in model.modules():
         if not isinstance(module, MLASelfAttention) or not isinstance(module.linear_kv_down_proj, ColumnParallelLinear):
             continue
-        if not getattr(module.linear_kv_down_proj, _ROPE_COLUMNS, False):
+        if not getattr(module.linear_kv_down_proj, _HOOKED, False):
             module.linear_kv_down_proj.register_forward_hook(_tag_output(module.config.qk_pos_emb_head_dim))
-            setattr(module.linear_kv_down_proj, _ROPE_COLUMNS, True)
+            setattr(module.linear_kv_down_proj, _HOOKED, True)
         count += 1
     if count:
         # MLASelfAttention calls the gather through its module's name for it.
