@@ -164,13 +164,18 @@ def _replicated_down_projection():
     spec = dataclasses.replace(spec, submodules=dataclasses.replace(
         spec.submodules, linear_q_down_proj=Linear, linear_kv_down_proj=Linear))
     out = {}
-    for targets in (["linear_kv_down_proj"], ["linear_q_down_proj", "linear_q_up_proj"], ["linear_q_up_proj", "linear_kv_up_proj"]):
+    down = ["linear_q_down_proj", "linear_kv_down_proj"]
+    for key, kwargs in {"linear_kv_down_proj": dict(target_modules=["linear_kv_down_proj"]),
+                        "linear_q_down_proj": dict(target_modules=["linear_q_down_proj", "linear_q_up_proj"]),
+                        "up": dict(target_modules=["linear_q_up_proj", "linear_kv_up_proj"]),
+                        "all_linear": dict(target_modules="all-linear"),
+                        "all_linear_but_down": dict(target_modules="all-linear", exclude_modules=down)}.items():
         attention = build_module(spec, config=_config(2), layer_number=1)
         try:
-            apply_lora(attention, LoraConfig(r=2, target_modules=targets))
-            out[targets[0]] = sorted(n for n, _ in lora_layers(attention))
+            apply_lora(attention, LoraConfig(r=2, **kwargs))
+            out[key] = sorted(n for n, _ in lora_layers(attention))
         except TypeError as e:
-            out[targets[0]] = str(e)
+            out[key] = str(e)
     return out
 
 
@@ -251,4 +256,7 @@ def test_replicated_down_projection_refused_by_name(results):
         got = r["refusal"]
         for name in ("linear_kv_down_proj", "linear_q_down_proj"):
             assert f"matches '{name}', a megatron.core.post_training.modelopt.layers.Linear" in got[name], got[name]
-        assert got["linear_q_up_proj"] == ["linear_kv_up_proj", "linear_q_up_proj"]
+        assert got["up"] == ["linear_kv_up_proj", "linear_q_up_proj"]
+        # "all-linear" covers every torch Linear (PEFT's meaning): refused, not skipped.
+        assert "target_modules='all-linear' matches 'linear_q_down_proj'" in got["all_linear"], got["all_linear"]
+        assert got["all_linear_but_down"] == ["linear_kv_up_proj", "linear_proj", "linear_q_up_proj"]
