@@ -86,7 +86,8 @@ def _layout(tp, sp, tmp):
     config = _lora_config()
     apply_lora(model, config, seed=7)
     out = {"types": {n: type(m).__name__ for n, m in model.named_modules() if n.endswith(tuple(TARGETS))},
-           "styles": {n: m.parallel_mode for n, m in lora_layers(model)}}
+           "styles": {n: m.parallel_mode for n, m in lora_layers(model)},
+           "scalings": {n: m.lora_specs["default"].segments[0].scaling for n, m in lora_layers(model)}}
     # The base weight before the RoPE key's split too (megatron-core alone gets it wrong at TP=2).
     kv_down = {f"decoder.layers.{i}.self_attention.linear_kv_down_proj.weight": layer.self_attention.linear_kv_down_proj.weight
                for i, layer in enumerate(model.decoder.layers)}
@@ -206,6 +207,12 @@ def test_real_mla_layer_and_its_parallel_styles(results):
         assert {n: s for n, s in r["styles"].items() if n.startswith(a)} == {
             **{a + n: "column" for n in MLA}, a + "linear_proj": "row"}
     assert len(r["styles"]) == 10
+    # rank_pattern and alpha_pattern on MLA names.
+    a = "decoder.layers.{}.self_attention."
+    assert results[0][(1, False)]["factors"][a.format(0) + "linear_kv_up_proj.lora_A"].shape == (2, 12)
+    assert results[0][(1, False)]["factors"][a.format(1) + "linear_q_up_proj.lora_B"].shape == (4 * 12, 4)
+    assert r["scalings"][a.format(1) + "linear_q_up_proj"] == 3 / 4 and r["scalings"][a.format(0) + "linear_q_up_proj"] == 8 / 4
+    assert r["scalings"][a.format(0) + "linear_kv_up_proj"] == 8 / 2
 
 
 @pytest.mark.parametrize("layout", LAYOUTS[:2], ids=["tp2", "tp2_sp"])
