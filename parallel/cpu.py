@@ -65,6 +65,21 @@ def define_moe_names_without_te() -> None:
         moe_utils.te_general_gemm = None
 
 
+def define_mla_names_without_te() -> None:
+    """Let megatron-core build multi-latent attention without Transformer Engine (idempotent).
+
+    Without TE, megatron-core 0.16.1's ``extensions.transformer_engine`` still imports (over a
+    MagicMock ``te``), so ``multi_latent_attention`` sets ``HAVE_TE = True`` and binds
+    ``TELinear`` to a mock instance; every ``MLASelfAttention`` then fails in
+    ``isinstance(self.linear_proj, TELinear)``. Clear that flag, and only when ``TELinear`` is
+    not a class (TE absent): the flag only guards TE's fp8 input-saving. Not CPU-specific.
+    """
+    from megatron.core.transformer import multi_latent_attention
+
+    if not isinstance(multi_latent_attention.TELinear, type):
+        multi_latent_attention.HAVE_TE = False
+
+
 class _CpuStream:
     """What megatron-core asks of the current CUDA stream; CPU ops run in order."""
 
@@ -102,6 +117,7 @@ def enable_cpu_execution() -> None:
     fused_softmax.get_default_causal_mask = _default_causal_mask
     logging.getLogger(mrandom.__name__).addFilter(_DropRngWarning())
     define_moe_names_without_te()
+    define_mla_names_without_te()
     _enabled = True
 
 

@@ -457,10 +457,10 @@ def peft_plan(reader: ShardReader, config: LoraConfig, moe_layout: str = "fused"
                 experts.setdefault(moe, {})[seg] = key
             continue
         known = layout_module(module_name)
-        if known is None or facts is None:
+        if known is None or facts is None or facts.v_head_dim is not None:
             raise ValueError(
                 f"{reader.directory}: {module_name} has no HF PEFT name: only the linears of "
-                "the LLaMA-family layout of a GPT model and its experts convert to PEFT"
+                "the LLaMA-family layout of a GPT model (not multi-latent attention) and its experts convert to PEFT"
             )
         layer, module = known
         shared = seg == module

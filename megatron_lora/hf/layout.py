@@ -110,6 +110,10 @@ class ModelFacts:
     vocab_size: int
     #: Mixture-of-experts facts (None: a dense model; absent from a dense model's dict).
     moe: Optional[MoeFacts] = None
+    #: Multi-latent attention's value head size: its ``linear_proj`` takes heads x v_head_dim
+    #: (None: the LLaMA-family attention; absent from its dict). MLA's own linears have no
+    #: layout facts: their shapes are checked rank file against rank file.
+    v_head_dim: Optional[int] = None
 
     @classmethod
     def from_transformer_config(cls, cfg, vocab_size: int) -> "ModelFacts":
@@ -128,6 +132,7 @@ class ModelFacts:
             gated_linear_unit=cfg.gated_linear_unit,
             vocab_size=vocab_size,
             moe=moe,
+            v_head_dim=cfg.v_head_dim if getattr(cfg, "multi_latent_attention", False) else None,
         )
 
     @classmethod
@@ -139,6 +144,8 @@ class ModelFacts:
         for f in dataclasses.fields(cls):
             if f.name == "moe":
                 values["moe"] = MoeFacts.from_dict(d["moe"]) if d.get("moe") is not None else None
+                continue
+            if f.name == "v_head_dim" and f.name not in d:
                 continue
             if f.name not in d:
                 raise ValueError(f"model facts lack {f.name!r}")
@@ -155,6 +162,8 @@ class ModelFacts:
             del d["moe"]
         else:
             d["moe"]["layers"] = list(self.moe.layers)
+        if self.v_head_dim is None:
+            del d["v_head_dim"]
         return d
 
     @property
@@ -185,7 +194,7 @@ class ModelFacts:
         f = self.ffn_hidden_size * (2 if self.gated_linear_unit else 1)
         return {
             "linear_qkv": (h, q + 2 * kv),
-            "linear_proj": (q, h),
+            "linear_proj": (self.num_attention_heads * (self.v_head_dim or d), h),
             "linear_fc1": (h, f),
             "linear_fc2": (self.ffn_hidden_size, h),
             OUTPUT_LAYER: (h, self.vocab_size),

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_lora.hf.layout import padded_vocab_size
 from megatron_lora.parallel.attention import with_sdpa_attention
 from megatron_lora.parallel.device import device
+from megatron_lora.parallel.mla import reduce_mla_rope_key_grads
 from megatron_lora.parallel.norms import with_torch_norms
 
 
@@ -44,6 +46,10 @@ def gpt_config(
     need neither Transformer Engine nor apex: SwiGLU (one function that keeps only its
     input for backward) and bias-dropout-add. Both are ``torch.compile`` regions, which cost
     about a minute of compilation per shape on a CPU; the rest need TE or apex and stay off.
+
+    ``multi_latent_attention=True`` (with the MLA fields: ``q_lora_rank``, ``kv_lora_rank``,
+    ``qk_head_dim``, ``qk_pos_emb_head_dim``, ``v_head_dim``, ``rope_type``, ...) gives an
+    ``MLATransformerConfig``; its RoPE comes from the config (``rotary_base``, YaRN fields).
     """
     cuda = torch.cuda.is_available()
     fusions = cuda if fusions is None else fusions
@@ -76,7 +82,8 @@ def gpt_config(
         gradient_accumulation_fusion=False,
     )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    cls = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
+    return cls(**kwargs)
 
 
 def build_gpt(
@@ -96,6 +103,11 @@ def build_gpt(
     evenly); ``model.unpadded_vocab_size`` keeps ``vocab_size``, and the padding never reaches
     logits, losses or sampling (:func:`real_vocab_size`).
 
+    With ``config.multi_latent_attention`` (an ``MLATransformerConfig``) the layers use
+    megatron-core's ``MLASelfAttention`` (SDPA core attention takes MLA's separate key and
+    value head sizes), whose RoPE comes from the config, not ``rotary_base``, and whose RoPE
+    key gradient is summed over TP (:func:`~megatron_lora.parallel.mla.reduce_mla_rope_key_grads`).
+
     With ``config.num_moe_experts`` the MoE layers (``config.moe_layer_freq``) use the local
     spec's ``SequentialMLP`` experts; see :func:`check_moe_config` for what is refused.
     """
@@ -107,7 +119,8 @@ def build_gpt(
             block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
         else:
             # A block spec, not a layer spec: a layer spec gets megatron-core's default final norm.
-            layer = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+            layer = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm,
+                                             multi_latent_attention=config.multi_latent_attention)
             block = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
                                                layer_norm=WrappedTorchNorm)
         block = dataclasses.replace(block, layer_specs=[with_sdpa_attention(s) for s in block.layer_specs])
@@ -128,6 +141,8 @@ def build_gpt(
     for module in model.modules():
         if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
             module.to(device=device(), dtype=config.params_dtype)
+    # megatron-core's MLA drops part of its RoPE key's gradient at TP > 1 (see parallel/mla.py).
+    reduce_mla_rope_key_grads(model)
     model.unpadded_vocab_size = vocab_size
     return model
 

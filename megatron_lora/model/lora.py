@@ -82,7 +82,9 @@ def iter_linear_sites(model: nn.Module, config: Optional[LoraConfig] = None) -> 
 
     With ``config``, any other module that its targets name is refused (TypeError naming
     the class), as PEFT refuses a module type it cannot wrap, and so are grouped-GEMM and
-    shared experts that it would adapt (ValueError).
+    shared experts that it would adapt (ValueError). ``"all-linear"`` names every torch
+    ``nn.Linear`` but the output layer, as in PEFT: one that is not a parallel linear (e.g.
+    a replicated down projection of multi-latent attention) is refused, not skipped.
     """
     owners: dict[str, TransformerLayer] = {}
     inside_linear: list[str] = []
@@ -111,7 +113,8 @@ def iter_linear_sites(model: nn.Module, config: Optional[LoraConfig] = None) -> 
         if isinstance(module, PARALLEL_LINEARS):
             inside_linear.append(name)
             yield LinearSite(name, global_name, layer, kind, module, moe)
-        elif config is not None and name and config.target_modules != ALL_LINEAR and config.matches(global_name, layer):
+        elif (config is not None and name and (config.target_modules != ALL_LINEAR or isinstance(module, nn.Linear))
+              and config.matches(global_name, layer, any_linear=True)):
             cls = type(module)
             raise TypeError(
                 f"target_modules={config.target_modules!r} matches {global_name!r}, a "

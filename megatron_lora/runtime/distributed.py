@@ -10,7 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from megatron_lora.parallel.cpu import define_moe_names_without_te, enable_cpu_execution
+from megatron_lora.parallel.cpu import define_mla_names_without_te, define_moe_names_without_te, enable_cpu_execution
 
 
 def init_distributed(
@@ -58,6 +58,7 @@ def init_distributed(
             f"{pipeline_model_parallel_size} does not divide the world size {world}"
         )
     define_moe_names_without_te()
+    define_mla_names_without_te()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
