@@ -95,7 +95,7 @@ def hf_model_facts(hf_config: dict) -> ModelFacts:
 
 def _moe_facts(hf_config: dict, model_type: str) -> Optional[MoeFacts]:
     """The mixture-of-experts facts of an HF config (None for a dense model)."""
-    moe = _moe_config(hf_config, model_type, 1, 1)
+    moe = _moe_config(hf_config, model_type, 1, 1, 0.0)  # the layout and loss do not change the facts
     if not moe:
         return None
     layers = tuple(i for i, sparse in enumerate(moe["moe_layer_freq"]) if sparse)
