@@ -110,6 +110,7 @@ def _group(rank, world, root):
     out["ewt_resumed"] = _cli("finetune", *TRAIN, "--base", str(root / "tied"), "--tp", "2", "--steps", "4",
                               *TIED["ewt"][0], "--save", str(root / "ewt_resumed"), "--load", str(root / "ewt_resumed"),
                               "--log-jsonl", str(root / "ewt_resumed.jsonl"))
+    out["counts"] = _expert_counts(root / "moe")
     # generate (the entry point's function) with each adapter.
     moe_prompt = _moe_prompt(root / "moe", root / "moe_peft")
     jobs = {"moe": ("moe", root / "moe_run" / "adapter", moe_prompt, 1, 2),
@@ -123,6 +124,24 @@ def _group(rank, world, root):
                                     expert_model_parallel_size=ep, max_new_tokens=NEW,
                                     logits_out=str(root / f"{name}_logits.safetensors"))
         out[f"gen_{name}"] = (prompt, tokens)
+    return out
+
+
+#: (TP, EP, expert TP) layouts of 2 ranks whose parameter counts must agree.
+COUNT_LAYOUTS = ((1, 1, 1), (1, 2, 1), (2, 1, 2), (2, 2, 1))
+
+
+def _expert_counts(base: Path) -> dict:
+    """finetune's trainable-parameter report counts of expert, router and attention LoRA at each layout."""
+    from megatron_lora import LoraConfig, apply_lora, trainable_parameters
+    from megatron_lora.hf.importer import load_hf_base
+    from megatron_lora.runtime.distributed import init_distributed
+
+    out = {}
+    for tp, ep, etp in COUNT_LAYOUTS:
+        init_distributed(tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
+        model, _ = load_hf_base(base)
+        out[(tp, ep, etp)] = trainable_parameters(apply_lora(model, LoraConfig(r=8, target_modules=MOE_TARGETS)))
     return out
 
 
@@ -226,6 +245,18 @@ def test_generate_with_dora_matches_hf_peft(bases, runs, capsys):
     assert "use_dora:     True" in _inspect(capsys, bases / "dora")
     _verify(capsys, bases / "dora", bases / "dora_meg", "megatron", bases / "llama")
     assert "use_dora:     True" in _inspect(capsys, bases / "dora_meg")
+
+
+def test_trainable_parameter_counts_cover_every_expert(bases, runs):
+    """The report finetune prints counts every expert's factors once at any TP x EP x expert TP:
+    as many as the adapter the MoE run saved (the same targets and rank) holds."""
+    from megatron_lora.formats.convert import describe
+
+    want = describe(bases / "moe_run" / "adapter")["parameters"]
+    for rank in runs:
+        for layout, counts in rank["counts"].items():
+            assert counts["trainable"] == want, (layout, counts, want)
+    assert runs[0]["counts"][(1, 2, 1)]["local_trainable"] < want  # each rank holds half of the experts
 
 
 def test_new_finetune_flags():
