@@ -32,6 +32,7 @@ from megatron_lora.hf.layout import (
     MoeModule,
     global_expert_path,
     hf_module_name,
+    is_expert_parameter,
     moe_segment_geometry,
     parse_moe_module,
 )
@@ -472,13 +473,6 @@ def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
         layer.lora_disabled = not enabled
 
 
-def is_expert_parameter(param: torch.nn.Parameter) -> bool:
-    """Whether ``param`` belongs to an MoE expert: megatron-core marks expert parameters
-    ``allreduce=False`` (their DDP reduction is over the expert data-parallel group), and an
-    expert's LoRA factors copy the mark."""
-    return not getattr(param, "allreduce", True)
-
-
 def trainable_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable and total parameter counts, both this rank's and the whole model's.
 
@@ -489,11 +483,11 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
     local = [0, 0]
     # (trainable, total) of the tensors each group splits: dense TP, expert TP x EP, EP.
     split = {"tp": [0, 0], "etp_ep": [0, 0], "ep": [0, 0]}
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         n = (p.numel() * p.requires_grad, p.numel())
         local = [a + b for a, b in zip(local, n)]
         tp_split = getattr(p, "tensor_model_parallel", False)
-        group = ("etp_ep" if tp_split else "ep") if is_expert_parameter(p) else ("tp" if tp_split else None)
+        group = ("etp_ep" if tp_split else "ep") if is_expert_parameter(name) else ("tp" if tp_split else None)
         if group is not None:
             split[group] = [a + b for a, b in zip(split[group], n)]
     from megatron.core import parallel_state
