@@ -22,7 +22,8 @@ Tolerance: max |diff| <= 1e-5 x max |logit| (fp32). MoE prompts avoid near-tied 
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -76,6 +77,12 @@ def _cli(*argv: str) -> int:
     return main(list(argv))
 
 
+def _refused(*argv: str) -> tuple[int, str]:
+    """Exit status and error line (rank 0) of a command that should refuse its input."""
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        return _cli(*argv), err.getvalue()
+
+
 def _moe_prompt(base: Path, peft_dir: Path) -> list[int]:
     """A prompt whose router scores have no near-ties on the base with the adapter merged."""
     from peft import PeftModel
@@ -93,8 +100,8 @@ def _group(rank, world, root):
     moe = ["finetune", *TRAIN, "--base", str(root / "moe"), "--expert-model-parallel-size", "2", "--steps", "2",
            "--target-modules", *MOE_TARGETS]
     out["moe"] = _cli(*moe, "--save", str(root / "moe_run"), "--export-peft", str(root / "moe_peft"))
-    out["moe_dropout"] = _cli(*moe, "--lora-dropout", "0.1", "--save", str(root / "moe_dropout"),
-                              "--export-peft", str(root / "moe_dropout_peft"))
+    out["moe_dropout"] = _refused(*moe, "--lora-dropout", "0.1", "--save", str(root / "moe_dropout"),
+                                  "--export-peft", str(root / "moe_dropout_peft"))
     out["moe_per_expert"] = _cli(*moe, "--save", str(root / "moe_run_v4"), "--export-peft", str(root / "moe_peft_v4"),
                                  "--moe-layout", "per-expert")
     for label, (targets, steps) in TIED.items():
@@ -110,6 +117,11 @@ def _group(rank, world, root):
     out["ewt_resumed"] = _cli("finetune", *TRAIN, "--base", str(root / "tied"), "--tp", "2", "--steps", "4",
                               *TIED["ewt"][0], "--save", str(root / "ewt_resumed"), "--load", str(root / "ewt_resumed"),
                               "--log-jsonl", str(root / "ewt_resumed.jsonl"))
+    # X-LoRA does not mix LoRA on MoE experts: refused before training, with and without given experts.
+    xlora = ["finetune", *TRAIN, "--base", str(root / "moe"), "--expert-model-parallel-size", "2", "--steps", "1", "--xlora"]
+    out["xlora_random"] = _refused(*xlora, "--save", str(root / "xlora_random"))
+    out["xlora_given"] = _refused(*xlora, "--xlora-experts", f"{root / 'moe_peft'},{root / 'ewt_peft'}",
+                                  "--save", str(root / "xlora_given"))
     out["counts"] = _expert_counts(root / "moe")
     # generate (the entry point's function) with each adapter.
     moe_prompt = _moe_prompt(root / "moe", root / "moe_peft")
@@ -199,7 +211,8 @@ def test_moe_finetune_exports_to_peft(bases, runs, capsys):
     v4 = load_file(str(bases / "moe_peft_v4" / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.1.mlp.experts.3.down_proj.lora_B.weight" in v4
     # Dropout on fused experts: refused before the first step (nothing saved), naming the flag.
-    assert [rank["moe_dropout"] for rank in runs] == [1, 1]
+    assert [rank["moe_dropout"][0] for rank in runs] == [1, 1]
+    assert "--export-peft" in runs[0]["moe_dropout"][1] and "lora_dropout=0.1" in runs[0]["moe_dropout"][1]
     assert not (bases / "moe_dropout").exists()
     for d in (bases / "moe_run" / "adapter", bases / "moe_peft"):
         out = _inspect(capsys, d)
@@ -245,6 +258,13 @@ def test_generate_with_dora_matches_hf_peft(bases, runs, capsys):
     assert "use_dora:     True" in _inspect(capsys, bases / "dora")
     _verify(capsys, bases / "dora", bases / "dora_meg", "megatron", bases / "llama")
     assert "use_dora:     True" in _inspect(capsys, bases / "dora_meg")
+
+
+def test_xlora_refuses_lora_on_moe_experts(runs):
+    for label, words in (("xlora_random", "needs --xlora-experts"),
+                         ("xlora_given", "moe_peft: an X-LoRA expert adapting MoE experts or routers")):
+        assert [rank[label][0] for rank in runs] == [1, 1], label
+        assert words in runs[0][label][1], runs[0][label][1]
 
 
 def test_trainable_parameter_counts_cover_every_expert(bases, runs):

@@ -241,6 +241,9 @@ def add_xlora(model: nn.Module, base_dir: Path, options: FinetuneOptions, scratc
     """Wrap ``model`` in an XLoraModel over the given (or fresh random) experts."""
     if options.xlora_experts:
         experts = {str(i): d for i, d in enumerate(options.xlora_experts)}
+    elif model.config.num_moe_experts:
+        raise ValueError(f"--xlora on {base_dir}, a mixture of experts, needs --xlora-experts: the random experts "
+                         f"would adapt its MoE experts, which X-LoRA does not mix")
     else:
         experts = make_random_experts(base_dir, options, scratch)
     config = XLoraConfig(adapters=experts, xlora_depth=options.xlora_depth,
