@@ -108,6 +108,10 @@ def _group(rank, world, root):
         out[label] = _cli("finetune", *TRAIN, "--base", str(root / "tied"), "--tp", "2", "--steps", str(steps), *targets,
                           "--save", str(root / f"{label}_run"), "--save-interval", "2",
                           "--log-jsonl", str(root / f"{label}.jsonl"), "--export-peft", str(root / f"{label}_peft"))
+    # The tied adapter at the other layouts of 2 ranks: DP=2 and PP=2.
+    for name, layout in (("ewt_dp2", ["--tp", "1"]), ("ewt_pp2", ["--pp", "2"])):
+        out[name] = _cli("finetune", *TRAIN, "--base", str(root / "tied"), *layout, "--steps", "4", *TIED["ewt"][0],
+                         "--save", str(root / f"{name}_run"), "--log-jsonl", str(root / f"{name}.jsonl"))
     # Resume the tied run from its step-2 checkpoint, in a copy.
     if rank == 0:
         resumed = root / "ewt_resumed"
@@ -242,6 +246,12 @@ def test_tied_finetune_resume_and_export(bases, runs, capsys):
     losses = lambda records: {r["step"]: r["loss"] for r in records if "loss" in r}  # noqa: E731
     assert sorted(losses(resumed)) == [3, 4]
     assert losses(resumed) == {k: v for k, v in losses(whole).items() if k > 2}
+    # The same losses at DP=2 and PP=2 (the tied adapter's gradient summed over the embedding group).
+    for name in ("ewt_dp2", "ewt_pp2"):
+        assert [rank[name] for rank in runs] == [0, 0], name
+        other = losses([json.loads(line) for line in (bases / f"{name}.jsonl").read_text().splitlines()])
+        assert other.keys() == losses(whole).keys()
+        assert all(abs(other[k] - v) <= 1e-5 * v for k, v in losses(whole).items()), (name, other, losses(whole))
     a, b = (ShardReader(bases / run / "adapter") for run in ("ewt_run", "ewt_resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a.full(k), b.full(k)) for k in a.keys())
     out = _inspect(capsys, bases / "ewt_run" / "adapter")
