@@ -148,7 +148,7 @@ COUNT_LAYOUTS = ((1, 1, 1), (1, 2, 1), (2, 1, 2), (2, 2, 1))
 
 
 def _expert_counts(base: Path) -> dict:
-    """finetune's trainable-parameter report counts of expert, router and attention LoRA at each layout."""
+    """finetune's parameter-report counts with expert, router and attention LoRA at each layout."""
     from megatron_lora import LoraConfig, apply_lora, trainable_parameters
     from megatron_lora.hf.importer import load_hf_base
     from megatron_lora.runtime.distributed import init_distributed
@@ -277,15 +277,19 @@ def test_xlora_refuses_lora_on_moe_experts(runs):
         assert words in runs[0][label][1], runs[0][label][1]
 
 
-def test_trainable_parameter_counts_cover_every_expert(bases, runs):
-    """The report finetune prints counts every expert's factors once at any TP x EP x expert TP:
-    as many as the adapter the MoE run saved (the same targets and rank) holds."""
+def test_parameter_counts_at_every_layout(bases, runs):
+    """The report finetune prints counts every parameter once at any TP x EP x expert TP: the
+    trainable ones as the adapter the MoE run saved (the same targets and rank) holds, the
+    frozen ones as the HF model holds."""
+    from transformers import AutoModelForCausalLM
+
     from megatron_lora.formats.convert import describe
 
     want = describe(bases / "moe_run" / "adapter")["parameters"]
+    base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(bases / "moe")).parameters())
     for rank in runs:
         for layout, counts in rank["counts"].items():
-            assert counts["trainable"] == want, (layout, counts, want)
+            assert (counts["trainable"], counts["total"] - counts["trainable"]) == (want, base), (layout, counts)
     assert runs[0]["counts"][(1, 2, 1)]["local_trainable"] < want  # each rank holds half of the experts
 
 

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer import TransformerConfig
 from safetensors import SafetensorError
 
@@ -414,7 +416,25 @@ def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32, sequenc
             post_process=ps.is_pipeline_last_stage(),
             **kwargs,
         )
+    mark_split_weights(model)
     load_base_weights(model, ckpt, facts, hf_biases(hf_config), kwargs["share_embeddings_and_output_weights"],
                       MOE_HF_NAMES.get(hf_config["model_type"]))
     model.eval()
     return model, facts
+
+
+def mark_split_weights(model: torch.nn.Module) -> None:
+    """Give the parallel layers' weights (and column biases) the tensor-parallel marks
+    megatron-core sets only while initialising them, which ``perform_initialization=False``
+    skips; parameter counts read them (:func:`megatron_lora.model.lora.trainable_parameters`)."""
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dims = {"weight": 0, "bias": 0}
+        elif isinstance(module, RowParallelLinear):
+            dims = {"weight": 1}
+        else:
+            continue
+        for name, dim in dims.items():
+            param = module._parameters.get(name)
+            if param is not None and not hasattr(param, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(param, True, dim, 1)
