@@ -15,6 +15,9 @@ PEFT 0.21.2 and runs ``inspect`` / ``convert --verify`` on every directory they 
 3. ``generate`` with a PEFT-saved DoRA adapter (non-zero B; the seven projections, embed_tokens
    and lm_head over a vocabulary padded at TP=2) at TP=1 and TP=2: HF + PEFT's prompt logits and
    greedy tokens.
+4. ``finetune --xlora`` on the MoE base refuses experts on MoE experts (X-LoRA does not mix
+   them), and the parameter report finetune prints counts every parameter once at any TP x EP x
+   expert TP.
 
 Tolerance: max |diff| <= 1e-5 x max |logit| (fp32). MoE prompts avoid near-tied router scores
 (both sides must route the same tokens), so only the MoE prompt's logits are compared.
