@@ -175,7 +175,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _print_segments(segments: dict, indent: str = "  ") -> None:
     for seg, v in segments.items():
-        print(f"{indent}{seg:<12} layers {_ranges(v['layers'])}  r {v['r']}  lora_alpha {v['lora_alpha']}")
+        # The embedding and lm_head sit in no layer.
+        where = f"layers {_ranges(v['layers'])}" if v["layers"] else "(no layer)"
+        print(f"{indent}{seg:<12} {where}  r {v['r']}  lora_alpha {v['lora_alpha']}")
 
 
 def _print_xlora(info: dict) -> int:

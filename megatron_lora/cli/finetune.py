@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from megatron_lora.hf.layout import MOE_LAYOUTS
 from megatron_lora.model.gpt import DTYPES
 from megatron_lora.runtime.engine import LR_DECAY_STYLES
 from megatron_lora.runtime.training import DEFAULT_SAVE, REAL_DEFAULTS, TINY_DEFAULTS, FinetuneOptions, finetune
@@ -83,6 +84,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HF projection names, Megatron module names or all-linear (default: the seven HF projections)")
     p.add_argument("--use-dora", action="store_true",
                    help="DoRA (PEFT's use_dora): also train a magnitude per output row of each adapted module")
+    p.add_argument("--ensure-weight-tying", action="store_true",
+                   help="PEFT's ensure_weight_tying: on a base with tied embeddings, lm_head's adapter is "
+                        "embed_tokens' (transposed) when either is targeted")
     p.add_argument("--save", default=DEFAULT_SAVE, metavar="DIR",
                    help=f"checkpoints and the final adapter (default {DEFAULT_SAVE}); an existing one must "
                         "hold our checkpoints")
@@ -92,6 +96,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load", metavar="DIR", help="resume from the newest checkpoint in DIR (may equal --save)")
     p.add_argument("--log-jsonl", metavar="FILE", help="per-step and evaluation records, JSON lines (rank 0)")
     p.add_argument("--export-peft", metavar="DIR", help="also write the final adapter as a PEFT directory")
+    p.add_argument("--moe-layout", choices=MOE_LAYOUTS, default=d.moe_layout,
+                   help="--export-peft of a mixture of experts' expert and router adapters: 'fused' "
+                        "(transformers 5's fused experts through target_parameters; needs --lora-dropout 0) or "
+                        f"'per-expert' (transformers 4's modules), as convert writes them (default {d.moe_layout})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the adapters and the data order (default {d.seed})")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype,
                    help=f"base model dtype; adapters stay fp32 (default {d.dtype})")

@@ -61,6 +61,7 @@ from megatron_lora.formats.checkpoint import (
     open_shard,
     parse_key,
     read_config,
+    split_key,
     write_checkpoint,
     write_config,
     write_shard,
@@ -68,7 +69,7 @@ from megatron_lora.formats.checkpoint import (
 from megatron_lora.formats.detect import XLORA_PACKAGE_CONFIG, Format, detect
 from megatron_lora.config import XLoraConfig
 from megatron_lora.formats.files import open_safetensors, read_json, read_safetensors
-from megatron_lora.hf.layout import PEFT_PREFIX, ModelFacts, segment_projection
+from megatron_lora.hf.layout import PEFT_PREFIX, ModelFacts, parse_moe_module, segment_projection
 from megatron_lora.formats.outputs import atomic_directory
 from megatron_lora.formats.peft import (
     WEIGHTS_NAME,
@@ -241,10 +242,15 @@ def _read_megatron(directory: Path) -> XLoraBundle:
 # -- checks ----------------------------------------------------------------------------------------
 
 
-def check_expert_config(directory, config) -> None:
-    """Refuse an expert X-LoRA cannot mix: a DoRA adapter (PEFT's X-LoRA mixes plain LoRA terms)."""
+def check_expert_config(directory, reader, config) -> None:
+    """Refuse an expert X-LoRA cannot mix: a DoRA adapter (PEFT's X-LoRA mixes plain LoRA
+    terms), and one on an MoE expert or router (the scalings cover the projections of the
+    LLaMA-family layout only)."""
     if config.use_dora:
         raise ValueError(f"{directory}: an X-LoRA expert with use_dora=True is not supported")
+    moe = next((m for m in (split_key(k)[0] for k in reader.keys()) if parse_moe_module(m) is not None), None)
+    if moe is not None:
+        raise ValueError(f"{directory}: an X-LoRA expert adapting MoE experts or routers ({moe}) is not supported")
 
 
 def expert_layers(expert_dirs: list[Path], facts: Optional[ModelFacts] = None) -> int:
@@ -252,7 +258,7 @@ def expert_layers(expert_dirs: list[Path], facts: Optional[ModelFacts] = None) -
     adapted = set()
     for d in expert_dirs:
         reader, config = open_adapter(d, facts)
-        check_expert_config(d, config)
+        check_expert_config(d, reader, config)
         efacts = facts or reader.facts
         for key in reader.keys():
             layer, module, _, seg = parse_key(key)

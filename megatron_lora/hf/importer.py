@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer import TransformerConfig
 from safetensors import SafetensorError
 
@@ -95,7 +97,7 @@ def hf_model_facts(hf_config: dict) -> ModelFacts:
 
 def _moe_facts(hf_config: dict, model_type: str) -> Optional[MoeFacts]:
     """The mixture-of-experts facts of an HF config (None for a dense model)."""
-    moe = _moe_config(hf_config, model_type, 1, 1)
+    moe = _moe_config(hf_config, model_type, 1, 1, 0.0)  # the layout and loss do not change the facts
     if not moe:
         return None
     layers = tuple(i for i, sparse in enumerate(moe["moe_layer_freq"]) if sparse)
@@ -415,7 +417,25 @@ def load_hf_base(hf_dir: str | Path, dtype: torch.dtype = torch.float32, sequenc
             post_process=ps.is_pipeline_last_stage(),
             **kwargs,
         )
+    mark_split_weights(model)
     load_base_weights(model, ckpt, facts, hf_biases(hf_config), kwargs["share_embeddings_and_output_weights"],
                       MOE_HF_NAMES.get(hf_config["model_type"]))
     model.eval()
     return model, facts
+
+
+def mark_split_weights(model: torch.nn.Module) -> None:
+    """Give the parallel layers' weights (and column biases) the tensor-parallel marks
+    megatron-core sets only while initialising them, which ``perform_initialization=False``
+    skips; parameter counts read them (:func:`megatron_lora.model.lora.trainable_parameters`)."""
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dims = {"weight": 0, "bias": 0}
+        elif isinstance(module, RowParallelLinear):
+            dims = {"weight": 1}
+        else:
+            continue
+        for name, dim in dims.items():
+            param = module._parameters.get(name)
+            if param is not None and not hasattr(param, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(param, True, dim, 1)

@@ -58,6 +58,11 @@ def _adapted_sites(model: nn.Module, adapter_name: str) -> Iterator[LinearSite]:
             yield site
 
 
+def adapts_experts(model: nn.Module, adapter_name: str = "default") -> bool:
+    """Whether ``adapter_name`` adapts an MoE expert or router of ``model`` on this rank."""
+    return any(site.moe is not None for site in _adapted_sites(model, adapter_name))
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """This rank's tensors of ``adapter_name`` under checkpoint keys (global layer indices)."""
     out = {}

@@ -32,6 +32,7 @@ from megatron_lora.hf.layout import (
     MoeModule,
     global_expert_path,
     hf_module_name,
+    is_expert_parameter,
     moe_segment_geometry,
     parse_moe_module,
 )
@@ -478,22 +479,32 @@ def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
 def trainable_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable and total parameter counts, both this rank's and the whole model's.
 
-    Whole-model counts add TP-split tensors over the TP group and count replicated ones
+    Whole-model counts add TP-split tensors over the TP group, expert tensors over the
+    expert-parallel group (TP-split ones over expert TP x EP), and count replicated ones
     once (pipeline stages are not summed).
     """
-    local, split = [0, 0], [0, 0]
-    for p in model.parameters():
+    local = [0, 0]
+    # (trainable, total) of the tensors each group splits: dense TP, expert TP x EP, EP.
+    split = {"tp": [0, 0], "etp_ep": [0, 0], "ep": [0, 0]}
+    for name, p in model.named_parameters():
         n = (p.numel() * p.requires_grad, p.numel())
         local = [a + b for a, b in zip(local, n)]
-        if getattr(p, "tensor_model_parallel", False):
-            split = [a + b for a, b in zip(split, n)]
+        tp_split = getattr(p, "tensor_model_parallel", False)
+        group = ("etp_ep" if tp_split else "ep") if is_expert_parameter(name) else ("tp" if tp_split else None)
+        if group is not None:
+            split[group] = [a + b for a, b in zip(split[group], n)]
     from megatron.core import parallel_state
 
-    # Only the TP-split counts differ between ranks; the sum is a device tensor (NCCL needs one).
-    split_sum = torch.tensor(split, dtype=torch.float64, device=device())
+    # Only the split counts differ between ranks; the sums are device tensors (NCCL needs them).
+    sums = {k: torch.tensor(v, dtype=torch.float64, device=device()) for k, v in split.items()}
     if torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized():
-        torch.distributed.all_reduce(split_sum, group=parallel_state.get_tensor_model_parallel_group())
-    total = [int(s) + (l - t) for s, l, t in zip(split_sum.tolist(), local, split)]
+        groups = {"tp": parallel_state.get_tensor_model_parallel_group(),
+                  "etp_ep": parallel_state.get_expert_tensor_and_model_parallel_group(),
+                  "ep": parallel_state.get_expert_model_parallel_group()}
+        for k, t in sums.items():
+            torch.distributed.all_reduce(t, group=groups[k])
+    reduced = {k: [int(x) for x in t.tolist()] for k, t in sums.items()}
+    total = [local[i] + sum(reduced[k][i] - split[k][i] for k in split) for i in range(2)]
     return {
         "trainable": total[0],
         "total": total[1],

@@ -332,7 +332,7 @@ def apply_xlora(
         raise ValueError(f"XLoraConfig.hidden_size={config.hidden_size} but the model's hidden size is {hidden}")
     config.adapters = {k: str(v) for k, v in adapters.items()}
     for d in adapters.values():
-        check_expert_config(d, open_adapter(d)[1])
+        check_expert_config(d, *open_adapter(d))
     experts = [str(i) for i in range(len(adapters))]
     expert_configs = [load_adapter(model, d, name) for name, d in zip(experts, adapters.values())]
     if config.scaling_pass_value is None:

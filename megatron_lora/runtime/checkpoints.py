@@ -35,6 +35,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from safetensors.torch import load_file, save_file
 
 from megatron_lora.formats.outputs import TMP_TAG, atomic_file, shared_atomic_directory
+from megatron_lora.hf.layout import is_expert_parameter
 from megatron_lora.runtime.engine import Engine, _torch_optimizers
 
 LATEST = "latest"
@@ -89,12 +90,6 @@ def _expert_state_file(directory: Path) -> Path:
     return directory / f"state_etp{etp:02d}_ep{ep:02d}_pp{ps.get_pipeline_model_parallel_rank():02d}.safetensors"
 
 
-def _is_expert(param: torch.nn.Parameter) -> bool:
-    # megatron-core marks expert parameters allreduce=False (their DDP reduction is over the
-    # expert data-parallel group); LoRA factors of an expert copy the mark.
-    return not getattr(param, "allreduce", True)
-
-
 def _rng_file(directory: Path, rank: int) -> Path:
     return directory / "rng" / f"rank_{rank:05d}.safetensors"
 
@@ -116,9 +111,9 @@ def save_checkpoint(engine: Engine, save: str | Path, keep: int, extra: dict) ->
     # An iteration directory under --save is ours (check_save_dir), so it may be replaced.
     with shared_atomic_directory(final, overwrite=True) as tmp:
         if ps.get_data_parallel_rank() == 0:
-            dense = {n: p for n, p in trainable.items() if not _is_expert(p)}
+            dense = {n: p for n, p in trainable.items() if not is_expert_parameter(n)}
             save_file(_state_tensors(dense, states), str(_state_file(tmp, tp, pp)))
-        experts = {n: p for n, p in trainable.items() if _is_expert(p)}
+        experts = {n: p for n, p in trainable.items() if is_expert_parameter(n)}
         if experts and ps.get_expert_data_parallel_rank() == 0:
             save_file(_state_tensors(experts, states), str(_expert_state_file(tmp)))
         (tmp / "rng").mkdir(exist_ok=True)
@@ -188,7 +183,7 @@ def load_checkpoint(engine: Engine, directory: str | Path) -> dict:
     trainable = _trainable(engine)
     tensors = load_file(str(_state_file(path, ps.get_tensor_model_parallel_rank(),
                                         ps.get_pipeline_model_parallel_rank())))
-    if any(_is_expert(p) for p in trainable.values()):
+    if any(is_expert_parameter(n) for n in trainable):
         ep, etp = ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()
         if (trainer.get("ep", 1), trainer.get("etp", trainer["tp"])) != (ep, etp):
             raise ValueError(f"--load {path} was saved at expert-parallel size {trainer.get('ep', 1)} and expert-TP "

@@ -33,14 +33,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_lora.model.adapters import save_adapter
+from megatron_lora.model.adapters import adapts_experts, save_adapter
 from megatron_lora.config import LoraConfig
-from megatron_lora.formats.convert import convert
+from megatron_lora.formats.convert import base_expert_names, convert
+from megatron_lora.formats.peft import check_target_parameters_config
 from megatron_lora.runtime.distributed import init_distributed
 from megatron_lora.model.gpt import DTYPES
 from megatron_lora.runtime.engine import Engine, EngineSettings, StepReport
 from megatron_lora.model.gpt import real_vocab_size
-from megatron_lora.hf.layout import HF_PROJECTIONS
+from megatron_lora.hf.layout import HF_PROJECTIONS, MOE_LAYOUTS
 from megatron_lora.model.lora import add_adapters, apply_lora, trainable_parameters_report
 from megatron_lora.hf.importer import eos_token_ids
 from megatron_lora.runtime import data
@@ -99,12 +100,14 @@ class FinetuneOptions:
     lora_dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: list(HF_PROJECTIONS))
     use_dora: bool = False
+    ensure_weight_tying: bool = False  # PEFT's: lm_head's adapter is embed_tokens' on a tied base
     save: str = DEFAULT_SAVE
     save_interval: Optional[int] = None  # None: only at the end
     keep_checkpoints: int = 2
     load: Optional[str] = None
     log_jsonl: Optional[str] = None
     export_peft: Optional[str] = None
+    moe_layout: str = "fused"  # PEFT layout of exported expert / router adapters (layout.MOE_LAYOUTS)
     seed: int = 1234
     dtype: str = "fp32"
     xlora: bool = False
@@ -138,8 +141,14 @@ class FinetuneOptions:
             raise ValueError(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.use_dora and self.xlora:
-            raise ValueError("--use-dora trains a DoRA adapter: X-LoRA (--xlora) mixes plain LoRA experts")
+        for flag, on in (("--use-dora", self.use_dora), ("--ensure-weight-tying", self.ensure_weight_tying)):
+            if on and self.xlora:
+                raise ValueError(f"{flag} shapes the LoRA adapter this run trains: X-LoRA (--xlora) mixes "
+                                 f"plain LoRA experts made apart")
+        if self.moe_layout not in MOE_LAYOUTS:
+            raise ValueError(f"--moe-layout {self.moe_layout!r} is not one of {list(MOE_LAYOUTS)}")
+        if self.moe_layout != "fused" and not self.export_peft:
+            raise ValueError(f"--moe-layout {self.moe_layout} applies to the PEFT export (--export-peft DIR)")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.tiny and (self.data or self.eval_data or self.eval_fraction is not None):
@@ -232,6 +241,9 @@ def add_xlora(model: nn.Module, base_dir: Path, options: FinetuneOptions, scratc
     """Wrap ``model`` in an XLoraModel over the given (or fresh random) experts."""
     if options.xlora_experts:
         experts = {str(i): d for i, d in enumerate(options.xlora_experts)}
+    elif model.config.num_moe_experts:
+        raise ValueError(f"--xlora on {base_dir}, a mixture of experts, needs --xlora-experts: the random experts "
+                         f"would adapt its MoE experts, which X-LoRA does not mix")
     else:
         experts = make_random_experts(base_dir, options, scratch)
     config = XLoraConfig(adapters=experts, xlora_depth=options.xlora_depth,
@@ -293,6 +305,14 @@ def _show_answers(model: nn.Module, tokenizer, eos: list[int], prompts: list[tup
             prompt = lines[-2] if len(lines) > 1 else lines[-1]
             print(f"  {prompt!r}\n    -> {tokenizer.decode(answer, skip_special_tokens=True).strip()!r}"
                   f"  (reference {reference.strip()!r})", flush=True)
+
+
+def _check_export(model: nn.Module, config: LoraConfig, options: FinetuneOptions) -> None:
+    """Refuse before step 1 a ``--export-peft`` the converter would refuse after training:
+    expert and router adapters in PEFT's fused layout take no dropout."""
+    if options.export_peft and options.moe_layout == "fused" and not _all_ok(not adapts_experts(model)):
+        check_target_parameters_config(config, f"--export-peft {options.export_peft} (experts in PEFT's fused layout, "
+                                               f"which transformers 5 loads; transformers 4's --moe-layout per-expert takes dropout)")
 
 
 def _all_ok(ok: bool) -> bool:
@@ -378,8 +398,9 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
         else:
             config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha,
                                 lora_dropout=options.lora_dropout, target_modules=options.target_modules,
-                                use_dora=options.use_dora)
+                                use_dora=options.use_dora, ensure_weight_tying=options.ensure_weight_tying)
             apply_lora(model, config, seed=options.seed)
+            _check_export(model, config, options)
         report = trainable_parameters_report(model)  # a collective: every rank calls it
         tokenizer = _tokenizer(options)
         train, evaluation, mask = _datasets(options, base_gpt(model), tokenizer)
@@ -406,7 +427,8 @@ def finetune(options: FinetuneOptions) -> FinetuneResult:
         adapter = _save_with_fallback(write, save / "adapter")
         if options.export_peft:
             try:
-                from_rank0(lambda: convert(adapter, options.export_peft, to="peft", progress=False))
+                from_rank0(lambda: convert(adapter, options.export_peft, to="peft", progress=False,
+                                           moe_layout=options.moe_layout, expert_names=base_expert_names(base_dir)))
             except Exception as e:  # every rank raises it: the adapter itself is safe
                 raise RuntimeError(f"--export-peft {options.export_peft} failed (the adapter is saved in "
                                    f"{adapter}): {e}") from e
