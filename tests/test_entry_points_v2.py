@@ -39,7 +39,7 @@ from megatron_lora.formats.checkpoint import ShardReader
 
 from dist import run_ranks
 from oracle import TOL, save_random_peft_lora
-from test_moe_import import COMMON, _perturbed, _prompt
+from test_moe_import import _prompt, tiny_qwen3_moe
 
 PROMPT = [3, 17, 42, 99, 5, 64, 120, 8, 0, 31]
 NEW = 5
@@ -55,13 +55,11 @@ TIED = {"lm_head": (["--target-modules", "q_proj", "lm_head"], 2),
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("entry_points")
     torch.manual_seed(0)
-    _perturbed(Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        num_experts=4, moe_intermediate_size=32, intermediate_size=80, norm_topk_prob=True, **COMMON))
-    ).save_pretrained(root / "moe")
+    tiny_qwen3_moe().save_pretrained(root / "moe")
     llama = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)

@@ -44,6 +44,14 @@ def _perturbed(model):
     return model.eval()
 
 
+def tiny_qwen3_moe():
+    """The perturbed 4-expert, top-2 Qwen3-MoE (normalised top-k) the LoRA tests share."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return _perturbed(Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        num_experts=4, moe_intermediate_size=32, intermediate_size=80, norm_topk_prob=True, **COMMON)))
+
+
 def _router_gap(model, ids: torch.Tensor, topk: int) -> float:
     """Smallest gap between the k-th and (k+1)-th softmax router probability over all tokens
     and MoE layers of ``model`` on ``ids``."""

@@ -19,7 +19,7 @@ import torch
 
 from dist import run_ranks
 from test_lora_layers import _CommLog
-from test_moe_import import COMMON, _perturbed, _prompt
+from test_moe_import import _prompt, tiny_qwen3_moe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,11 +32,8 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
     torch.manual_seed(0)
-    hf = _perturbed(Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        num_experts=4, moe_intermediate_size=32, intermediate_size=80, norm_topk_prob=True, **COMMON)))
+    hf = tiny_qwen3_moe()
     path = tmp_path_factory.mktemp("moe_lora") / "qwen3_moe"
     hf.save_pretrained(path)
     return str(path), _prompt({"qwen3_moe": hf})

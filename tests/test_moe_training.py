@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from dist import run_ranks
-from test_moe_import import COMMON, _perturbed
+from test_moe_import import COMMON, tiny_qwen3_moe
 
 STEPS = 3
 COEFF = 0.5
@@ -37,11 +37,8 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def moe_base(tmp_path_factory):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
     torch.manual_seed(0)
-    hf = _perturbed(Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        num_experts=4, moe_intermediate_size=32, intermediate_size=80, norm_topk_prob=True, **COMMON)))
+    hf = tiny_qwen3_moe()
     path = tmp_path_factory.mktemp("moe_training") / "qwen3_moe"
     hf.save_pretrained(path)
     return str(path)

@@ -162,7 +162,7 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def _moe_config(hf_config: dict, model_type: str, ep: int, etp: int, aux_loss_coeff: float = 0.0) -> dict:
+def _moe_config(hf_config: dict, model_type: str, ep: int, etp: int, aux_loss_coeff: float) -> dict:
     """TransformerConfig fields of an HF mixture of experts (empty for a dense model), its
     experts split over ``ep`` expert-parallel ranks and ``etp`` expert-TP ranks.
 
