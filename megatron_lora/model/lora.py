@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from megatron.core.transformer.moe.experts import GroupedMLP, TEGroupedMLP
+from megatron.core.transformer.moe import experts as moe_experts
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -73,8 +73,11 @@ _WHOLE = {OUTPUT_LAYER: LM_HEAD, EMBEDDING: EMBED_TOKENS}
 #: The modules LoRA wraps.
 PARALLEL_LINEARS = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, TopKRouter)
 #: MoE experts LoRA cannot adapt: grouped-GEMM experts (no per-expert linears) and shared experts.
-_UNSUPPORTED_EXPERTS = {GroupedMLP: "grouped-GEMM experts (GroupedMLP)", TEGroupedMLP: "grouped-GEMM experts (TEGroupedMLP)",
-                        SharedExpertMLP: "shared experts (SharedExpertMLP)"}
+#: (megatron-core 0.19 has no GroupedMLP: the classes present are listed.)
+_UNSUPPORTED_EXPERTS = {
+    **{getattr(moe_experts, n): f"grouped-GEMM experts ({n})" for n in ("GroupedMLP", "TEGroupedMLP") if hasattr(moe_experts, n)},
+    SharedExpertMLP: "shared experts (SharedExpertMLP)",
+}
 
 
 def iter_linear_sites(model: nn.Module, config: Optional[LoraConfig] = None) -> Iterator[LinearSite]:
