@@ -53,8 +53,8 @@ from megatron_lora.formats.checkpoint import (
 from megatron_lora.config import LoraConfig
 from megatron_lora.formats.detect import CONFIG_NAME, Format, detect_lora
 from megatron_lora.formats.files import open_safetensors, read_json
-from megatron_lora.formats.peft_moe import _fused_plans, _peft_module_key, _per_expert_plans
-from megatron_lora.formats.plans import TensorPlan, _bind
+from megatron_lora.formats.peft_moe import _fused_plans, peft_module_key, _per_expert_plans
+from megatron_lora.formats.plans import TensorPlan, bind
 from megatron_lora.hf.layout import (
     EMBED_TOKENS,
     EXPERT_MODULES,
@@ -185,7 +185,7 @@ class PeftReader:
                 if m["magnitude"]:
                     raise ValueError(f"{self.path}: tensor {pk!r}: DoRA on MoE experts and the router is not supported")
                 if m["efactor"]:
-                    raise ValueError(f"{self.path}: tensor {pk!r}: PEFT names it {_peft_module_key(m['module'], factor)!r}")
+                    raise ValueError(f"{self.path}: tensor {pk!r}: PEFT names it {peft_module_key(m['module'], factor)!r}")
                 if nested is not None:
                     fused.setdefault(int(nested["layer"]), {}).setdefault(nested["nest"].count("."), {})[factor] = pk
                     continue
@@ -412,7 +412,7 @@ def megatron_plan(reader, config: LoraConfig, facts: Optional[ModelFacts], tp: i
             if dim is not None and rows is None and full[dim] % (tp * blocks):
                 raise ValueError(f"{key}: tensor parallel size {tp} does not divide its {full[dim]} split rows")
             shape = local_shape(full, dim, tp, rows)
-            plans.append(TensorPlan(key, tuple(shape), reader.dtype(key), _bind(reader.local, key, j, tp)))
+            plans.append(TensorPlan(key, tuple(shape), reader.dtype(key), bind(reader.local, key, j, tp)))
         ranks.append(plans)
     return checkpoint_config("lora", tp, facts, config.to_dict(), modules=reader.modules), ranks
 
@@ -455,9 +455,9 @@ def peft_plan(reader: ShardReader, config: LoraConfig, moe_layout: str = "fused"
             fan_in, fan_out = facts.projection_shape(proj)
             shape = {"lora_A": (r, fan_in), "lora_B": (fan_out, r), "lora_magnitude_vector": (fan_out,)}[factor]
             if shared and factor != "lora_A":  # B and the magnitude: rows of the fused layout
-                read = _bind(_shared_b, reader, key, module, proj, facts)
+                read = bind(_shared_b, reader, key, module, proj, facts)
             else:
-                read = _bind(reader.full, key)
+                read = bind(reader.full, key)
             plans.append(TensorPlan(peft_key(layer, proj, factor), shape, reader.dtype(key), read))
     for source in tied_modules(reader.modules).values():
         # lm_head tied to the embedding: PEFT saves the embedding's factors transposed.
@@ -465,8 +465,8 @@ def peft_plan(reader: ShardReader, config: LoraConfig, moe_layout: str = "fused"
         a_key, b_key = module_key(source, "lora_A", seg), module_key(source, "lora_B", seg)
         r = reader.full_shape(a_key)[0]
         fan_in, fan_out = facts.projection_shape(LM_HEAD)
-        plans.append(TensorPlan(peft_key(None, LM_HEAD, "lora_A"), (r, fan_in), reader.dtype(b_key), _bind(_transposed, reader, b_key)))
-        plans.append(TensorPlan(peft_key(None, LM_HEAD, "lora_B"), (fan_out, r), reader.dtype(a_key), _bind(_transposed, reader, a_key)))
+        plans.append(TensorPlan(peft_key(None, LM_HEAD, "lora_A"), (r, fan_in), reader.dtype(b_key), bind(_transposed, reader, b_key)))
+        plans.append(TensorPlan(peft_key(None, LM_HEAD, "lora_B"), (fan_out, r), reader.dtype(a_key), bind(_transposed, reader, a_key)))
     params: dict[str, tuple[int, float]] = {}
     if experts:
         if facts is None or facts.moe is None:

@@ -12,7 +12,7 @@ import torch
 
 from megatron_lora.config import LoraConfig
 from megatron_lora.formats.checkpoint import ShardReader, module_key, segment_name, split_key
-from megatron_lora.formats.plans import TensorPlan, _bind
+from megatron_lora.formats.plans import TensorPlan, bind
 from megatron_lora.hf.layout import (
     EXPERT_MODULES,
     EXPERT_PROJECTIONS,
@@ -28,7 +28,8 @@ from megatron_lora.hf.layout import (
 )
 
 
-def _peft_module_key(module: str, factor: str) -> str:
+def peft_module_key(module: str, factor: str) -> str:
+    """PEFT's key of a linear LoRA factor of module ``module`` (HF name)."""
     return f"{PEFT_PREFIX}{module}.{factor}.weight"
 
 
@@ -59,15 +60,15 @@ def _per_expert_plans(reader: ShardReader, config: LoraConfig, experts: dict[Moe
                 name = moe_hf_name(module, {"linear_fc2": "down_proj"}.get(seg, seg), names)
                 modules[name] = (r, alpha)
                 for k in (a_key, _b_key(a_key)):
-                    plans.append(TensorPlan(_peft_module_key(name, split_key(k)[1]), tuple(reader.full_shape(k)),
-                                            dtype(k), _bind(reader.full, k)))
+                    plans.append(TensorPlan(peft_module_key(name, split_key(k)[1]), tuple(reader.full_shape(k)),
+                                            dtype(k), bind(reader.full, k)))
                 continue
             a, b = reader.full(a_key), reader.full(_b_key(a_key))
             pair = split_block_diagonal(a, b, 2) or [(a, h) for h in b.chunk(2, 0)]
             for proj, (pa, pb) in zip(EXPERT_PROJECTIONS[seg], pair):
                 name = moe_hf_name(module, proj, names)
                 modules[name] = (pa.shape[0], _rescaled_alpha(config, alpha, r, pa.shape[0]))
-                plans += [TensorPlan(_peft_module_key(name, f), tuple(t.shape), dtype(a_key), _bind(t.contiguous))
+                plans += [TensorPlan(peft_module_key(name, f), tuple(t.shape), dtype(a_key), bind(t.contiguous))
                           for f, t in (("lora_A", pa), ("lora_B", pb))]
     return plans
 
@@ -100,7 +101,7 @@ def _fused_plans(reader: ShardReader, config: LoraConfig, experts: dict[MoeModul
             r, alpha = per_expert[0][1:]
             params[MoeModule(layer, 0, kind).parameter] = (r, alpha)
             fan_in, fan_out = facts.moe.segment_shape(kind, facts.hidden_size)
-            read = _bind(_fused_factors, [f for f, _, _ in per_expert])
+            read = bind(_fused_factors, [f for f, _, _ in per_expert])
             base = f"{PEFT_PREFIX}model.layers.{layer}.{FUSED_EXPERTS}{'.base_layer' * depth}"
             dtype = reader.dtype(next(iter(experts[MoeModule(layer, 0, kind)].values())))
             plans.append(TensorPlan(f"{base}.lora_A.weight", (n * r, fan_in), dtype, lambda read=read: read()[0]))
@@ -109,8 +110,8 @@ def _fused_plans(reader: ShardReader, config: LoraConfig, experts: dict[MoeModul
         if router in experts:
             a_key = experts[router][ROUTER]
             params[router.parameter] = (reader.full_shape(a_key)[0], config.rank_alpha(segment_name(config, a_key))[1])
-            plans += [TensorPlan(_peft_module_key(router.parameter.removesuffix(".weight"), split_key(k)[1]),
-                                 tuple(reader.full_shape(k)), reader.dtype(k), _bind(reader.full, k))
+            plans += [TensorPlan(peft_module_key(router.parameter.removesuffix(".weight"), split_key(k)[1]),
+                                 tuple(reader.full_shape(k)), reader.dtype(k), bind(reader.full, k))
                       for k in (a_key, _b_key(a_key))]
     return plans
 
@@ -123,7 +124,7 @@ def _fusable(reader: ShardReader, config: LoraConfig, segs: dict[str, str], modu
     if len(segs) == 1 and set(segs) <= {module, *EXPERT_PROJECTIONS["linear_fc2"]}:
         a_key = next(iter(segs.values()))
         r, alpha = reader.full_shape(a_key)[0], config.rank_alpha(segment_name(config, a_key))[1]
-        return _bind(lambda k: (reader.full(k), reader.full(_b_key(k))), a_key), r, alpha
+        return bind(lambda k: (reader.full(k), reader.full(_b_key(k))), a_key), r, alpha
     if set(segs) != set(EXPERT_PROJECTIONS["linear_fc1"]):
         raise ValueError(f"{where}: segments {sorted(segs)}: the fused gate_up_proj needs one LoRA over both "
                          "projections or both gate_proj and up_proj (use the per-expert layout)")
@@ -134,9 +135,9 @@ def _fusable(reader: ShardReader, config: LoraConfig, segs: dict[str, str], modu
     alpha = config.rank_alpha(segment_name(config, keys[0]))[1]
     if ranks[0] == ranks[1] and torch.equal(reader.full(keys[0]), reader.full(keys[1])):
         # One A for both (how a shared-A LoRA exports per projection): that shared-A LoRA again.
-        return _bind(lambda: (reader.full(keys[0]), torch.cat([reader.full(_b_key(k)) for k in keys]))), ranks[0], alpha
+        return bind(lambda: (reader.full(keys[0]), torch.cat([reader.full(_b_key(k)) for k in keys]))), ranks[0], alpha
     alpha = _rescaled_alpha(config, alpha, ranks[0], sum(ranks))
-    return _bind(lambda: stack_lora([(reader.full(k), reader.full(_b_key(k))) for k in keys])), sum(ranks), alpha
+    return bind(lambda: stack_lora([(reader.full(k), reader.full(_b_key(k))) for k in keys])), sum(ranks), alpha
 
 
 def _fused_factors(per_expert: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,5 +19,6 @@ class TensorPlan:
     read: Callable[[], torch.Tensor]
 
 
-def _bind(fn, *args) -> Callable[[], torch.Tensor]:
+def bind(fn: Callable[..., torch.Tensor], *args) -> Callable[[], torch.Tensor]:
+    """A plan's ``read``: ``fn(*args)``, deferred until the tensor is written."""
     return lambda: fn(*args)
