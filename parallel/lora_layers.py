@@ -59,14 +59,15 @@ X-LoRA and other mixtures plug in through ``extra_terms`` (see ``megatron_lora.p
 An output layer tied to the embedding owns no weight (megatron-core passes the embedding's at
 call time) and takes LoRA like any column layer; :meth:`LoraColumnParallelLinear.tie_adapter`
 makes its adapter the embedding's transposed (PEFT's ``ensure_weight_tying``).
+
+Layout: the adapter data and precision rule are in ``lora_spec``, the fused autograd function
+and row helpers in ``lora_linear``, DoRA's math in ``dora`` (a mixin of :class:`LoraLayer`);
+this module re-exports their public names.
 """
 
 from __future__ import annotations
 
-import enum
-import math
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -80,89 +81,38 @@ from torch import nn
 
 from megatron_lora.parallel import collectives
 from megatron_lora.parallel.device import device as default_device
+from megatron_lora.parallel.dora import DoraMixin, _merged, _unmerged
+from megatron_lora.parallel.lora_linear import _LinearWithLora, _flat, add_rows
+from megatron_lora.parallel.lora_spec import (
+    AdapterSpec,
+    LoraComputeDtype,
+    Segment,
+    _initial_factors,
+    compute_dtype,
+    shard_rows,
+    unshard_rows,
+)
 
-
-@dataclass(frozen=True)
-class Segment:
-    """One LoRA (A, B) pair and the TP-local output rows it writes.
-
-    ``width`` rows at ``offset`` in each of ``groups`` periods of ``period`` rows (B has
-    ``groups * width`` local rows, group-major). ``blocks`` is how the full (TP=1) B splits
-    over ranks: 1 = contiguous row chunks; 2 = a ``[gate; up]`` B whose halves are each
-    chunked (rank j holds ``[gate_j; up_j]``, megatron-core's gated-unit layout).
-    """
-
-    name: str
-    r: int
-    scaling: float
-    width: int
-    groups: int = 1
-    period: int = 0
-    offset: int = 0
-    blocks: int = 1
-
-    @property
-    def local_rows(self) -> int:
-        return self.groups * self.width
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """Options of one named adapter on one layer (PEFT's semantics)."""
-
-    segments: tuple[Segment, ...]
-    dropout: float = 0.0
-    init: bool | str = True  # True: A kaiming-uniform, B zero; "gaussian"; False: both random
-    dora: bool = False  # PEFT's use_dora: a magnitude per output row of each segment
-
-
-def shard_rows(full: torch.Tensor, blocks: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's rows of a full tensor split over TP (``blocks`` as in :class:`Segment`)."""
-    return torch.cat([b.chunk(world, 0)[rank] for b in full.chunk(blocks, 0)], 0)
-
-
-def unshard_rows(shards: Sequence[torch.Tensor], blocks: int) -> torch.Tensor:
-    """Inverse of :func:`shard_rows` over all ranks' shards."""
-    parts = [s.chunk(blocks, 0) for s in shards]
-    return torch.cat([p[b] for b in range(blocks) for p in parts], 0)
-
-
-class LoraComputeDtype(str, enum.Enum):
-    """The dtype LoRA's small GEMMs run in (see the module docstring)."""
-
-    #: PEFT's rule: half-precision factors upcast to fp32, activations cast to the factors.
-    FP32 = "fp32"
-    #: The base's rule: factors cast to the activations' dtype.
-    BASE = "base"
-
-
-def compute_dtype(mode: LoraComputeDtype, factor: torch.dtype, activation: torch.dtype) -> torch.dtype:
-    """The dtype of the LoRA term for factors of dtype ``factor`` on activations of ``activation``."""
-    if mode == LoraComputeDtype.BASE:
-        return activation
-    return torch.float32 if factor in (torch.float16, torch.bfloat16) else factor
-
-
-def _kaiming_uniform(rows: int, fan_in: int, dtype: torch.dtype, generator: torch.Generator | None) -> torch.Tensor:
-    # nn.Linear's default (kaiming_uniform with a=sqrt(5)): bound = 1/sqrt(fan_in).
-    bound = 1.0 / math.sqrt(fan_in)
-    return torch.empty(rows, fan_in, dtype=dtype).uniform_(-bound, bound, generator=generator)
-
-
-def _initial_factors(seg: Segment, full_in: int, full_out: int, init: bool | str, dtype, generator=None):
-    """Full-shape (TP=1) A [r, in] and B [out, r], drawn on the CPU from ``generator`` (None:
-    the default RNG, as PEFT does), so every TP layout and device starts from the same values."""
-    if init == "gaussian":
-        a = torch.empty(seg.r, full_in, dtype=dtype).normal_(0.0, 1.0 / seg.r, generator=generator)
-    elif init is True or init is False:
-        a = _kaiming_uniform(seg.r, full_in, dtype, generator)
-    else:
-        raise ValueError(f"init_lora_weights={init!r} is not supported (True, False, 'gaussian')")
-    if init is False:
-        b = _kaiming_uniform(full_out, seg.r, dtype, generator)
-    else:
-        b = torch.zeros(full_out, seg.r, dtype=dtype)
-    return a, b
+__all__ = [
+    "AdapterSpec",
+    "ExtraTerm",
+    "LORA_CLASSES",
+    "LoraColumnParallelLinear",
+    "LoraComputeDtype",
+    "LoraLayer",
+    "LoraRowParallelLinear",
+    "LoraTopKRouter",
+    "LoraVocabParallelEmbedding",
+    "Segment",
+    "add_lora_support",
+    "add_rows",
+    "compute_dtype",
+    "configure_lora_layers",
+    "lora_class",
+    "lora_layers",
+    "shard_rows",
+    "unshard_rows",
+]
 
 
 #: An extra term of a LoRA layer: ``term(layer, x2, out2) -> out2`` adds to the layer's
@@ -170,7 +120,7 @@ def _initial_factors(seg: Segment, full_in: int, full_out: int, init: bool | str
 ExtraTerm = Callable[["LoraLayer", torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class LoraLayer:
+class LoraLayer(DoraMixin):
     """Adapter bookkeeping and math shared by the column and row LoRA layers."""
 
     #: "column": A replicated, B split; "row": A split, B replicated; "replicated": both whole.
@@ -305,36 +255,6 @@ class LoraLayer:
         dtype = compute_dtype(self.lora_compute_dtype, a.dtype, activation)
         return (a.to(dtype), b.to(dtype), *extra)
 
-    @torch.no_grad()
-    def _weight_norms(self, adapters: Iterable[str]) -> dict[tuple[str, str], torch.Tensor]:
-        """(adapter, segment) -> ||W + s B A|| per output row (fp32, no autograd) of the DoRA
-        segments of ``adapters`` and this layer's base weight; a row layer sums the squared
-        partial norms of all of them in one all-reduce."""
-        keys, parts = [], []
-        for name in adapters:
-            if self.lora_specs[name].dora:
-                for seg in self.lora_specs[name].segments:
-                    keys.append((name, seg.name))
-                    parts.append(self._squared_norms(name, seg))
-        if not parts:
-            return {}
-        squares = torch.cat(parts)
-        if self.parallel_mode == "row":
-            collectives.sum_over_ranks(squares, self.tp_group)
-        # A zero row (the TP padding of an output layer's vocabulary) gets ratio m / tiny = 0
-        # for its m = 0 instead of 0 / 0, which would poison the gradient norm.
-        norms = squares.sqrt().clamp_min(torch.finfo(torch.float32).tiny)
-        return dict(zip(keys, norms.split([p.numel() for p in parts])))
-
-    def _squared_norms(self, adapter: str, seg: Segment) -> torch.Tensor:
-        """This rank's part of the squared norm of each output row of W + s B A (fp32)."""
-        w = self._weight_rows(seg).float().reshape(-1, self.weight.shape[1])
-        return (w + self._delta_weight(adapter, seg)).square().sum(1)
-
-    def _row_factor(self, seg: Segment, v: torch.Tensor) -> torch.Tensor:
-        """A per-row vector of ``seg`` shaped to scale :meth:`_weight_rows`."""
-        return v.view(seg.groups, seg.width, 1)
-
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None, x_shard: torch.Tensor | None = None,
                 weight: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias) with the LoRA and extra terms added, computed on [tokens, features].
@@ -369,37 +289,6 @@ class LoraLayer:
             return F.linear(x2, weight, bias)
         group = self.tp_group if x_shard is not None else None
         return _LinearWithLora.apply(x2, x_shard, weight, bias, tuple(segments), group, *inputs, *a_s, *b_s)
-
-    def _dora_linear(self, x2: torch.Tensor, bias: torch.Tensor | None, adapters: list[str]) -> torch.Tensor:
-        """PEFT's forward with DoRA adapters, adapter by adapter: a DoRA segment's rows become
-        ``rows + (m/n - 1) base + (m/n) s (x' A^T) B^T``, ``base`` being the running rows
-        without the bias, or ``x' W^T`` when dropout makes ``x'`` differ from ``x`` (PEFT
-        recomputes the base product then). A plain adapter adds its term as usual. Written
-        as plain autograd ops: m's gradient comes from autograd, the norm ``n`` is a constant.
-        """
-        first = self.lora_A[adapters[0]][self.lora_specs[adapters[0]].segments[0].name]
-        dtype = compute_dtype(self.lora_compute_dtype, first.dtype, x2.dtype)
-        out = F.linear(x2, self.weight, bias).to(dtype)
-        norms = self._weight_norms(adapters)
-        for name in adapters:
-            spec = self.lora_specs[name]
-            xin = self.lora_input(x2, spec.dropout)
-            for seg in spec.segments:
-                a, b, *m = self.factors(name, seg, x2.dtype, magnitude=spec.dora)
-                lora = F.linear(F.linear(xin.to(a.dtype), a), b) * seg.scaling
-                rows = _rows(out, seg)
-                if not spec.dora:
-                    out = _with_rows(out, seg, rows + lora)
-                    continue
-                if xin is not x2:
-                    base = F.linear(xin.to(dtype), self._weight_rows(seg).reshape(-1, self.weight.shape[1]).to(dtype))
-                elif bias is not None:
-                    base = rows - _rows(bias.view(1, -1), seg).to(dtype)
-                else:
-                    base = rows
-                ratio = m[0].float() / norms[(name, seg.name)]
-                out = _with_rows(out, seg, rows + (ratio - 1).to(dtype) * base + ratio.to(dtype) * lora)
-        return out.to(x2.dtype)
 
     # -- merge --------------------------------------------------------------------------
     @torch.no_grad()
@@ -518,138 +407,6 @@ class LoraLayer:
     def _vocab_split_keys(self) -> list[str]:
         """State-dict keys of the tensors split along the padded vocabulary (none by default)."""
         return []
-
-
-class _LinearWithLora(torch.autograd.Function):
-    """y = x W^T (+ bias) + sum_k s_k (x_k A_k^T) B_k^T into segment k's rows, as one node.
-
-    ``x_k`` is ``x`` itself, or its dropped-out copy when LoRA dropout is active. Same
-    forward ops as the plain composition; one autograd node saves, for each term whose input
-    is ``x``, a separate [tokens, in] input-gradient sum (its ``gh A`` is added into the
-    base's ``g W`` with addmm_), and writes into output rows without autograd view copies.
-
-    ``x_shard`` (sequence parallelism, else None): this rank's rows of ``x``; then only the
-    rows of this rank of every input are saved, the ``gh`` terms are reduce-scattered over
-    ``group`` for A's gradients, and ``x`` is re-gathered only if W needs a gradient.
-    Arguments after ``group``: the n inputs x_k, the n A's, the n B's.
-    """
-
-    @staticmethod
-    def forward(ctx, x, x_shard, weight, bias, segments, group, *tensors):
-        n = len(segments)
-        inputs, a_s, b_s = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
-        out = F.linear(x, weight, bias)
-        hs = []
-        for seg, xin, a, b in zip(segments, inputs, a_s, b_s):
-            hs.append(F.linear(xin.to(a.dtype), a))
-            add_rows(out, seg, hs[-1], b)
-        ctx.segments = segments
-        ctx.has_bias = bias is not None
-        ctx.input_is_x = [xin is x for xin in inputs]
-        ctx.group = group
-        if x_shard is not None:
-            rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
-            # A copy, so the gathered dropped-out input is not kept alive by a view.
-            inputs = [x_shard if is_x else xin.chunk(world, 0)[rank].clone() for xin, is_x in zip(inputs, ctx.input_is_x)]
-            x = x_shard
-        ctx.save_for_backward(x, weight, *inputs, *a_s, *b_s, *hs)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        n = len(ctx.segments)
-        x, weight, *rest = ctx.saved_tensors
-        inputs, a_s, b_s, hs = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n], rest[3 * n :]
-        need = ctx.needs_input_grad[6:]  # of inputs, A's, B's
-        sharded = ctx.group is not None
-        grad_x = g.mm(weight) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[2]:
-            grad_w = g.t().mm(collectives.all_gather_rows(x, ctx.group) if sharded else x)
-        grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        grad_in, grad_a, grad_b = [None] * n, [None] * n, [None] * n
-        ghs = []
-        for k, (seg, b, h) in enumerate(zip(ctx.segments, b_s, hs)):
-            gs = _rows(g, seg).to(b.dtype)  # gradient of this term's output rows
-            ghs.append(gs.mm(b).mul_(seg.scaling))  # gradient of h = x_k A^T
-            if need[2 * n + k]:
-                grad_b[k] = gs.t().mm(h).mul_(seg.scaling)
-        # A's gradient: gh^T x_k. gh is a partial sum over TP; under sequence parallelism the
-        # reduce-scatter completes this rank's rows, and A's TP gradient sum adds the rows up.
-        gh_rows = ghs
-        if sharded and any(need[n : 2 * n]):
-            ranks = [gh.shape[1] for gh in ghs]
-            gh_rows = collectives.reduce_scatter_rows(torch.cat(ghs, 1), ctx.group).split(ranks, 1)
-        for k, (xin, a, gh) in enumerate(zip(inputs, a_s, ghs)):
-            if need[n + k]:
-                grad_a[k] = gh_rows[k].t().to(a.dtype).mm(xin.to(a.dtype))
-            if ctx.input_is_x[k]:
-                if grad_x is not None and grad_x.dtype == gh.dtype:
-                    grad_x.addmm_(gh, a)
-                elif grad_x is not None:
-                    grad_x.add_(gh.mm(a).to(grad_x.dtype))
-            elif need[k]:
-                grad_in[k] = gh.mm(a).to(xin.dtype)
-        return (grad_x, None, grad_w, grad_bias, None, None, *grad_in, *grad_a, *grad_b)
-
-
-def _rows(t: torch.Tensor, seg: Segment) -> torch.Tensor:
-    """The columns of ``t`` [tokens, out_local] that ``seg`` writes, as [tokens, local_rows]."""
-    if seg.groups == 1 and seg.width == t.shape[1]:
-        return t
-    period = seg.period or t.shape[1]
-    return t.view(t.shape[0], seg.groups, period)[:, :, seg.offset : seg.offset + seg.width].reshape(t.shape[0], -1)
-
-
-def _with_rows(t: torch.Tensor, seg: Segment, rows: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` [tokens, out_local] with the columns ``seg`` writes replaced by ``rows``
-    (out of place: views of ``t`` may be saved for backward)."""
-    if seg.groups == 1 and seg.width == t.shape[1]:
-        return rows
-    period = seg.period or t.shape[1]
-    v = t.view(t.shape[0], seg.groups, period)
-    end = seg.offset + seg.width
-    parts = (v[:, :, : seg.offset], rows.reshape(t.shape[0], seg.groups, seg.width), v[:, :, end:])
-    return torch.cat(parts, 2).view(t.shape)
-
-
-def _merged(w: torch.Tensor, delta: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
-    """A merged weight: ``W + delta``, or DoRA's ``factor (W + delta)``."""
-    return w + delta if factor is None else factor * (w + delta)
-
-
-def _unmerged(w: torch.Tensor, delta: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
-    """Inverse of :func:`_merged` (PEFT's unmerge)."""
-    return w - delta if factor is None else w / factor - delta
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as [tokens, features]; a 2-D tensor is returned as is, not as a view of itself,
-    so the in-place LoRA update of a base output costs autograd no copies (CopySlices)."""
-    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
-
-
-def add_rows(out2: torch.Tensor, seg: Segment, h: torch.Tensor, b: torch.Tensor) -> None:
-    """out2[:, rows of seg] += scaling * h @ b^T, in place (out2 is [tokens, out_local]).
-
-    A term in another dtype than the output is added in the wider dtype and rounded once,
-    as PEFT adds an fp32 LoRA term to a half-precision base output.
-    """
-    whole = seg.groups == 1 and seg.width == out2.shape[1]
-    if whole and out2.dtype == h.dtype:
-        out2.addmm_(h, b.t(), alpha=seg.scaling)
-        return
-    delta = F.linear(h, b)
-    if whole:
-        rows = out2
-    else:
-        period = seg.period or out2.shape[1]
-        rows = out2.view(out2.shape[0], seg.groups, period)[:, :, seg.offset : seg.offset + seg.width]
-        delta = delta.view(rows.shape)
-    if delta.dtype == out2.dtype:
-        rows.add_(delta, alpha=seg.scaling)
-    else:
-        rows.copy_(torch.add(rows, delta, alpha=seg.scaling))
 
 
 class LoraColumnParallelLinear(LoraLayer, ColumnParallelLinear):
