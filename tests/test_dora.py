@@ -232,7 +232,7 @@ def _shared_a(rank, world, tmp):
         target = apply_lora(_build(world, 128), config)
         target.load_state_dict(dist_checkpointing.load(target.sharded_state_dict(), f"{tmp}/shared_dist"))
         with torch.no_grad():
-            out["dist_reload_err"] = _rel(_logits(target), torch.load(f"{tmp}/shared_dist_logits.{rank}.pt"))
+            out["dist_reload_err"] = _rel(_logits(target), torch.load(f"{tmp}/shared_dist_logits.{rank}.pt", weights_only=True))
     return out
 
 
