@@ -381,8 +381,10 @@ def sync_tied_adapters(model: nn.Module) -> None:
     with them over the embedding group, as megatron-core starts its copy of the embedding).
     Call on every rank."""
     group = _embedding_group()
+    if group is None:
+        return
     params = tied_adapter_parameters(model)
-    if group is None or not params:
+    if not params:
         return
     flat = torch.cat([p.reshape(-1) for p in params])
     if not ps.is_pipeline_first_stage():
@@ -399,8 +401,10 @@ def allreduce_tied_adapter_grads(model: list[nn.Module]) -> None:
     else ``grad``), so both stages' copies take the same step. Call on every rank after the
     backward passes, before the optimizer step."""
     group = _embedding_group()
+    if group is None:  # PP = 1: nothing to sum (and no module walk on every step)
+        return
     params = [p for chunk in model for p in tied_adapter_parameters(chunk) if p.requires_grad]
-    if group is None or not params:
+    if not params:
         return
     attr = "main_grad" if hasattr(params[0], "main_grad") else "grad"
     grads = [getattr(p, attr) if getattr(p, attr) is not None else torch.zeros_like(p) for p in params]
